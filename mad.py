@@ -9,10 +9,16 @@ This file holds the model side of the method, in the order the paper explains it
   B   the autoregressive baseline (same network, causal decoder)
 train.py trains it, evaluate.py scores it, bench.py times it.
 """
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import sentencepiece as spm
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from scipy.optimize import linear_sum_assignment
 
 
 # -----------------------------------------------------------------------------
@@ -68,8 +74,9 @@ class Vocab:
     index within its task is simply `token - lo`.
     """
 
-    def __init__(self, num_classes, num_bins, num_text):
+    def __init__(self, num_classes, num_bins, num_text, person=-1):
         self.num_classes, self.num_bins, self.num_text = num_classes, num_bins, num_text
+        self.person = person                          # class index of "person" (keypoints), -1 if none
         self.det_prompt = torch.arange(0, 6)          # the 6 detection prompt tokens
         self.seg, self.kpt = 6, 7                     # segmentation / keypoint task tokens
         self.cap_prompt = torch.arange(8, 14)         # the 6 caption prompt tokens
@@ -100,7 +107,8 @@ class Vocab:
         return ((t - self.coord).float() + 0.5).div(self.num_bins).clamp(0, 1)
 
     def state_dict(self):
-        return dict(num_classes=self.num_classes, num_bins=self.num_bins, num_text=self.num_text)
+        return dict(num_classes=self.num_classes, num_bins=self.num_bins, num_text=self.num_text,
+                    person=self.person)
 
 
 class CaptionTokenizer:
@@ -131,3 +139,448 @@ class CaptionTokenizer:
             if stop in ids:
                 ids = ids[: ids.index(stop)]
         return self.sp.decode(ids)
+
+
+# -----------------------------------------------------------------------------
+# 3.3 Architecture: backbone -> 1x1 projection + sine positions -> encoder -> decoder -> head
+
+def tiny_backbone():
+    """A small stride-32 CNN for tests and the CPU demo. GroupNorm, not BatchNorm, so a sample's
+    features do not depend on the rest of its batch (DDP with batch 1 per rank == one batch of 2)."""
+    layers, c_in = [], 3
+    for c in (32, 64, 128, 192, 256):
+        layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU(inplace=True),
+                   nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU(inplace=True)]
+        c_in = c
+    return nn.Sequential(*layers), c_in
+
+
+def resnet50_backbone():
+    """torchvision ResNet-50 up to layer4 (stride 32, 2048 channels), frozen BatchNorm, frozen stem."""
+    r = torchvision.models.resnet50(norm_layer=torchvision.ops.FrozenBatchNorm2d)
+    body = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3, r.layer4)
+    r.conv1.requires_grad_(False)
+    return body, 2048
+
+
+BACKBONES = {"tiny": tiny_backbone, "r50": resnet50_backbone}
+
+
+def sine_positions(pad_mask, d):
+    """2-D sine position encoding, normalized to the unpadded image (as DETR).
+    pad_mask (B, h, w) True at padding -> (B, h*w, d)."""
+    inside = (~pad_mask).float()
+    y = inside.cumsum(1) / (inside.cumsum(1)[:, -1:, :] + 1e-6) * 2 * math.pi    # (B, h, w) in (0, 2pi]
+    x = inside.cumsum(2) / (inside.cumsum(2)[:, :, -1:] + 1e-6) * 2 * math.pi
+    freq = 10000 ** (2 * (torch.arange(d // 4, device=pad_mask.device) / (d // 2)))   # (d/4,)
+    def enc(v):                                                                     # (B, h, w) -> (B, h, w, d/2)
+        v = v[..., None] / freq
+        return torch.cat([v.sin(), v.cos()], dim=-1)
+    return torch.cat([enc(y), enc(x)], dim=-1).flatten(1, 2)                       # (B, h*w, d)
+
+
+class Attention(nn.Module):
+    """Multi-head attention on F.scaled_dot_product_attention. Positions are added by the caller
+    to the query/key inputs, never to the values. `cache` (a dict) holds keys/values of earlier
+    steps for the autoregressive baseline."""
+
+    def __init__(self, d, heads, dropout):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+
+    def split(self, x):                                          # (B, L, d) -> (B, heads, L, d/heads)
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, q, k, v, mask=None, causal=False, cache=None):
+        q, k, v = self.split(self.q(q)), self.split(self.k(k)), self.split(self.v(v))
+        if cache is not None:                                    # append this step's keys/values
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(x.transpose(1, 2).flatten(2))            # (B, Lq, d)
+
+
+class FFN(nn.Sequential):
+    def __init__(self, d, hidden, dropout):
+        super().__init__(nn.Linear(d, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, d))
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm: x = norm(x + attn(x + pos, x + pos, x)); x = norm(x + ffn(x))."""
+
+    def __init__(self, d, heads, ffn, dropout):
+        super().__init__()
+        self.attn, self.ffn = Attention(d, heads, dropout), FFN(d, ffn, dropout)
+        self.norm1, self.norm2, self.drop = nn.LayerNorm(d), nn.LayerNorm(d), nn.Dropout(dropout)
+
+    def forward(self, x, pos, mask):
+        q = x + pos
+        x = self.norm1(x + self.drop(self.attn(q, q, x, mask)))
+        return self.norm2(x + self.drop(self.ffn(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Post-norm: self-attention -> norm -> cross-attention -> norm -> FFN -> norm (3.3).
+
+    Self-attention runs per sequence: the n sequences of each image are folded into the batch,
+    x is (B*n, L, d). Cross-attention unfolds them into one query list per image, (B, n*L, d),
+    against that image's memory (B, hw, d): no sequence gets its own copy of the memory.
+    Sequence positions `pos` (L, d) go to the self-attention queries/keys and cross-attention queries.
+    """
+
+    def __init__(self, d, heads, ffn, dropout):
+        super().__init__()
+        self.self_attn, self.cross_attn = Attention(d, heads, dropout), Attention(d, heads, dropout)
+        self.ffn = FFN(d, ffn, dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, pos, memory, mem_key, mem_mask, causal=False, cache=None):
+        Bn, L, d = x.shape
+        B = memory.shape[0]
+        q = x + pos
+        x = self.norm1(x + self.drop(self.self_attn(q, q, x, causal=causal, cache=cache)))
+        q = (x + pos).reshape(B, -1, d)                                      # (B, n*L, d)
+        y = self.cross_attn(q, mem_key, memory, mem_mask).reshape(Bn, L, d)  # back to (B*n, L, d)
+        x = self.norm2(x + self.drop(y))
+        return self.norm3(x + self.drop(self.ffn(x)))
+
+
+class MAD(nn.Module):
+    """Backbone + encoder + bi-directional decoder + token head over one shared vocabulary."""
+
+    def __init__(self, cfg: Config, vocab: Vocab, backbone=None):
+        super().__init__()
+        self.cfg, self.vocab = cfg, vocab
+        d = cfg.d_model
+        self.backbone, channels = backbone or BACKBONES[cfg.backbone]()
+        self.proj = nn.Conv2d(channels, d, 1)
+        self.encoder = nn.ModuleList(EncoderLayer(d, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.enc_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(d, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.dec_layers))
+        self.dec_norm = nn.LayerNorm(d)                     # shared by the outputs of every decoder layer
+        self.embed = nn.Embedding(vocab.size, d)            # input tokens AND the head's class weights
+        longest = 6 + max(5 * cfg.num_queries, cfg.mask_size ** 2, 3 * 17, cfg.caption_len) + 1
+        self.seq_pos = nn.Parameter(torch.randn(longest, d) * 0.02)   # learned, shared by all tasks
+        self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, d))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    # -- image side --------------------------------------------------------
+    def encode(self, images, pad_mask):
+        """images (B, 3, H, W), pad_mask (B, H, W) True at padding -> memory (B, hw, d),
+        memory keys (memory + positions) and the memory padding mask for attention (B, 1, 1, hw)."""
+        f = self.proj(self.backbone(images))                                   # (B, d, h, w)
+        mask = F.interpolate(pad_mask[:, None].float(), size=f.shape[-2:])[:, 0].bool()   # (B, h, w)
+        pos = sine_positions(mask, f.shape[1])                                 # (B, hw, d)
+        x = f.flatten(2).transpose(1, 2)                                       # (B, hw, d)
+        attend = ~mask.flatten(1)[:, None, None, :]                            # (B, 1, 1, hw) True = attend
+        for layer in self.encoder:
+            x = layer(x, pos, attend)
+        return x, x + pos, attend
+
+    # -- sequence side -----------------------------------------------------
+    def decode(self, tokens, enc, all_layers=False, causal=False):
+        """tokens (B, n, L) -> hidden states after the shared final norm:
+        (layers, B, n, L, d) if all_layers (for the auxiliary losses) else (B, n, L, d)."""
+        B, n, L = tokens.shape
+        x = self.embed(tokens).flatten(0, 1)                                   # (B*n, L, d)
+        pos = self.seq_pos[:L]                                                 # (L, d)
+        outs = []
+        for layer in self.decoder:
+            x = layer(x, pos, *enc, causal=causal)
+            if all_layers:
+                outs.append(x)
+        if not all_layers:
+            return self.dec_norm(x).view(B, n, L, -1)
+        return self.dec_norm(torch.stack(outs)).view(len(outs), B, n, L, -1)
+
+    def logits(self, h, task):
+        """Token head: cosine similarity between the MLP output and the embeddings of the task's
+        allowed tokens only, times a learned temperature. h (..., d) -> (..., hi - lo)."""
+        lo, hi = self.vocab.task_range(task)
+        z = F.normalize(self.head(h), dim=-1)
+        w = F.normalize(self.embed.weight[lo:hi], dim=-1)
+        return z @ w.t() * self.logit_scale.clamp(max=math.log(100)).exp()
+
+    def param_groups(self, lr, backbone_lr, weight_decay):
+        """AdamW groups: the backbone is fine-tuned with the lower learning rate (supplementary A)."""
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        ids = {id(p) for p in backbone}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [dict(params=rest, lr=lr, weight_decay=weight_decay),
+                dict(params=backbone, lr=backbone_lr, weight_decay=weight_decay)]
+
+    # -------------------------------------------------------------------------
+    # 3.2 Masked training: decode a fully masked and a partly masked copy of every task's
+    # sequences in one forward; the loss counts masked positions only (eq. 1).
+
+    def forward(self, batch, tasks=TASKS):
+        """batch: data.collate output (keys in data.py). Returns (total loss, {task: detached loss})."""
+        enc = self.encode(batch["images"], batch["pad_mask"])   # the image is encoded once per step (3.4)
+        losses = {t: getattr(self, f"{t}_loss")(batch, enc) for t in tasks}
+        weights = dict(zip(TASKS, self.cfg.task_weights))
+        total = sum(weights[t] * losses[t] for t in tasks)
+        return total, {t: l.detach() for t, l in losses.items()}
+
+    def masked_copies(self, seqs):
+        """seqs (B, n, L) -> inputs (B, 2n, L): n fully masked copies, then n partly masked ones
+        (a uniformly random mask_ratio share of each sequence's tokens), and `masked` (B, 2n, L)."""
+        partial = random_mask(seqs.shape, self.cfg.mask_ratio, seqs.device)
+        masked = torch.cat([torch.ones_like(partial), partial], 1)
+        inputs = torch.where(masked, self.vocab.mask, seqs.repeat(1, 2, 1))
+        return inputs, masked
+
+    def decode_task(self, prompt, inputs, enc, task):
+        """prompt (B, n, 6), inputs (B, n, L) -> log-probs over the task's tokens (layers, B, n, L, V)."""
+        h = self.decode(torch.cat([prompt, inputs], -1), enc, all_layers=True)[..., 6:, :]
+        return self.logits(h, task).log_softmax(-1)
+
+    def det_loss(self, batch, enc):
+        seqs = batch["det_seq"].flatten(1)[:, None]                            # (B, 1, 5Q): one sequence
+        inputs, masked = self.masked_copies(seqs)                              # (B, 2, 5Q)
+        prompt = self.vocab.det_prompt.to(seqs.device).expand(*inputs.shape[:2], 6)
+        logp = self.decode_task(prompt, inputs, enc, "det")                    # (layers, B, 2, 5Q, V)
+        target, weight = match_detections(logp, inputs, masked, batch["det_gt"], self.vocab)
+        return masked_nll(logp, target, weight * masked)
+
+    def seg_loss(self, batch, enc):
+        return self.prompted_loss(batch["seg_prompt"], batch["seg_seq"], batch["seg_weight"], enc, "seg")
+
+    def kpt_loss(self, batch, enc):
+        return self.prompted_loss(batch["kpt_prompt"], batch["kpt_seq"], batch["kpt_weight"], enc, "kpt")
+
+    def prompted_loss(self, prompt, seqs, weight, enc, task):
+        """Segmentation and keypoints: the prompt (task token, box, class) fixes the target,
+        so no matching. prompt (B, S, 6), seqs and weight (B, S, L)."""
+        inputs, masked = self.masked_copies(seqs)                              # (B, 2S, L)
+        logp = self.decode_task(prompt.repeat(1, 2, 1), inputs, enc, task)     # (layers, B, 2S, L, V)
+        target = seqs.repeat(1, 2, 1) - self.vocab.task_range(task)[0]
+        return masked_nll(logp, target, weight.repeat(1, 2, 1) * masked)
+
+    def cap_loss(self, batch, enc):
+        """Captioning: the fully masked copy is ONE sequence per image, trained towards the reference
+        it predicts best (per layer); the partly masked copy holds every reference, with one random
+        visible token of each replaced by a random text token (3.1 sequence augmentation)."""
+        refs, weight = batch["cap_seq"], batch["cap_weight"]                   # (B, R, L)
+        B, R, L = refs.shape
+        lo, hi = self.vocab.task_range("cap")
+        partial = random_mask(refs.shape, self.cfg.mask_ratio, refs.device)
+        noisy = torch.where(partial, self.vocab.mask, refs)
+        pick = (torch.rand(refs.shape, device=refs.device) * ~partial).argmax(-1, keepdim=True)   # a visible slot
+        noisy = noisy.scatter(-1, pick, torch.randint(lo, hi, (B, R, 1), device=refs.device))
+        inputs = torch.cat([torch.full_like(refs[:, :1], self.vocab.mask), noisy], 1)   # (B, 1+R, L)
+        prompt = self.vocab.cap_prompt.to(refs.device).expand(B, 1 + R, 6)
+        logp = self.decode_task(prompt, inputs, enc, "cap")                   # (layers, B, 1+R, L, V)
+        target = refs - lo
+        # best reference of the fully masked copy: lowest mean cross-entropy, per layer
+        full = logp[:, :, :1].expand(-1, -1, R, -1, -1)                        # (layers, B, R, L, V)
+        nll = -full.gather(-1, target[None, ..., None].expand(len(logp), -1, -1, -1, 1))[..., 0]
+        mean = (nll * weight).sum(-1) / weight.sum(-1).clamp(min=1)           # (layers, B, R)
+        best = mean.masked_fill(weight.sum(-1) == 0, float("inf")).argmin(-1)  # (layers, B)
+        idx = best[..., None, None].expand(-1, -1, 1, L)                       # (layers, B, 1, L)
+        n_layers = len(logp)
+        full_t = target.expand(n_layers, -1, -1, -1).gather(2, idx)
+        full_w = weight.expand(n_layers, -1, -1, -1).gather(2, idx)
+        target = torch.cat([full_t, target.expand(n_layers, -1, -1, -1)], 2)   # (layers, B, 1+R, L)
+        weight = torch.cat([full_w, (weight * partial).expand(n_layers, -1, -1, -1)], 2)
+        return masked_nll(logp, target, weight)
+
+
+    # -------------------------------------------------------------------------
+    # 3.2 / 4.1 Masked inference: detection -> segmentation and keypoints prompted by the
+    # detections -> captioning. One stage (ratio 1.0) is pure parallel decoding.
+
+    @torch.no_grad()
+    def predict(self, images, pad_mask, sizes, orig_sizes, tasks=TASKS, tokenizer=None):
+        """images (B, 3, H, W), pad_mask (B, H, W), sizes / orig_sizes (B, 2) as (h, w) of the
+        resized (unpadded) and the original image. Returns one dict per image (on the CPU):
+          boxes (Q, 4) xyxy original pixels, scores (Q,), labels (Q,)   sorted by score
+          masks (K, H0, W0) bool for the first K = min(seg_topk, Q) detections
+          keypoints (P, 17, 3) x, y, p(visible) for person detections; kpt_index (P,) into boxes
+          caption str (caption_ids (L,) without a tokenizer)"""
+        enc = self.encode(images, pad_mask)
+        out = [dict() for _ in range(len(images))]
+        scale = orig_sizes.flip(-1).repeat(1, 2).float()                  # (B, 4) as w, h, w, h
+        if {"det", "seg", "kpt"} & set(tasks):
+            det = self.predict_detections(enc)
+            for o, b, s, l in zip(out, det["boxes"] * scale[:, None].to(det["boxes"]), det["scores"], det["labels"]):
+                o.update(boxes=b.cpu(), scores=s.cpu(), labels=l.cpu())
+        if "seg" in tasks:
+            K = min(self.cfg.seg_topk, self.cfg.num_queries)
+            prompt = self.box_prompts(det, self.vocab.seg, torch.arange(K, device=images.device).expand(len(images), K))
+            prob = self.refine(prompt, self.cfg.mask_size ** 2, enc, "seg", (1.0,))[..., 0]   # (B, K, M*M) p(<fg>)
+            M = self.cfg.mask_size
+            for o, p, (h, w) in zip(out, prob.view(-1, K, M, M).float().cpu(), orig_sizes.tolist()):
+                o["masks"] = paste_masks(p, o["boxes"][:K], h, w)
+        if "kpt" in tasks and self.vocab.person >= 0:
+            K = min(self.cfg.seg_topk, self.cfg.num_queries)
+            is_person = det["labels"] == self.vocab.person                    # (B, Q), sorted by score
+            index = (~is_person).float().argsort(dim=-1, stable=True)[:, :K]      # persons first, by score
+            prompt = self.box_prompts(det, self.vocab.kpt, index)
+            prob = self.refine(prompt, 51, enc, "kpt", self.cfg.kpt_ratios, by_confidence=True)
+            kpts = self.keypoints_from_probs(prob)                            # (B, K, 17, 3) normalized
+            keep = is_person.gather(1, index).cpu()
+            for o, k, i, m, sc in zip(out, kpts.cpu(), index.cpu(), keep, scale.cpu()):
+                o["keypoints"] = k[m] * torch.cat([sc[:2], sc[:1].new_ones(1)])
+                o["kpt_index"] = i[m]
+        if "cap" in tasks:
+            prompt = self.vocab.cap_prompt.to(images.device).expand(len(images), 1, 6)
+            prob = self.refine(prompt, self.cfg.caption_len, enc, "cap", self.cfg.cap_ratios)
+            ids = prob[:, 0].argmax(-1).cpu()                                 # (B, L) SentencePiece ids
+            for o, row in zip(out, ids):
+                o.update(caption=tokenizer.decode(row.tolist())) if tokenizer else o.update(caption_ids=row)
+        return out
+
+    def predict_detections(self, enc):
+        """One fully masked pass over the detection sequence. Returns, sorted by score (B, Q, ...):
+        boxes (normalized xyxy), box tokens (x0 <= x1, y0 <= y1), scores, labels."""
+        B, Q, C, v = len(enc[0]), self.cfg.num_queries, self.vocab.num_classes, self.vocab
+        prompt = v.det_prompt.to(enc[0].device).expand(B, 1, 6)
+        prob = self.refine(prompt, 5 * Q, enc, "det", (1.0,)).view(B, Q, 5, -1)   # (B, Q, 5, V)
+        coords = prob[:, :, :4, C + 1:].argmax(-1) + v.coord                  # (B, Q, 4) coordinate tokens
+        coords = torch.cat([torch.minimum(coords[..., :2], coords[..., 2:]),
+                            torch.maximum(coords[..., :2], coords[..., 2:])], -1)
+        scores, labels = prob[:, :, 4, :C].max(-1)                            # p(class) includes p(<noise>)
+        order = scores.argsort(-1, descending=True)
+        coords, scores, labels = (t.gather(1, order[..., None].expand_as(coords)) if t.dim() == 3
+                                  else t.gather(1, order) for t in (coords, scores, labels))
+        return dict(boxes=v.dequantize(coords), box_tokens=coords, scores=scores, labels=labels)
+
+    def box_prompts(self, det, task_token, index):
+        """Prompts [task, x0, y0, x1, y1, class] (B, K, 6) from the detections at index (B, K)."""
+        boxes = det["box_tokens"].gather(1, index[..., None].expand(-1, -1, 4))
+        cls = det["labels"].gather(1, index)[..., None] + self.vocab.cls
+        return torch.cat([torch.full_like(cls, task_token), boxes, cls], -1)
+
+    def refine(self, prompt, L, enc, task, ratios, by_confidence=False):
+        """Masked inference (3.2). Stage 1 decodes from all-<mask>; each later stage re-masks a share
+        `ratio` of the positions (random, or the least confident) of the current argmax tokens and
+        decodes again; at re-masked positions the new logits join a running average.
+        prompt (B, n, 6) -> probabilities (B, n, L, V) over the task's tokens."""
+        B, n, _ = prompt.shape
+        lo = self.vocab.task_range(task)[0]
+        tokens = torch.full((B, n, L), self.vocab.mask, device=prompt.device)
+        conf = torch.zeros(B, n, L, device=prompt.device)
+        logits, count = 0, torch.zeros(B, n, L, 1, device=prompt.device)
+        for ratio in ratios:
+            order = conf if by_confidence else torch.rand_like(conf)
+            remask = order.argsort(-1).argsort(-1) < round(ratio * L)          # (B, n, L)
+            x = torch.where(remask, self.vocab.mask, tokens)
+            new = self.logits(self.decode(torch.cat([prompt, x], -1), enc)[..., 6:, :], task)
+            m = remask[..., None].float()
+            logits = logits * (1 - m) + (logits * count + new) / (count + 1) * m
+            count = count + m
+            prob = self.allowed(logits, task).softmax(-1)
+            conf, tokens = prob.max(-1)
+            tokens = tokens + lo
+        return logits.softmax(-1)
+
+    def allowed(self, logits, task):
+        """Keypoints: only coordinates at x/y positions and only <vis>/<invis> at visibility ones
+        (other tokens -> -inf), so the argmax tokens fed back in masked inference are well formed."""
+        C, nb = self.vocab.num_classes, self.vocab.num_bins
+        if task == "kpt":
+            is_vis = (torch.arange(logits.shape[-2], device=logits.device) % 3 == 2)[:, None]
+            is_vis_token = (torch.arange(logits.shape[-1], device=logits.device) > nb)[None]
+            return logits.masked_fill(is_vis != is_vis_token, float("-inf"))
+        return logits
+
+    def keypoints_from_probs(self, prob):
+        """(B, K, 51, V) keypoint probabilities -> (B, K, 17, 3): normalized x, y and p(<vis>)."""
+        nb = self.vocab.num_bins
+        prob = prob.unflatten(2, (17, 3))
+        xy = self.vocab.dequantize(prob[..., :2, : nb + 1].argmax(-1) + self.vocab.coord)
+        vis = prob[..., 2, nb + 1] / prob[..., 2, nb + 1:].sum(-1).clamp(min=1e-12)
+        return torch.cat([xy, vis[..., None]], -1)
+
+
+def random_mask(shape, ratio, device):
+    """Bool mask (..., L) hiding exactly round(ratio * L) uniformly chosen positions per sequence."""
+    rank = torch.rand(shape, device=device).argsort(-1).argsort(-1)
+    return rank < round(ratio * shape[-1])
+
+
+def all_reduce_mean(x):
+    """Average a tensor over DDP ranks (identity when not distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        x = x / torch.distributed.get_world_size()
+    return x
+
+
+def masked_nll(logp, target, weight):
+    """Sum over layers of (weighted cross-entropy / number of counted positions) (eq. 1, aux losses).
+    logp (layers, ..., V); target and weight broadcast to (layers, ...). The count is averaged over
+    DDP ranks, so that DDP's gradient averaging yields the gradient of (sum of CE over all ranks /
+    total count): a 2-rank run equals one batch of their union."""
+    target, weight = torch.broadcast_tensors(target, weight.to(logp.dtype))
+    target, weight = target.expand(logp.shape[:-1]), weight.expand(logp.shape[:-1])
+    nll = -logp.gather(-1, target[..., None])[..., 0]
+    total = (nll * weight).flatten(1).sum(1)                                   # (layers,)
+    count = all_reduce_mean(weight.detach().flatten(1).sum(1)).clamp(min=1)
+    return (total / count).sum()
+
+
+@torch.no_grad()
+def match_detections(logp, inputs, masked, gt, vocab, forced_cost=1e4):
+    """Hungarian matching of detection slots to ground-truth objects (3.2), as DETR's matcher:
+    one batched cost matrix, moved to the CPU once, scipy per (layer, image, copy).
+
+    logp    (layers, B, c, 5Q, V) log-probs over the detection tokens (classes, <noise>, coords)
+    inputs  (B, c, 5Q) decoder input tokens; masked (B, c, 5Q) True where <mask>
+    gt      list of B tensors (n_b, 5) of ground-truth tokens [x0, y0, x1, y1, class]
+    cost(slot, obj) = mean over the 5 tokens of -log p(obj's token); at a visible position the
+    prediction is the visible token itself (cost 0 if it equals obj's token, else forced_cost),
+    so a slot that shows an object's tokens is matched to that object.
+    Returns target (layers, B, c, 5Q) token indices within the detection range and weight: matched
+    slots learn their object's 5 tokens, the others learn class <noise> (coordinates weight 0).
+    """
+    n_layers, B, c, T, V = logp.shape
+    Q = T // 5
+    lo = vocab.task_range("det")[0]
+    sizes = [len(g) for g in gt]
+    G = max(sizes + [1])
+    gt_pad = torch.zeros(B, G, 5, dtype=torch.long, device=logp.device)
+    for b, g in enumerate(gt):
+        gt_pad[b, : len(g)] = g.to(logp.device) - lo                           # (B, G, 5) local ids
+    idx = gt_pad.transpose(1, 2)[None, :, None, None].expand(n_layers, B, c, Q, 5, G)
+    nll = -logp.view(n_layers, B, c, Q, 5, V).gather(-1, idx)                  # (layers, B, c, Q, 5, G)
+    shown = (inputs.view(B, c, Q, 5, 1) - lo) == gt_pad.transpose(1, 2)[:, None, None]   # (B, c, Q, 5, G)
+    visible = ~masked.view(B, c, Q, 5, 1)
+    nll = torch.where(visible, (~shown).to(nll.dtype) * forced_cost, nll)
+    cost = nll.mean(4).float().cpu()                                           # (layers, B, c, Q, G)
+
+    target = torch.zeros(n_layers, B, c, Q, 5, dtype=torch.long)
+    target[..., 4] = vocab.noise - lo
+    weight = torch.zeros(n_layers, B, c, Q, 5)
+    weight[..., 4] = 1
+    rows = [(l, b, k, *linear_sum_assignment(cost[l, b, k, :, : sizes[b]]))
+            for l in range(n_layers) for b in range(B) for k in range(c) if sizes[b]]
+    if rows:
+        l, b, k, q, g = (torch.as_tensor(np.concatenate([np.broadcast_to(r[i], r[3].shape) for r in rows]))
+                         for i in range(5))
+        target[l, b, k, q] = gt_pad.cpu()[b, g]
+        weight[l, b, k, q] = 1
+    return target.flatten(3).to(logp.device), weight.flatten(3).to(logp.device)
+
+
+def paste_masks(prob, boxes, H, W, chunk=16):
+    """Resample M x M foreground probabilities bilinearly into their boxes on the H x W image
+    and threshold at 0.5 (no RoIAlign at test time, as the paper). prob (K, M, M), boxes (K, 4)
+    xyxy pixels -> (K, H, W) bool. The resampling is separable: mask = Wy @ prob @ Wx^T."""
+    def weights(lo, hi, size, m):                      # (K,) edges -> (K, size, m), zero outside the box
+        centre = torch.arange(size, dtype=torch.float32) + 0.5
+        u = (centre - lo[:, None]) / (hi - lo).clamp(min=1e-3)[:, None] * m - 0.5
+        inside = (centre >= lo[:, None]) & (centre < hi[:, None])
+        w = (1 - (u.clamp(0, m - 1)[..., None] - torch.arange(m)).abs()).clamp(min=0)
+        return w * inside[..., None]
+    M = prob.shape[-1]
+    out = torch.zeros(len(prob), H, W, dtype=torch.bool)
+    for i in range(0, len(prob), chunk):               # chunks bound the float memory to chunk*H*W
+        b = boxes[i:i + chunk]
+        wy, wx = weights(b[:, 1], b[:, 3], H, M), weights(b[:, 0], b[:, 2], W, M)
+        out[i:i + chunk] = wy @ prob[i:i + chunk] @ wx.transpose(1, 2) >= 0.5
+    return out
