@@ -281,15 +281,18 @@ class MAD(nn.Module):
         return x, x + pos, attend
 
     # -- sequence side -----------------------------------------------------
-    def decode(self, tokens, enc, all_layers=False, causal=False):
+    def decode(self, tokens, enc, all_layers=False, caches=None, offset=0):
         """tokens (B, n, L) -> hidden states after the shared final norm:
-        (layers, B, n, L, d) if all_layers (for the auxiliary losses) else (B, n, L, d)."""
+        (layers, B, n, L, d) if all_layers (for the auxiliary losses) else (B, n, L, d).
+        MAD attends bi-directionally; the autoregressive baseline (cfg.decoder == "ar") causally,
+        optionally with one key/value cache per layer (`caches`), the tokens starting at `offset`."""
         B, n, L = tokens.shape
         x = self.embed(tokens).flatten(0, 1)                                   # (B*n, L, d)
-        pos = self.seq_pos[:L]                                                 # (L, d)
+        pos = self.seq_pos[offset:offset + L]                                  # (L, d)
+        causal = self.cfg.decoder == "ar" and L > 1                            # a cached single step sees all
         outs = []
-        for layer in self.decoder:
-            x = layer(x, pos, *enc, causal=causal)
+        for layer, cache in zip(self.decoder, caches or [None] * len(self.decoder)):
+            x = layer(x, pos, *enc, causal=causal, cache=cache)
             if all_layers:
                 outs.append(x)
         if not all_layers:
@@ -319,7 +322,10 @@ class MAD(nn.Module):
     def forward(self, batch, tasks=TASKS):
         """batch: data.collate output (keys in data.py). Returns (total loss, {task: detached loss})."""
         enc = self.encode(batch["images"], batch["pad_mask"])   # the image is encoded once per step (3.4)
-        losses = {t: getattr(self, f"{t}_loss")(batch, enc) for t in tasks}
+        if self.cfg.decoder == "ar":
+            losses = {t: self.ar_loss(batch, enc, t) for t in tasks}
+        else:
+            losses = {t: getattr(self, f"{t}_loss")(batch, enc) for t in tasks}
         weights = dict(zip(TASKS, self.cfg.task_weights))
         total = sum(weights[t] * losses[t] for t in tasks)
         return total, {t: l.detach() for t, l in losses.items()}
@@ -410,7 +416,7 @@ class MAD(nn.Module):
         if "seg" in tasks:
             K = min(self.cfg.seg_topk, self.cfg.num_queries)
             prompt = self.box_prompts(det, self.vocab.seg, torch.arange(K, device=images.device).expand(len(images), K))
-            prob = self.refine(prompt, self.cfg.mask_size ** 2, enc, "seg", (1.0,))[..., 0]   # (B, K, M*M) p(<fg>)
+            prob = self.decode_sequences(prompt, self.cfg.mask_size ** 2, enc, "seg", (1.0,))[..., 0]   # (B, K, M*M) p(<fg>)
             M = self.cfg.mask_size
             for o, p, (h, w) in zip(out, prob.view(-1, K, M, M).float().cpu(), orig_sizes.tolist()):
                 o["masks"] = paste_masks(p, o["boxes"][:K], h, w)
@@ -419,7 +425,7 @@ class MAD(nn.Module):
             is_person = det["labels"] == self.vocab.person                    # (B, Q), sorted by score
             index = (~is_person).float().argsort(dim=-1, stable=True)[:, :K]      # persons first, by score
             prompt = self.box_prompts(det, self.vocab.kpt, index)
-            prob = self.refine(prompt, 51, enc, "kpt", self.cfg.kpt_ratios, by_confidence=True)
+            prob = self.decode_sequences(prompt, 51, enc, "kpt", self.cfg.kpt_ratios, by_confidence=True)
             kpts = self.keypoints_from_probs(prob)                            # (B, K, 17, 3) normalized
             keep = is_person.gather(1, index).cpu()
             for o, k, i, m, sc in zip(out, kpts.cpu(), index.cpu(), keep, scale.cpu()):
@@ -427,7 +433,7 @@ class MAD(nn.Module):
                 o["kpt_index"] = i[m]
         if "cap" in tasks:
             prompt = self.vocab.cap_prompt.to(images.device).expand(len(images), 1, 6)
-            prob = self.refine(prompt, self.cfg.caption_len, enc, "cap", self.cfg.cap_ratios)
+            prob = self.decode_sequences(prompt, self.cfg.caption_len, enc, "cap", self.cfg.cap_ratios)
             ids = prob[:, 0].argmax(-1).cpu()                                 # (B, L) SentencePiece ids
             for o, row in zip(out, ids):
                 o.update(caption=tokenizer.decode(row.tolist())) if tokenizer else o.update(caption_ids=row)
@@ -438,11 +444,11 @@ class MAD(nn.Module):
         boxes (normalized xyxy), box tokens (x0 <= x1, y0 <= y1), scores, labels."""
         B, Q, C, v = len(enc[0]), self.cfg.num_queries, self.vocab.num_classes, self.vocab
         prompt = v.det_prompt.to(enc[0].device).expand(B, 1, 6)
-        prob = self.refine(prompt, 5 * Q, enc, "det", (1.0,)).view(B, Q, 5, -1)   # (B, Q, 5, V)
+        prob = self.decode_sequences(prompt, 5 * Q, enc, "det", (1.0,)).view(B, Q, 5, -1)   # (B, Q, 5, V)
         coords = prob[:, :, :4, C + 1:].argmax(-1) + v.coord                  # (B, Q, 4) coordinate tokens
         coords = torch.cat([torch.minimum(coords[..., :2], coords[..., 2:]),
                             torch.maximum(coords[..., :2], coords[..., 2:])], -1)
-        scores, labels = prob[:, :, 4, :C].max(-1)                            # p(class) includes p(<noise>)
+        scores, labels = prob[:, :, 4, :C].max(-1)                            # low if <noise> is likely
         order = scores.argsort(-1, descending=True)
         coords, scores, labels = (t.gather(1, order[..., None].expand_as(coords)) if t.dim() == 3
                                   else t.gather(1, order) for t in (coords, scores, labels))
@@ -453,6 +459,13 @@ class MAD(nn.Module):
         boxes = det["box_tokens"].gather(1, index[..., None].expand(-1, -1, 4))
         cls = det["labels"].gather(1, index)[..., None] + self.vocab.cls
         return torch.cat([torch.full_like(cls, task_token), boxes, cls], -1)
+
+    def decode_sequences(self, prompt, L, enc, task, ratios, by_confidence=False):
+        """prompt (B, n, 6) -> probabilities (B, n, L, V): masked inference, or greedy decoding
+        for the autoregressive baseline."""
+        if self.cfg.decoder == "ar":
+            return self.generate(prompt, L, enc, task)
+        return self.refine(prompt, L, enc, task, ratios, by_confidence)
 
     def refine(self, prompt, L, enc, task, ratios, by_confidence=False):
         """Masked inference (3.2). Stage 1 decodes from all-<mask>; each later stage re-masks a share
@@ -472,20 +485,25 @@ class MAD(nn.Module):
             m = remask[..., None].float()
             logits = logits * (1 - m) + (logits * count + new) / (count + 1) * m
             count = count + m
-            prob = self.allowed(logits, task).softmax(-1)
-            conf, tokens = prob.max(-1)
+            conf, tokens = self.allowed(logits, task).softmax(-1).max(-1)
             tokens = tokens + lo
-        return logits.softmax(-1)
+        return self.allowed(logits, task).softmax(-1)
 
-    def allowed(self, logits, task):
-        """Keypoints: only coordinates at x/y positions and only <vis>/<invis> at visibility ones
-        (other tokens -> -inf), so the argmax tokens fed back in masked inference are well formed."""
-        C, nb = self.vocab.num_classes, self.vocab.num_bins
-        if task == "kpt":
-            is_vis = (torch.arange(logits.shape[-2], device=logits.device) % 3 == 2)[:, None]
-            is_vis_token = (torch.arange(logits.shape[-1], device=logits.device) > nb)[None]
-            return logits.masked_fill(is_vis != is_vis_token, float("-inf"))
-        return logits
+    def allowed(self, logits, task, offset=0):
+        """Only the tokens that can stand at each position (others -> -inf), so that argmax tokens
+        fed back into the decoder are well formed: detection x0..y1 coordinates and class
+        (a real class or <noise>) at the 5th; keypoint x, y coordinates and <vis>/<invis> at the 3rd.
+        logits (..., L, V) for positions offset..offset+L-1."""
+        if task not in ("det", "kpt"):
+            return logits
+        period, first_special = (5, self.vocab.num_classes + 1) if task == "det" else (3, self.vocab.num_bins + 1)
+        pos = torch.arange(offset, offset + logits.shape[-2], device=logits.device)
+        tok = torch.arange(logits.shape[-1], device=logits.device)
+        if task == "det":                # det range: classes, <noise>, coordinates
+            ok = (pos[:, None] % 5 == 4) == (tok[None] < first_special)
+        else:                            # kpt range: coordinates, <vis>, <invis>
+            ok = (pos[:, None] % 3 == 2) == (tok[None] >= first_special)
+        return logits.masked_fill(~ok, float("-inf"))
 
     def keypoints_from_probs(self, prob):
         """(B, K, 51, V) keypoint probabilities -> (B, K, 17, 3): normalized x, y and p(<vis>)."""
@@ -494,6 +512,61 @@ class MAD(nn.Module):
         xy = self.vocab.dequantize(prob[..., :2, : nb + 1].argmax(-1) + self.vocab.coord)
         vis = prob[..., 2, nb + 1] / prob[..., 2, nb + 1:].sum(-1).clamp(min=1e-12)
         return torch.cat([xy, vis[..., None]], -1)
+
+    # -------------------------------------------------------------------------
+    # Supplementary B: the autoregressive baseline. Same network and sequences; causal
+    # self-attention, <start> first, next-token teacher forcing, detection GT objects first
+    # (pix2seq order). <end> is not trained: decoding always runs to each task's full length
+    # (as in the paper), so it would never be read.
+
+    def ar_loss(self, batch, enc, task):
+        prompt, seqs, weight = self.ar_sequences(batch, task)                  # (B, n, 6), (B, n, L) x2
+        start = torch.full_like(seqs[..., :1], self.vocab.start)
+        h = self.decode(torch.cat([prompt, start, seqs[..., :-1]], -1), enc, all_layers=True)
+        logp = self.logits(h[..., 6:, :], task).log_softmax(-1)                # (layers, B, n, L, V)
+        return masked_nll(logp, seqs - self.vocab.task_range(task)[0], weight)
+
+    def ar_sequences(self, batch, task):
+        """Teacher-forcing sequences of the baseline: (prompt (B, n, 6), tokens (B, n, L), weight)."""
+        v = self.vocab
+        if task in ("seg", "kpt"):
+            return batch[f"{task}_prompt"], batch[f"{task}_seq"], batch[f"{task}_weight"]
+        if task == "cap":
+            refs = batch["cap_seq"]
+            return v.cap_prompt.to(refs.device).expand(*refs.shape[:2], 6), refs, batch["cap_weight"]
+        slots, gt = batch["det_seq"], batch["det_gt"]                          # (B, Q, 5), B x (n_b, 5)
+        B, Q, _ = slots.shape
+        gt_pad = torch.full((B, max([len(g) for g in gt] + [1]), 5), -1, dtype=torch.long, device=slots.device)
+        for b, g in enumerate(gt):
+            gt_pad[b, : len(g)] = g
+        is_gt = (slots[:, :, None] == gt_pad[:, None]).all(-1).any(-1)         # (B, Q)
+        order = (~is_gt).float().argsort(dim=-1, stable=True)                  # GT slots first
+        seqs = slots.gather(1, order[..., None].expand(-1, -1, 5))
+        noise = torch.arange(Q, device=slots.device)[None] >= is_gt.sum(1, keepdim=True)   # (B, Q)
+        target = seqs.clone()
+        target[..., 4] = torch.where(noise, v.noise, seqs[..., 4])             # noise objects -> <noise>
+        weight = torch.ones(B, Q, 5, device=slots.device)
+        weight[..., :4] *= ~noise[..., None]                                   # their boxes are not learned
+        prompt = v.det_prompt.to(slots.device).expand(B, 1, 6)
+        return prompt, target.flatten(1)[:, None], weight.flatten(1)[:, None]
+
+    def generate(self, prompt, L, enc, task, use_cache=True):
+        """Greedy autoregressive decoding to the full length L, one token per decoder pass, with a
+        key/value cache in every self-attention layer (without: re-decode the whole prefix).
+        prompt (B, n, 6) -> probabilities (B, n, L, V) of the steps."""
+        lo = self.vocab.task_range(task)[0]
+        x = torch.cat([prompt, torch.full_like(prompt[..., :1], self.vocab.start)], -1)   # (B, n, 7)
+        caches = [dict() for _ in self.decoder] if use_cache else None
+        probs = []
+        for t in range(L):
+            if use_cache:
+                h = self.decode(x if t == 0 else x[..., -1:], enc, caches=caches, offset=0 if t == 0 else 6 + t)
+            else:
+                h = self.decode(x, enc)
+            p = self.allowed(self.logits(h[..., -1:, :], task), task, offset=t).softmax(-1)   # (B, n, 1, V)
+            probs.append(p)
+            x = torch.cat([x, p.argmax(-1) + lo], -1)
+        return torch.cat(probs, 2)
 
 
 def random_mask(shape, ratio, device):
