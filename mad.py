@@ -10,6 +10,7 @@ This file holds the model side of the method, in the order the paper explains it
 train.py trains it, evaluate.py scores it, bench.py times it.
 """
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,14 +157,74 @@ def tiny_backbone():
 
 
 def resnet50_backbone():
-    """torchvision ResNet-50 up to layer4 (stride 32, 2048 channels), frozen BatchNorm, frozen stem."""
+    """torchvision ResNet-50 up to layer4 (stride 32, 2048 channels), frozen BatchNorm, frozen stem.
+    Parameter names are torchvision's, so its ImageNet state dict loads as it is."""
     r = torchvision.models.resnet50(norm_layer=torchvision.ops.FrozenBatchNorm2d)
-    body = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3, r.layer4)
+    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
     r.conv1.requires_grad_(False)
-    return body, 2048
+    return nn.Sequential(OrderedDict((n, getattr(r, n)) for n in names)), 2048
 
 
-BACKBONES = {"tiny": tiny_backbone, "r50": resnet50_backbone}
+class SwinB(nn.Module):
+    """torchvision Swin-B features (stride 32, 1024 channels), returned channels-first."""
+
+    def __init__(self):
+        super().__init__()
+        swin = torchvision.models.swin_b()
+        self.features, self.norm = swin.features, swin.norm
+
+    def forward(self, x):
+        return self.norm(self.features(x)).permute(0, 3, 1, 2)                 # (B, 1024, H/32, W/32)
+
+
+class ViTB(nn.Module):
+    """torchvision ViT-B/16 as a stride-32 map, after ViTDet's simple-pyramid idea: the plain
+    stride-16 patch map is max-pooled to stride 32. Position embeddings (trained at 224 px)
+    are interpolated to the input's patch grid. Every block attends globally (ViTDet
+    alternates windowed and global blocks; torchvision's blocks are global)."""
+
+    def __init__(self):
+        super().__init__()
+        vit = torchvision.models.vit_b_16()
+        self.conv_proj, self.encoder = vit.conv_proj, vit.encoder
+
+    def forward(self, x):
+        x = self.conv_proj(x)                                                  # (B, 768, H/16, W/16)
+        B, C, h, w = x.shape
+        pos = self.encoder.pos_embedding[:, 1:]                                # drop the class token's
+        g = math.isqrt(pos.shape[1])
+        pos = F.interpolate(pos.reshape(1, g, g, C).permute(0, 3, 1, 2), size=(h, w), mode="bicubic")
+        x = (x + pos).flatten(2).transpose(1, 2)                               # (B, hw, 768)
+        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))
+        return F.max_pool2d(x.transpose(1, 2).reshape(B, C, h, w), 2)          # (B, 768, H/32, W/32)
+
+
+BACKBONES = {"tiny": tiny_backbone, "r50": resnet50_backbone,
+             "swin_b": lambda: (SwinB(), 1024), "vit_b": lambda: (ViTB(), 768)}
+IMAGENET_WEIGHTS = {"r50": "ResNet50_Weights", "swin_b": "Swin_B_Weights", "vit_b": "ViT_B_16_Weights"}
+
+
+def load_backbone_weights(backbone, name, path=None):
+    """ImageNet weights into `backbone`: from a local state-dict file when `path` is given, else
+    through torchvision's weights API (downloads once into the torch hub cache)."""
+    if path:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SystemExit(f"--backbone-weights {path}: cannot read a state dict ({e})") from None
+    elif name not in IMAGENET_WEIGHTS:
+        raise SystemExit(f"--pretrained: no ImageNet weights for backbone '{name}'")
+    else:
+        weights = getattr(torchvision.models, IMAGENET_WEIGHTS[name]).IMAGENET1K_V1
+        try:
+            state = weights.get_state_dict(progress=False)
+        except Exception as e:
+            raise SystemExit(f"--pretrained: could not fetch torchvision's {weights} ({type(e).__name__}: {e}). "
+                             f"Without a network, pass --backbone-weights PATH (a state dict of torchvision's "
+                             f"model, saved where it can be downloaded) or omit --pretrained.") from None
+    missing, _ = backbone.load_state_dict(state, strict=False)   # the classifier head is not ours
+    if missing:
+        raise SystemExit(f"backbone weights for '{name}' lack {len(missing)} tensors, e.g. {missing[:3]}")
 
 
 def sine_positions(pad_mask, d):

@@ -226,3 +226,50 @@ def test_paste_masks_fills_the_box_only():
     m = mad.paste_masks(prob, torch.tensor([[10., 20., 50., 60.], [0., 0., 40., 40.]]), 80, 100)
     assert m[0, 20:60, 10:50].all() and m[0].sum() == 40 * 40
     assert m[1, :40, :19].all() and not m[1, :, 21:].any()
+
+
+# ---- backbones and pretrained weights (issue 7) ----
+
+@pytest.mark.parametrize("name,channels", [("tiny", 256), ("r50", 2048), ("swin_b", 1024), ("vit_b", 768)])
+def test_backbone_stride_32_map_and_local_weights_round_trip(name, channels, tmp_path):
+    torch.manual_seed(0)
+    backbone, c = mad.BACKBONES[name]()
+    x = torch.randn(1, 3, 128, 192)
+    with torch.no_grad():
+        y = backbone.eval()(x)
+    assert c == channels and y.shape == (1, channels, 4, 6)
+    if name == "tiny":
+        return
+    torch.save(backbone.state_dict(), tmp_path / "w.pt")
+    torch.manual_seed(1)
+    other, _ = mad.BACKBONES[name]()
+    mad.load_backbone_weights(other, name, str(tmp_path / "w.pt"))
+    with torch.no_grad():
+        assert torch.equal(other.eval()(x), y)
+
+
+def test_offline_pretrained_gives_a_clear_message(monkeypatch):
+    import urllib.error
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    backbone, _ = mad.BACKBONES["r50"]()
+    with pytest.raises(SystemExit, match="--backbone-weights PATH"):
+        mad.load_backbone_weights(backbone, "r50")
+    with pytest.raises(SystemExit, match="cannot read a state dict"):
+        mad.load_backbone_weights(backbone, "r50", "/nonexistent/weights.pt")
+
+
+@pytest.mark.parametrize("name", ["r50", "swin_b", "vit_b"])
+def test_training_step_with_each_backbone(name):
+    """The full model (paper widths) with each backbone, one step at a reduced image size."""
+    torch.manual_seed(0)
+    cfg = Config(**{**PRESETS[name], "num_queries": 20, "dropout": 0.0})
+    model = MAD(cfg, Vocab(num_classes=80, num_bins=cfg.num_bins, num_text=100, person=0)).train()
+    batch = random_batch(model, B=1, size=160)
+    loss, parts = model(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.backbone.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads[-4:])
