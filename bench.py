@@ -1,0 +1,252 @@
+"""Benchmarks: MAD's speed and memory on this machine, and MAD vs the autoregressive baseline.
+
+Measures what the paper claims (Table 2: parallel decoding 3953 ms -> 173 ms), each row in one run,
+reported as ratios. Benchmarks print numbers; test_mad.py checks correctness. Never run as a test.
+
+    python bench.py                 # the speed/memory table (tiny and r50, random weights)
+    python bench.py --json          # the same numbers as JSON
+    python bench.py --ablation      # paper Table 2 rows on the synthetic set, equal training budget
+"""
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import mad
+from mad import MAD, PRESETS, TASKS, Config, Vocab
+
+
+def timed(fn, reps=3):
+    """Median wall time of fn() in seconds (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak(n=2048, reps=10):
+    """This machine's fp32 matmul FLOP/s, the yardstick for model FLOP utilization."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n ** 3 / timed(lambda: a @ b, reps)
+
+
+def build(preset, decoder="mad", num_classes=80, num_text=1000):
+    torch.manual_seed(0)
+    cfg = Config(**{**PRESETS[preset], "decoder": decoder})
+    return MAD(cfg, Vocab(num_classes, cfg.num_bins, num_text, person=0)).eval()
+
+
+def image_batch(cfg, B=1):
+    """Images at the preset's test size: tiny 128 x 128, r50 800 x 1333 (padded to 32)."""
+    H, W = cfg.image_size, cfg.max_size
+    Hp, Wp = -(-H // 32) * 32, -(-W // 32) * 32
+    pad = torch.ones(B, Hp, Wp, dtype=torch.bool)
+    pad[:, :H, :W] = False
+    return torch.randn(B, 3, Hp, Wp), pad, torch.tensor([[H, W]] * B), torch.tensor([[H, W]] * B)
+
+
+class TaskTimer:
+    """Times model.encode and model.decode_sequences per task, and counts sequential decoder passes."""
+
+    def __init__(self, model):
+        self.model, self.times, self.passes = model, {}, 0
+        encode, decode_sequences, decode = model.encode, model.decode_sequences, model.decode
+
+        def timed_encode(*a, **k):
+            t = time.perf_counter()
+            out = encode(*a, **k)
+            self.times["encode"] = self.times.get("encode", 0) + time.perf_counter() - t
+            return out
+
+        def timed_decode_sequences(prompt, L, enc, task, *a, **k):
+            t = time.perf_counter()
+            out = decode_sequences(prompt, L, enc, task, *a, **k)
+            self.times[task] = self.times.get(task, 0) + time.perf_counter() - t
+            return out
+
+        def counted_decode(*a, **k):
+            self.passes += 1
+            return decode(*a, **k)
+        model.encode, model.decode_sequences, model.decode = timed_encode, timed_decode_sequences, counted_decode
+
+    def run(self, *inputs):
+        self.times, self.passes = {}, 0
+        t = time.perf_counter()
+        self.model.predict(*inputs)
+        self.times["total"] = time.perf_counter() - t
+        return dict(self.times, passes=self.passes)
+
+
+def inference_latency(preset, reps):
+    """Batch-1 latency per task and total: MAD one stage, MAD masked inference, AR + KV cache
+    (one set of weights: only cfg.decoder and the stage ratios change)."""
+    model = build(preset)
+    inputs = image_batch(model.cfg)
+    timer = TaskTimer(model)
+    rows = {}
+    with torch.inference_mode():
+        timer.run(*inputs)                                                     # warm-up
+        for name, over in [("MAD one stage", dict(kpt_ratios=(1.0,), cap_ratios=(1.0,))),
+                           ("MAD masked inference", {}), ("AR + KV cache", dict(decoder="ar"))]:
+            saved = {k: getattr(model.cfg, k) for k in over}
+            for k, v in over.items():
+                setattr(model.cfg, k, v)
+            runs = [timer.run(*inputs) for _ in range(reps if "AR" not in name else 1)]
+            rows[name] = min(runs, key=lambda r: r["total"])
+            for k, v in saved.items():
+                setattr(model.cfg, k, v)
+    return rows
+
+
+def decoder_vs_torch(reps):
+    """Our decoder stack vs torch.nn.TransformerDecoder (same width, depth, heads, FFN, post-norm)
+    on the same token counts: the detection sequence (1 x 506 tokens) and 100 segmentation
+    sequences (100 x 262) against the memory of one 800 x 1333 image (25 x 42 tokens)."""
+    cfg = Config()
+    ours = MAD(cfg, Vocab(80, cfg.num_bins, 1000), backbone=(torch.nn.Identity(), 256)).eval()
+    layer = torch.nn.TransformerDecoderLayer(cfg.d_model, cfg.heads, cfg.ffn, 0.0, batch_first=True)
+    theirs = torch.nn.TransformerDecoder(layer, cfg.dec_layers, norm=torch.nn.LayerNorm(cfg.d_model)).eval()
+    memory = torch.randn(1, 25 * 42, cfg.d_model)
+    enc = (memory, memory, torch.ones(1, 1, 1, 25 * 42, dtype=torch.bool))
+    rows = {}
+    with torch.inference_mode():
+        for name, n, L in [("det 1x506", 1, 506), ("seg 100x262", 100, 262)]:
+            tokens = torch.randint(0, 100, (1, n, L))
+            t_ours = timed(lambda: ours.decode(tokens, enc), reps)
+            tgt = torch.randn(n, L, cfg.d_model)
+            t_torch = timed(lambda: theirs(tgt, memory.expand(n, -1, -1)), reps)
+            rows[name] = dict(ours_ms=1e3 * t_ours, torch_ms=1e3 * t_torch, ratio=t_ours / t_torch)
+    return rows
+
+
+def flops_of(fn):
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def random_train_batch(model, B, H, W):
+    from data import random_batch
+    return random_batch(model.cfg, model.vocab, B, H, W)
+
+
+def model_flop_utilization(preset, peak, reps):
+    """Achieved FLOP/s in inference (MAD masked inference) and one training step, vs the peak."""
+    model = build(preset)
+    inputs = image_batch(model.cfg)
+    with torch.inference_mode():
+        f = flops_of(lambda: model.predict(*inputs))
+        t = timed(lambda: model.predict(*inputs), reps)
+    out = dict(infer_gflop=f / 1e9, infer_pct_peak=100 * f / t / peak)
+    model.train()
+    batch = random_train_batch(model, 2, *inputs[2][0].tolist())
+    step = lambda: model(batch)[0].backward()
+    f, t = flops_of(step), timed(step, reps)
+    return dict(out, train_gflop=f / 1e9, train_pct_peak=100 * f / t / peak)
+
+
+def training_throughput(preset, B, H, W, steps):
+    """Runs in a child process, so that its peak RSS is the training step's own."""
+    code = (f"import bench; bench.train_child({preset!r}, {B}, {H}, {W}, {steps})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def train_child(preset, B, H, W, steps):
+    model = build(preset).train()
+    opt = torch.optim.AdamW(model.parameters(), 1e-4)
+    batch = random_train_batch(model, B, H, W)
+
+    def step():
+        loss, _ = model(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    t = timed(step, steps)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024           # KiB -> MiB on Linux
+    print(json.dumps(dict(images_per_s=B / t, step_s=t, peak_rss_mib=rss)))
+
+
+def target_building_vs_jpeg(reps):
+    """Building every task's targets of one 800 x 1333 image (train transform) vs decoding its JPEG."""
+    import tempfile
+    import data
+    from PIL import Image
+    with tempfile.TemporaryDirectory() as root:
+        data.make_synthetic_coco(root, 4, 0, image_size=800, seed=0)
+        cfg = Config(**PRESETS["r50"])
+        ds = data.CocoMultiTask(root, "train2017", cfg, None, train=True)
+        path = os.path.join(root, "train2017", ds.coco.imgs[ds.image_ids[0]]["file_name"])
+        jpeg = open(path, "rb").read()
+        t_jpeg = timed(lambda: Image.open(io.BytesIO(jpeg)).convert("RGB").load(), reps)
+        t_item = timed(lambda: ds[0], reps)
+    return dict(jpeg_ms=1e3 * t_jpeg, getitem_ms=1e3 * t_item, targets_ms=1e3 * (t_item - t_jpeg),
+                ratio_targets_to_jpeg=(t_item - t_jpeg) / t_jpeg)
+
+
+def speed_table(reps):
+    peak = matmul_peak()
+    res = dict(threads=torch.get_num_threads(), matmul_peak_gflops=peak / 1e9)
+    for preset in ("tiny", "r50"):
+        res[f"latency_{preset}"] = inference_latency(preset, reps)
+    res["decoder_vs_torch"] = decoder_vs_torch(reps)
+    res["flop_utilization_tiny"] = model_flop_utilization("tiny", peak, reps)
+    res["flop_utilization_r50"] = model_flop_utilization("r50", peak, 1)
+    res["train_tiny_b8_128"] = training_throughput("tiny", 8, 128, 128, reps)
+    res["train_r50_b2_800x1333"] = training_throughput("r50", 2, 800, 1333, 1)
+    res["targets_vs_jpeg"] = target_building_vs_jpeg(5)
+    return res
+
+
+def print_table(res):
+    print(f"torch {torch.__version__}, {res['threads']} threads, fp32 matmul peak {res['matmul_peak_gflops']:.1f} GFLOP/s")
+    for preset in ("tiny", "r50"):
+        rows = res[f"latency_{preset}"]
+        print(f"\ninference latency, batch 1, {preset} (ms)")
+        print(f"{'':22s}" + "".join(f"{k:>9s}" for k in ("encode", *TASKS, "total", "passes")))
+        for name, r in rows.items():
+            print(f"{name:22s}" + "".join(f"{1e3 * r.get(k, 0):9.1f}" for k in ("encode", *TASKS, "total"))
+                  + f"{r['passes']:9d}")
+        ar, m1, mi = rows["AR + KV cache"]["total"], rows["MAD one stage"]["total"], rows["MAD masked inference"]["total"]
+        print(f"AR / MAD one stage = {ar / m1:.1f}x, AR / MAD masked inference = {ar / mi:.1f}x")
+    print("\ndecoder vs torch.nn.TransformerDecoder (inference, ms)")
+    for name, r in res["decoder_vs_torch"].items():
+        print(f"  {name:12s} ours {r['ours_ms']:8.1f}  torch {r['torch_ms']:8.1f}  ratio {r['ratio']:.2f}x")
+    for preset in ("tiny", "r50"):
+        r = res[f"flop_utilization_{preset}"]
+        print(f"\n{preset}: inference {r['infer_gflop']:.1f} GFLOP at {r['infer_pct_peak']:.0f}% of matmul peak; "
+              f"training step {r['train_gflop']:.1f} GFLOP at {r['train_pct_peak']:.0f}%")
+    for key in ("train_tiny_b8_128", "train_r50_b2_800x1333"):
+        r = res[key]
+        print(f"{key}: {r['images_per_s']:.2f} images/s, peak RSS {r['peak_rss_mib']:.0f} MiB")
+    r = res["targets_vs_jpeg"]
+    print(f"\n800x1333 image: JPEG decode {r['jpeg_ms']:.1f} ms, target building {r['targets_ms']:.1f} ms "
+          f"({r['ratio_targets_to_jpeg']:.2f}x the decode)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--ablation", action="store_true", help="paper Table 2 on the synthetic set")
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+    if args.ablation:
+        return ablation()
+    res = speed_table(args.reps)
+    print(json.dumps(res, indent=1)) if args.json else print_table(res)
+
+
+if __name__ == "__main__":
+    main()
