@@ -414,10 +414,33 @@ def collate(samples):
         values = [t[key] for t in targets]
         batch[key] = values if key in ("boxes", "labels", "det_gt") else torch.stack([torch.as_tensor(v) for v in values])
     for task in ("seg", "kpt"):
+        if f"{task}_weight" not in batch:
+            continue
         rows = int(batch[f"{task}_weight"].flatten(2).any(-1).sum(1).max())
         for key in (f"{task}_prompt", f"{task}_seq", f"{task}_weight"):
             batch[key] = batch[key][:, : max(rows, 1)]
     return batch
+
+
+def load_inference_image(path, cfg):
+    """An image of one's own, resized as at test time -> (image (3, h, w), orig_size (H, W), size (h, w))."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except Exception as e:
+        raise SystemExit(f"cannot read image {path}: {e}") from None
+    w, h = resize_size(*im.size, cfg.image_size, cfg.max_size)
+    image = TF.normalize(TF.to_tensor(im.resize((w, h), Image.BILINEAR)), MEAN, STD)
+    return image, torch.tensor([im.height, im.width]), torch.tensor([h, w])
+
+
+def check_root(root, split):
+    """A clear message when the COCO root is not there."""
+    if not os.path.isdir(os.path.join(root, "annotations")):
+        raise SystemExit(f"no COCO data at '{root}': expected {root}/{split}/ and {root}/annotations/"
+                         f"{{instances,person_keypoints,captions}}_{split}.json. Download COCO 2017 (train2017, "
+                         f"val2017, annotations_trainval2017 from cocodataset.org) there or set $COCO_ROOT; "
+                         f"or run the synthetic demo: python train.py --demo")
 
 
 def random_batch(cfg, vocab, B, H, W, seed=0, n_gt=3):

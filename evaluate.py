@@ -1,0 +1,347 @@
+"""Evaluate a MAD checkpoint: COCO AP for boxes, masks and keypoints (pycocotools) and BLEU-4.
+
+    python evaluate.py runs/mad/last.pt                            # val2017 under the training data root
+    python evaluate.py ckpt.pt --data data/coco --max-images 500 --show 8 --out runs/eval
+    torchrun --nproc_per_node 2 evaluate.py ckpt.pt                # distributed, the same numbers
+    python evaluate.py ckpt.pt --images photos/ --out runs/photos  # own images: PNGs + predictions.jsonl
+
+The checkpoint holds everything needed (config, vocabulary, SentencePiece model, categories).
+Writes COCO result JSON files, metrics.json (bbox_AP, segm_AP, keypoints_AP, BLEU4, in percent,
+as papers report them) and, with --show N, N pictures of the predictions.
+"""
+import argparse
+import collections
+import json
+import math
+import os
+import re
+import time
+import zipfile
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
+
+import data
+from mad import MAD, TASKS, CaptionTokenizer, Config, Vocab
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint -> model
+
+def load_checkpoint(path, device="cpu"):
+    """(model in eval mode, checkpoint dict, caption tokenizer or None); clear errors for a
+    missing, truncated or foreign file."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise SystemExit(f"{path}: cannot read the checkpoint (truncated or not a torch file?): {e}") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "vocab", "categories"} <= set(ckpt):
+        raise SystemExit(f"{path}: not a MAD checkpoint (needs model, config, vocab, categories)")
+    cfg = config_from_dict(ckpt["config"])
+    model = MAD(cfg, Vocab(**ckpt["vocab"]))
+    model.load_state_dict(ckpt["model"])
+    tokenizer = CaptionTokenizer(ckpt["spm"]) if ckpt.get("spm") else None
+    return model.to(device).eval(), ckpt, tokenizer
+
+
+def config_from_dict(d):
+    """Config from a checkpoint's dict (JSON-ish round trips turn tuples into lists)."""
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# -----------------------------------------------------------------------------
+# BLEU-4, as the standard COCO caption scorer computes it (corpus level, 'closest' reference length)
+
+def normalize_caption(text):
+    """Lower-case, punctuation removed, split on white space. (The COCO scorer runs the PTB
+    tokenizer, which also drops punctuation but splits some contractions differently.)"""
+    return re.sub(r"[^\w\s]", " ", text.lower()).split()
+
+
+def ngram_counts(words, n):
+    return collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def bleu4(predictions, references):
+    """predictions {image_id: caption}, references {image_id: [captions]} -> BLEU-4 in [0, 1].
+    Clipped n-gram matches and lengths are summed over the corpus; the reference length of a
+    caption is the one closest to its length (ties: the shorter); brevity penalty
+    exp(1 - ref/test) when test < ref; the scorer's constants 1e-15 and 1e-9 keep zeros finite."""
+    tiny, small = 1e-15, 1e-9
+    test_len = ref_len = 0
+    guess, correct = [0] * 4, [0] * 4
+    for image_id, caption in predictions.items():
+        if image_id not in references:
+            raise KeyError(f"no reference captions for image {image_id}")
+        hyp = normalize_caption(caption)
+        refs = [normalize_caption(r) for r in references[image_id]]
+        test_len += len(hyp)
+        ref_len += min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
+        for n in range(1, 5):
+            max_ref = collections.Counter()
+            for r in refs:
+                max_ref |= ngram_counts(r, n)
+            guess[n - 1] += max(len(hyp) - n + 1, 0)
+            correct[n - 1] += sum(min(c, max_ref[g]) for g, c in ngram_counts(hyp, n).items())
+    score = math.prod((c + tiny) / (g + small) for c, g in zip(correct, guess)) ** 0.25
+    ratio = (test_len + tiny) / (ref_len + small)
+    return score * (math.exp(1 - 1 / ratio) if ratio < 1 else 1.0)
+
+
+# -----------------------------------------------------------------------------
+# Predictions -> COCO results -> AP
+
+def to_coco_results(preds, image_ids, categories):
+    """model.predict outputs (one dict per image) -> COCO result lists and {image_id: caption}."""
+    res = dict(bbox=[], segm=[], keypoints=[], captions={})
+    cat_id = [c["id"] for c in categories]
+    for p, image_id in zip(preds, image_ids):
+        if "boxes" in p:
+            xywh = torch.cat([p["boxes"][:, :2], p["boxes"][:, 2:] - p["boxes"][:, :2]], 1)
+            for box, s, l in zip(xywh.tolist(), p["scores"].tolist(), p["labels"].tolist()):
+                res["bbox"].append(dict(image_id=image_id, category_id=cat_id[l], bbox=box, score=s))
+        if "masks" in p:
+            rles = mask_utils.encode(np.asfortranarray(p["masks"].permute(1, 2, 0).numpy().astype(np.uint8)))
+            for rle, s, l in zip(rles, p["scores"].tolist(), p["labels"].tolist()):
+                rle["counts"] = rle["counts"].decode("ascii")
+                res["segm"].append(dict(image_id=image_id, category_id=cat_id[l], segmentation=rle, score=s))
+        if "keypoints" in p:
+            labels, scores = p["labels"].tolist(), p["scores"].tolist()
+            for k, i in zip(p["keypoints"].tolist(), p["kpt_index"].tolist()):
+                res["keypoints"].append(dict(image_id=image_id, category_id=cat_id[labels[i]],
+                                             keypoints=[c for xyv in k for c in xyv], score=scores[i]))
+        if "caption" in p:
+            res["captions"][image_id] = p["caption"]
+    return res
+
+
+def coco_ap(gt_path, results, iou_type, image_ids):
+    """COCOeval over image_ids -> (AP, AP50, AP75) in percent (0 when there are no results)."""
+    if not results:
+        return 0.0, 0.0, 0.0
+    gt = quiet(COCO, gt_path)
+    ev = COCOeval(gt, quiet(gt.loadRes, results), iou_type)
+    ev.params.imgIds = sorted(image_ids)
+    quiet(ev.evaluate)
+    quiet(ev.accumulate)
+    quiet(ev.summarize)
+    return tuple(max(100 * float(x), 0.0) for x in ev.stats[:3])
+
+
+def quiet(fn, *args):
+    """Run a pycocotools call without its progress prints."""
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+# -----------------------------------------------------------------------------
+# Distributed inference: each rank takes every world-th image, no padding duplicates; rank 0
+# gathers and de-duplicates by image id, so the numbers do not depend on the number of processes.
+
+def shard(n, rank, world):
+    return list(range(rank, n, world))
+
+
+def gather_predictions(local):
+    """{image_id: prediction} of every rank, merged on rank 0 (others get None)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, parts, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    merged = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+@torch.inference_mode()
+def run_predictions(model, dataset, tokenizer, indices, batch_size, workers, device):
+    """{image_id: prediction dict} for the dataset items at `indices`, and seconds of model time."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=data.collate)
+    preds, seconds = {}, 0.0
+    for batch in loader:
+        t = time.perf_counter()
+        out = model.predict(batch["images"].to(device), batch["pad_mask"].to(device), batch["size"].to(device),
+                            batch["orig_size"].to(device), tasks=dataset.tasks, tokenizer=tokenizer)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t
+        preds.update(zip(batch["image_id"].tolist(), out))
+    return preds, seconds
+
+
+def evaluate(model, dataset, tokenizer, out_dir, batch_size=1, workers=0, max_images=0, show=0,
+             device="cpu", score_thresh=0.3):
+    """Predict over the split (sharded over DDP ranks), score on rank 0; returns the metrics dict
+    (None on other ranks). Writes {bbox,segm,keypoints,captions}_results.json and metrics.json."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    n = min(len(dataset), max_images) if max_images else len(dataset)
+    was_training = model.training
+    model.eval()
+    local, seconds = run_predictions(model, dataset, tokenizer, shard(n, rank, world), batch_size, workers, device)
+    model.train(was_training)
+    preds = gather_predictions(local)
+    times = gather_predictions({rank: seconds})
+    if rank != 0:
+        return None
+    image_ids = sorted(preds)
+    res = to_coco_results([preds[i] for i in image_ids], image_ids, dataset.categories)
+    os.makedirs(out_dir, exist_ok=True)
+    metrics = dict(num_images=len(image_ids), ms_per_image=1e3 * sum(times.values()) / max(len(image_ids), 1))
+    for task, iou_type in (("det", "bbox"), ("seg", "segm"), ("kpt", "keypoints")):
+        if task in dataset.tasks:
+            with open(os.path.join(out_dir, f"{iou_type}_results.json"), "w") as f:
+                json.dump(res[iou_type], f)
+            ap = coco_ap(dataset.coco_files[task], res[iou_type], iou_type, image_ids)
+            metrics.update({f"{iou_type}_AP": ap[0], f"{iou_type}_AP50": ap[1], f"{iou_type}_AP75": ap[2]})
+    if "cap" in dataset.tasks:
+        with open(os.path.join(out_dir, "captions_results.json"), "w") as f:
+            json.dump([dict(image_id=i, caption=c) for i, c in res["captions"].items()], f)
+        refs = {i: dataset.captions[i] for i in image_ids if dataset.captions[i]}
+        metrics["BLEU4"] = 100 * bleu4({i: c for i, c in res["captions"].items() if i in refs}, refs) if refs else 0.0
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    print_metrics(metrics)
+    for image_id in image_ids[:show]:
+        path = os.path.join(dataset.root, dataset.split, dataset.images[image_id]["file_name"])
+        draw(path, preds[image_id], dataset.categories, score_thresh, os.path.join(out_dir, f"{image_id}.png"))
+    return metrics
+
+
+def print_metrics(m):
+    print(f"{'task':10s}{'AP':>8s}{'AP50':>8s}{'AP75':>8s}")
+    for t in ("bbox", "segm", "keypoints"):
+        if f"{t}_AP" in m:
+            print(f"{t:10s}" + "".join(f"{m[f'{t}_{k}']:8.1f}" for k in ("AP", "AP50", "AP75")))
+    if "BLEU4" in m:
+        print(f"{'caption':10s}BLEU-4 {m['BLEU4']:.1f}")
+    print(f"{m['num_images']} images, {m['ms_per_image']:.1f} ms/image (model time)")
+
+
+# -----------------------------------------------------------------------------
+# Pictures, and inference on one's own images
+
+def draw(image_path, pred, categories, score_thresh, out_png):
+    """Boxes with class names, masks, keypoints with the COCO skeleton, and the caption below."""
+    image = torch.from_numpy(np.array(Image.open(image_path).convert("RGB"))).permute(2, 0, 1)
+    if "boxes" in pred:
+        keep = pred["scores"] >= score_thresh
+        if "masks" in pred:
+            m = pred["masks"][keep[: len(pred["masks"])]]
+            if len(m):
+                image = draw_segmentation_masks(image, m, alpha=0.4)
+        names = [f"{categories[l]['name']} {s:.2f}" for l, s in zip(pred["labels"][keep].tolist(), pred["scores"][keep].tolist())]
+        image = draw_bounding_boxes(image, pred["boxes"][keep], names, colors="yellow", width=2)
+        if "keypoints" in pred:
+            k = pred["keypoints"][keep[pred["kpt_index"]]]
+            if len(k):
+                edges = [(a - 1, b - 1) for a, b in data.SKELETON]
+                image = draw_keypoints(image, k[..., :2], connectivity=edges, colors="cyan", radius=2, width=1)
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+    if "caption" in pred:
+        strip = Image.new("RGB", (picture.width, 16 + picture.height), "white")
+        strip.paste(picture, (0, 0))
+        ImageDraw.Draw(strip).text((2, picture.height + 2), pred["caption"], fill="black")
+        picture = strip
+    picture.save(out_png)
+
+
+def predict_images(model, tokenizer, categories, paths, out_dir, batch_size, device, score_thresh):
+    """Own images, no annotations: one PNG each and predictions.jsonl (boxes, scores, class names,
+    keypoints, caption; masks as COCO RLE)."""
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = model.cfg
+    with open(os.path.join(out_dir, "predictions.jsonl"), "w") as out, torch.inference_mode():
+        for i in range(0, len(paths), batch_size):
+            chunk = paths[i:i + batch_size]
+            samples = [data.load_inference_image(p, cfg) for p in chunk]
+            batch = data.collate([(im, dict(size=size, orig_size=orig)) for im, orig, size in samples])
+            preds = model.predict(batch["images"].to(device), batch["pad_mask"].to(device), batch["size"].to(device),
+                                  batch["orig_size"].to(device), tokenizer=tokenizer,
+                                  tasks=TASKS if model.vocab.person >= 0 else ("det", "seg", "cap"))
+            for path, p in zip(chunk, preds):
+                name = os.path.splitext(os.path.basename(path))[0]
+                draw(path, p, categories, score_thresh, os.path.join(out_dir, f"{name}.png"))
+                out.write(json.dumps(prediction_record(path, p, categories, score_thresh)) + "\n")
+    print(f"wrote {len(paths)} pictures and predictions.jsonl to {out_dir}")
+
+
+def prediction_record(path, p, categories, score_thresh):
+    keep = (p["scores"] >= score_thresh).nonzero()[:, 0].tolist()
+    rec = dict(image=path, boxes=p["boxes"][keep].tolist(), scores=p["scores"][keep].tolist(),
+               labels=[categories[l]["name"] for l in p["labels"][keep].tolist()])
+    if "masks" in p:
+        rles = [mask_utils.encode(np.asfortranarray(p["masks"][k].numpy().astype(np.uint8))) for k in keep if k < len(p["masks"])]
+        rec["masks"] = [dict(size=r["size"], counts=r["counts"].decode("ascii")) for r in rles]
+    if "keypoints" in p:
+        rec["keypoints"] = [k for k, i in zip(p["keypoints"].tolist(), p["kpt_index"].tolist()) if i in keep]
+    if "caption" in p:
+        rec["caption"] = p["caption"]
+    return rec
+
+
+def image_paths(path):
+    exts = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+    if os.path.isdir(path):
+        paths = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(exts))
+    else:
+        paths = [path] if os.path.isfile(path) else []
+    if not paths:
+        raise SystemExit(f"--images {path}: no image files ({', '.join(exts)}) found")
+    return paths
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt")
+    p.add_argument("--data", default=None, help="COCO-layout root (default: the checkpoint's training data)")
+    p.add_argument("--split", default="val2017")
+    p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint)")
+    p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--show", type=int, default=0, help="write this many pictures of predictions")
+    p.add_argument("--images", default=None, help="a folder or file of own images to predict on")
+    p.add_argument("--score-thresh", type=float, default=0.3)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    model, ckpt, tokenizer = load_checkpoint(args.ckpt, args.device)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
+    if args.images:
+        predict_images(model, tokenizer, ckpt["categories"], image_paths(args.images), out,
+                       args.batch_size, args.device, args.score_thresh)
+    else:
+        root = args.data or ckpt.get("train", {}).get("data") or os.environ.get("COCO_ROOT", "data/coco")
+        data.check_root(root, args.split)
+        try:
+            dataset = data.CocoMultiTask(root, args.split, model.cfg, tokenizer, train=False,
+                                         categories=ckpt["categories"])
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        evaluate(model, dataset, tokenizer, out, args.batch_size, args.workers, args.max_images, args.show,
+                 args.device, args.score_thresh)
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""Train MAD on COCO (or the synthetic set): DDP + AMP, paper schedules, atomic checkpoints, resume.
+
+    python train.py --demo                                             # synthetic data, tiny model, CPU
+    torchrun --nproc_per_node 8 train.py --backbone r50 --data data/coco --amp
+    torchrun --nproc_per_node 2 train.py --data synthetic --backbone tiny --device cpu --epochs 2
+    python train.py --backbone r50 --batch-size 16 --accum-steps 8   # the paper's batch on one GPU
+    python train.py --out runs/mad --resume                            # continue from runs/mad/last.pt
+
+Every field of mad.Config and TrainConfig is a flag (--mask-ratio 0.6, --cap-ratios 1,0.7 ...);
+--backbone picks the model preset and the paper's schedule (Table 9) first, explicit flags win.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import evaluate
+import mad
+
+
+@dataclass
+class TrainConfig:
+    data: str = os.environ.get("COCO_ROOT", "data/coco")   # COCO-layout root, or "synthetic"
+    out: str = "runs/mad"             # checkpoints, log.jsonl, evaluation outputs
+    epochs: int = 50
+    lr_drop: int = 40                 # epoch at which the learning rate drops x0.1
+    batch_size: int = 16              # global: over all processes and accumulation steps
+    accum_steps: int = 1              # gradient accumulation (paper batch on fewer GPUs)
+    lr: float = 1e-4
+    backbone_lr: float = 1e-5
+    weight_decay: float = 1e-4
+    clip: float = 0.1                 # gradient norm clipping
+    amp: bool = False                 # CUDA: bf16 where supported, else fp16 + GradScaler; CPU: bf16
+    max_steps: int = 0                # stop after this many optimizer steps (0: run all epochs)
+    save_every: int = 0               # also save last.pt every N steps (0: once per epoch)
+    eval_every: int = 0               # evaluate on val2017 every N epochs (0: never)
+    eval_images: int = 0              # cap on images for those evaluations (0: all)
+    show: int = 0                     # pictures of predictions written at each evaluation
+    log_every: int = 20
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    workers: int = 4
+    seed: int = 0
+    resume: bool = False              # continue from OUT/last.pt
+    demo: bool = False                # synthetic set, tiny model, CPU-sized schedule, evaluation at the end
+    spm_vocab: int = 8000             # SentencePiece vocabulary trained on the train captions
+    skip_bad_images: bool = False     # skip (and count) missing or corrupt images instead of failing
+    pretrained: bool = False          # torchvision ImageNet backbone weights (needs a network once)
+    backbone_weights: str = ""        # ... or a local state-dict file of them
+
+
+# Paper Table 9 per backbone, and the demo: minutes on 2 CPU cores
+SCHEDULES = {
+    "r50": dict(epochs=50, lr_drop=40, batch_size=16),
+    "swin_b": dict(epochs=300, lr_drop=240, batch_size=32),
+    "vit_b": dict(epochs=100, lr_drop=80, batch_size=32),
+    "tiny": dict(epochs=12, lr_drop=10, batch_size=16, lr=5e-4, backbone_lr=5e-4, clip=1.0, workers=1,
+                 spm_vocab=200, log_every=25),
+}
+DEMO = dict(data="synthetic", out="runs/demo", backbone="tiny", eval_every=0, show=4)
+SYNTHETIC = dict(root="data/synthetic", train=2000, val=200)
+
+
+# -----------------------------------------------------------------------------
+# Configuration: dataclass defaults <- backbone preset and schedule <- --demo <- explicit flags
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fields = {f.name: f for f in dataclasses.fields(mad.Config) + dataclasses.fields(TrainConfig)}
+    for name, f in fields.items():
+        flag = "--" + name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif isinstance(f.default, tuple):
+            kind = type(f.default[0])
+            p.add_argument(flag, type=lambda s, k=kind: tuple(k(x) for x in s.split(",")), default=None,
+                           metavar="A,B,...")
+        else:
+            p.add_argument(flag, type=type(f.default), default=None)
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    settings = {}
+    if args.get("demo"):
+        settings.update(DEMO)
+    backbone = args.get("backbone", settings.get("backbone", mad.Config.backbone))
+    settings = {**mad.PRESETS[backbone], **SCHEDULES[backbone], **settings, **args}
+    cfg = mad.Config(**{k: v for k, v in settings.items() if k in mad.Config.__dataclass_fields__})
+    tc = TrainConfig(**{k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__})
+    return cfg, tc
+
+
+# -----------------------------------------------------------------------------
+# Data, tokenizer, checkpoints
+
+def prepare_data(tc, master):
+    """The COCO root (a clear message when missing), or the synthetic set, generated once."""
+    root = tc.data
+    if root == "synthetic":
+        root = SYNTHETIC["root"]
+        if master and not os.path.exists(os.path.join(root, "annotations", "captions_val2017.json")):
+            print(f"generating the synthetic COCO set under {root} ...")
+            data.make_synthetic_coco(root, SYNTHETIC["train"], SYNTHETIC["val"])
+        barrier()
+    data.check_root(root, "train2017")
+    return root
+
+
+def caption_tokenizer(tc, root, master, ckpt):
+    """SentencePiece trained once on the train captions (kept in OUT/spm.model, and in checkpoints)."""
+    if ckpt is not None:
+        return mad.CaptionTokenizer(ckpt["spm"]) if ckpt["spm"] else None
+    captions = os.path.join(root, "annotations", "captions_train2017.json")
+    if not os.path.exists(captions):
+        return None
+    prefix = os.path.join(tc.out, "spm")
+    if master and not os.path.exists(prefix + ".model"):
+        data.train_caption_tokenizer(captions, prefix, tc.spm_vocab)
+    barrier()
+    with open(prefix + ".model", "rb") as f:
+        return mad.CaptionTokenizer(f.read())
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file, fsync, rename. A crash mid-write leaves the old file intact."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state():
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# DDP in a few lines (nanoGPT style): torchrun sets RANK; NCCL on CUDA, gloo on CPU
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather(obj):
+    """Every rank's obj, as a list (a list of one without DDP)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def to_device(batch, device):
+    return {k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) for k, v in batch.items()}
+
+
+def main(argv=None):
+    cfg, tc = parse_args(argv)
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if tc.device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if tc.device.startswith("cuda"):
+            tc.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(tc.device)
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    device_type = "cuda" if tc.device.startswith("cuda") else "cpu"
+    if tc.batch_size % (world * tc.accum_steps):
+        raise SystemExit(f"--batch-size {tc.batch_size} must be divisible by processes ({world}) x "
+                         f"--accum-steps ({tc.accum_steps})")
+    micro = tc.batch_size // (world * tc.accum_steps)
+    os.makedirs(tc.out, exist_ok=True)
+    ckpt_path = os.path.join(tc.out, "last.pt")
+    ckpt = None
+    if tc.resume:
+        if not os.path.exists(ckpt_path):
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = evaluate.load_checkpoint(ckpt_path)[1]
+        cfg = evaluate.config_from_dict(ckpt["config"])     # the run's model settings win
+
+    # data, vocabulary and model
+    root = prepare_data(tc, master)
+    tokenizer = caption_tokenizer(tc, root, master, ckpt)
+    try:
+        dataset = data.CocoMultiTask(root, "train2017", cfg, tokenizer, train=True, seed=tc.seed,
+                                     skip_bad_images=tc.skip_bad_images,
+                                     categories=ckpt["categories"] if ckpt else None)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    torch.manual_seed(tc.seed)                               # identical initial weights on every rank
+    model = mad.MAD(cfg, dataset.vocab).to(tc.device)
+    if (tc.pretrained or tc.backbone_weights) and ckpt is None:
+        mad.load_backbone_weights(model.backbone, cfg.backbone, tc.backbone_weights or None)
+    optimizer = torch.optim.AdamW(model.param_groups(tc.lr, tc.backbone_lr, tc.weight_decay))
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [tc.lr_drop], 0.1)
+    amp_dtype = None
+    if tc.amp:
+        amp_dtype = torch.float16 if device_type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+    autocast = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
+    step = 0
+    torch.manual_seed(tc.seed + rank)                        # masking differs across ranks
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    raw = model
+    if ddp:
+        model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
+
+    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=tc.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // (micro * tc.accum_steps)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(dataset)} images are fewer than one global batch of {tc.batch_size}")
+    total = tc.epochs * steps_per_epoch if not tc.max_steps else min(tc.max_steps, tc.epochs * steps_per_epoch)
+    if master:
+        print(f"{len(dataset)} images, tasks {dataset.tasks}, {world} process(es) x {micro} images x "
+              f"{tc.accum_steps} accumulation = batch {tc.batch_size}; {steps_per_epoch} steps/epoch, "
+              f"{total} steps; {sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M parameters")
+
+    def checkpoint(epoch):
+        rngs = gather(rng_state())
+        if master:
+            save_checkpoint(ckpt_path, dict(
+                model=raw.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(), epoch=epoch, step=step, config=dataclasses.asdict(cfg),
+                train=dataclasses.asdict(tc), vocab=dataset.vocab.state_dict(),
+                spm=tokenizer.model_bytes if tokenizer else None, categories=dataset.categories, rng=rngs))
+
+    # 3.4 training: every image trains all the tasks it has (task-mixed sampling)
+    t0, start_step, logged, seen = time.time(), step, step, 0
+    sums = torch.zeros(1 + len(dataset.tasks))                # total and per-task losses since the last log
+    while step < total:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch)                             # the epoch's order depends on (seed, epoch) only
+        dataset.set_epoch(epoch)
+        done = (step - epoch * steps_per_epoch) * micro * tc.accum_steps   # resumed mid-epoch: skip those
+        loader = torch.utils.data.DataLoader(dataset, micro, sampler=list(sampler)[done:], num_workers=tc.workers,
+                                             collate_fn=data.collate, drop_last=True,
+                                             pin_memory=device_type == "cuda")
+        batches = iter(loader)
+        while step < total and step < (epoch + 1) * steps_per_epoch:
+            for k in range(tc.accum_steps):
+                batch = to_device(next(batches), tc.device)
+                last_micro = k == tc.accum_steps - 1
+                with (model.no_sync() if ddp and not last_micro else nullcontext()), autocast:
+                    loss, parts = model(batch, dataset.tasks)
+                scaler.scale(loss / tc.accum_steps).backward()
+                losses = torch.stack([loss.detach(), *(parts[t] for t in dataset.tasks)]).float().cpu()
+                if not torch.isfinite(losses).all():              # stop before the update spoils the weights
+                    bad = [f"{t}={v:.4g}" for t, v in zip(dataset.tasks, losses[1:].tolist()) if not math.isfinite(v)]
+                    raise SystemExit(f"non-finite loss at step {step + 1} (epoch {epoch}): {', '.join(bad) or 'total'}; "
+                                     f"stopped without saving, {ckpt_path} holds the last good state")
+                sums += losses / tc.accum_steps
+                seen += len(batch["images"]) * world
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % tc.log_every == 0 or step == total:
+                if master:
+                    elapsed = time.time() - t0
+                    log(step, total, epoch, sums / (step - logged), dataset.tasks, optimizer, seen / elapsed,
+                        elapsed / (step - start_step) * (total - step), tc)
+                sums.zero_()
+                logged = step
+            if tc.save_every and step % tc.save_every == 0:
+                checkpoint(epoch)
+        if step % steps_per_epoch == 0:                      # end of an epoch
+            scheduler.step()
+            checkpoint(epoch + 1)
+            if tc.eval_every and (epoch + 1) % tc.eval_every == 0:
+                run_evaluation(raw, root, cfg, tokenizer, dataset.categories, tc, f"epoch{epoch + 1}")
+    if step % steps_per_epoch:                               # stopped by --max-steps mid-epoch
+        checkpoint(step // steps_per_epoch)
+    if tc.demo:
+        run_evaluation(raw, root, cfg, tokenizer, dataset.categories, tc, "final")
+    if ddp:
+        dist.destroy_process_group()
+
+
+def log(step, total, epoch, avg, tasks, optimizer, images_per_s, eta, tc):
+    losses = dict(zip(("loss", *tasks), avg.tolist()))
+    lr = optimizer.param_groups[0]["lr"]
+    print(f"step {step}/{total} epoch {epoch} " + " ".join(f"{k} {v:.3f}" for k, v in losses.items())
+          + f" lr {lr:.1e} {images_per_s:.1f} img/s ETA {eta / 60:.1f} min", flush=True)
+    with open(os.path.join(tc.out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(dict(step=step, epoch=epoch, lr=lr, images_per_s=images_per_s, **losses)) + "\n")
+
+
+def run_evaluation(model, root, cfg, tokenizer, categories, tc, name):
+    dataset = data.CocoMultiTask(root, "val2017", cfg, tokenizer, train=False, categories=categories)
+    out = os.path.join(tc.out, f"eval_{name}")
+    metrics = evaluate.evaluate(model, dataset, tokenizer, out, batch_size=8, workers=min(tc.workers, 2),
+                                max_images=tc.eval_images, show=tc.show, device=tc.device)
+    if metrics is not None:
+        print(f"evaluation written to {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
