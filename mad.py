@@ -386,16 +386,31 @@ class MAD(nn.Module):
     # 3.2 Masked training: decode a fully masked and a partly masked copy of every task's
     # sequences in one forward; the loss counts masked positions only (eq. 1).
 
-    def forward(self, batch, tasks=TASKS):
-        """batch: data.collate output (keys in data.py). Returns (total loss, {task: detached loss})."""
-        enc = self.encode(batch["images"], batch["pad_mask"])   # the image is encoded once per step (3.4)
-        if self.cfg.decoder == "ar":
-            losses = {t: self.ar_loss(batch, enc, t) for t in tasks}
-        else:
-            losses = {t: getattr(self, f"{t}_loss")(batch, enc) for t in tasks}
+    def forward(self, batch, tasks=TASKS, counts=None):
+        """batch: data.collate output (keys in data.py). Returns (total loss, {task: detached loss}).
+        Per task and decoder layer: summed weighted CE / number of counted positions (eq. 1). The
+        counts are averaged over DDP ranks, so that DDP's gradient averaging gives the gradient of
+        (CE summed over all ranks / total count); `counts` ({task: (layers,)}) replaces them, for
+        exact gradient accumulation (train.py counts all micro-batches first)."""
+        sums, own = self.task_sums(batch, tasks)
+        if counts is None:
+            counts = {t: all_reduce_mean(c) for t, c in own.items()}
+        losses = {t: (sums[t] / counts[t].clamp(min=1)).sum() for t in tasks}     # sum over layers
         weights = dict(zip(TASKS, self.cfg.task_weights))
         total = sum(weights[t] * losses[t] for t in tasks)
         return total, {t: l.detach() for t, l in losses.items()}
+
+    def task_sums(self, batch, tasks):
+        """({task: summed weighted CE per layer}, {task: counted positions per layer})."""
+        enc = self.encode(batch["images"], batch["pad_mask"])   # the image is encoded once per step (3.4)
+        out = {t: self.ar_loss(batch, enc, t) if self.cfg.decoder == "ar" else getattr(self, f"{t}_loss")(batch, enc)
+               for t in tasks}
+        return {t: o[0] for t, o in out.items()}, {t: o[1] for t, o in out.items()}
+
+    @torch.no_grad()
+    def count_positions(self, batch, tasks=TASKS):
+        """The counted positions per task and layer that forward(batch) would normalize by."""
+        return self.task_sums(batch, tasks)[1]
 
     def masked_copies(self, seqs):
         """seqs (B, n, L) -> inputs (B, 2n, L): n fully masked copies, then n partly masked ones
@@ -644,7 +659,7 @@ def random_mask(shape, ratio, device):
 
 
 def all_reduce_mean(x):
-    """Average a tensor over DDP ranks (identity when not distributed)."""
+    """Average a tensor over DDP ranks (identity when not distributed): the loss normalizers."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         x = x.clone()
         torch.distributed.all_reduce(x)
@@ -653,16 +668,12 @@ def all_reduce_mean(x):
 
 
 def masked_nll(logp, target, weight):
-    """Sum over layers of (weighted cross-entropy / number of counted positions) (eq. 1, aux losses).
-    logp (layers, ..., V); target and weight broadcast to (layers, ...). The count is averaged over
-    DDP ranks, so that DDP's gradient averaging yields the gradient of (sum of CE over all ranks /
-    total count): a 2-rank run equals one batch of their union."""
+    """Weighted cross-entropy summed per layer, and the weights' sum (the counted positions).
+    logp (layers, ..., V); target and weight broadcast to (layers, ...). -> (layers,), (layers,)."""
     target, weight = torch.broadcast_tensors(target, weight.to(logp.dtype))
     target, weight = target.expand(logp.shape[:-1]), weight.expand(logp.shape[:-1])
     nll = -logp.gather(-1, target[..., None])[..., 0]
-    total = (nll * weight).flatten(1).sum(1)                                   # (layers,)
-    count = all_reduce_mean(weight.detach().flatten(1).sum(1)).clamp(min=1)
-    return (total / count).sum()
+    return (nll * weight).flatten(1).sum(1), weight.detach().flatten(1).sum(1)
 
 
 @torch.no_grad()

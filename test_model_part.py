@@ -151,7 +151,7 @@ def test_loss_ignores_logits_of_unmasked_positions(task, monkeypatch):
 
     monkeypatch.setattr(mad, "random_mask", fake_random_mask)
     monkeypatch.setattr(model, "decode_task", fake_decode)
-    loss = lambda: getattr(model, f"{task}_loss")(batch, enc)
+    loss = lambda: getattr(model, f"{task}_loss")(batch, enc)[0]              # summed CE per layer
     base = loss()
     n_full = 1 if task != "seg" else model.cfg.max_instances
     visible = torch.cat([torch.zeros_like(seen["mask"][:, :n_full]), ~seen["mask"]], 1)   # (B, 1+n, L)

@@ -265,24 +265,14 @@ def main(argv=None):
                                              pin_memory=device_type == "cuda")
         batches = iter(loader)
         while step < total and step < (epoch + 1) * steps_per_epoch:
-            for k in range(tc.accum_steps):
-                batch = to_device(next(batches), tc.device)
-                last_micro = k == tc.accum_steps - 1
-                with (model.no_sync() if ddp and not last_micro else nullcontext()), autocast:
-                    loss, parts = model(batch, dataset.tasks)
-                scaler.scale(loss / tc.accum_steps).backward()
-                losses = torch.stack([loss.detach(), *(parts[t] for t in dataset.tasks)]).float().cpu()
-                if not torch.isfinite(losses).all():              # stop before the update spoils the weights
-                    bad = [f"{t}={v:.4g}" for t, v in zip(dataset.tasks, losses[1:].tolist()) if not math.isfinite(v)]
-                    raise SystemExit(f"non-finite loss at step {step + 1} (epoch {epoch}): {', '.join(bad) or 'total'}; "
-                                     f"stopped without saving, {ckpt_path} holds the last good state")
-                sums += losses / tc.accum_steps
-                seen += len(batch["images"]) * world
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            micro_batches = [to_device(next(batches), tc.device) for _ in range(tc.accum_steps)]
+            losses = train_step(model, raw, micro_batches, dataset.tasks, optimizer, scaler, autocast, tc.clip)
+            if not torch.isfinite(losses).all():                 # the update was skipped: weights are fine
+                bad = [f"{t}={v:.4g}" for t, v in zip(dataset.tasks, losses[1:].tolist()) if not math.isfinite(v)]
+                raise SystemExit(f"non-finite loss at step {step + 1} (epoch {epoch}): {', '.join(bad) or 'total'}; "
+                                 f"stopped without saving, {ckpt_path} holds the last good state")
+            sums += losses
+            seen += sum(len(b["images"]) for b in micro_batches) * world
             step += 1
             if step % tc.log_every == 0 or step == total:
                 if master:
@@ -304,6 +294,47 @@ def main(argv=None):
         run_evaluation(raw, root, cfg, tokenizer, dataset.categories, tc, "final")
     if ddp:
         dist.destroy_process_group()
+
+
+def train_step(model, raw, micro_batches, tasks, optimizer, scaler, autocast, clip):
+    """One optimizer step over K micro-batches (K = 1 without accumulation). Returns the mean total
+    and per-task losses (CPU, averaged over ranks); when any is non-finite the update is skipped.
+    Exact accumulation: the loss of each (task, layer) is normalized by its count of positions
+    over all K micro-batches (and ranks), as one batch K times the size would be, so the counts
+    are taken first, in a no-grad pass whose random masks are replayed for the real one."""
+    K, counts = len(micro_batches), None
+    ddp = model is not raw
+    if K > 1:
+        rng = [snapshot_rng(b["images"].device) for b in micro_batches]
+        with autocast:
+            counts = [raw.count_positions(b, tasks) for b in micro_batches]
+        counts = {t: mad.all_reduce_mean(sum(c[t] for c in counts)) / K for t in tasks}
+    sums = torch.zeros(1 + len(tasks), device=micro_batches[0]["images"].device)
+    for k, batch in enumerate(micro_batches):
+        if K > 1:
+            restore_rng(rng[k])
+        with (model.no_sync() if ddp and k < K - 1 else nullcontext()), autocast:
+            loss, parts = model(batch, tasks, counts)
+        scaler.scale(loss / K).backward()
+        sums += torch.stack([loss.detach(), *(parts[t] for t in tasks)]).float() / K
+    sums = mad.all_reduce_mean(sums).cpu()                   # the same on every rank: all stop together
+    if torch.isfinite(sums).all():
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), clip)
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+def snapshot_rng(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def restore_rng(state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
 
 
 def log(step, total, epoch, avg, tasks, optimizer, images_per_s, eta, tc):
