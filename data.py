@@ -77,9 +77,11 @@ class CocoMultiTask(torch.utils.data.Dataset):
     first, so collate can trim all-padding rows. Augmentation depends only on (seed, epoch, index).
     """
 
-    def __init__(self, root, split, cfg, tokenizer, train, categories=None, skip_bad_images=False, seed=0):
+    def __init__(self, root, split, cfg, tokenizer, train, categories=None, skip_bad_images=False, seed=0,
+                 augment=None):
         self.root, self.split, self.cfg, self.tokenizer, self.train = root, split, cfg, tokenizer, train
-        self.skip_bad_images, self.seed, self.epoch, self.skipped = skip_bad_images, seed, 0, 0
+        self.augment = train if augment is None else augment       # off: the fixed eval resize
+        self.skip_bad_images, self.seed, self.epoch, self.skipped = skip_bad_images, seed, 0, set()
         self.coco_files, files = {}, {}
         for kind, tasks in FILES.items():
             path = os.path.join(root, "annotations", f"{kind}_{split}.json")
@@ -171,8 +173,9 @@ class CocoMultiTask(torch.utils.data.Dataset):
             except (FileNotFoundError, ValueError) as e:
                 if not self.skip_bad_images:
                     raise
-                self.skipped += 1
-                print(f"skipping bad image ({e}); {self.skipped} skipped so far in this process")
+                if self.image_ids[i] not in self.skipped:
+                    self.skipped.add(self.image_ids[i])
+                    print(f"skipping bad image ({e}); {len(self.skipped)} bad images skipped so far in this process")
                 continue
             return self.build(i, image)
         raise RuntimeError(f"{self.root}/{self.split}: every image is missing or unreadable")
@@ -224,7 +227,7 @@ class CocoMultiTask(torch.utils.data.Dataset):
         cfg = self.cfg
         f = cfg.image_size / 800
         crop = (0.0, 0.0, float(W), float(H))
-        if not self.train:
+        if not self.augment:
             return affine(W, H, crop, resize_size(W, H, cfg.image_size, cfg.max_size), flip=False)
         flip = rng.random() < 0.5
         if cfg.backbone == "vit_b":                               # large-scale jitter on a fixed canvas

@@ -553,15 +553,18 @@ class MAD(nn.Module):
     def refine(self, prompt, L, enc, task, ratios, by_confidence=False):
         """Masked inference (3.2). Stage 1 decodes from all-<mask>; each later stage re-masks a share
         `ratio` of the positions (random, or the least confident) of the current argmax tokens and
-        decodes again; at re-masked positions the new logits join a running average.
+        decodes again; at re-masked positions the new logits join a running average. The random
+        positions come from a fixed seed and are the same for every image, so a prediction does
+        not depend on the batch or the number of processes it was made in.
         prompt (B, n, 6) -> probabilities (B, n, L, V) over the task's tokens."""
         B, n, _ = prompt.shape
         lo = self.vocab.task_range(task)[0]
         tokens = torch.full((B, n, L), self.vocab.mask, device=prompt.device)
         conf = torch.zeros(B, n, L, device=prompt.device)
         logits, count = 0, torch.zeros(B, n, L, 1, device=prompt.device)
+        g = torch.Generator().manual_seed(0)
         for ratio in ratios:
-            order = conf if by_confidence else torch.rand_like(conf)
+            order = conf if by_confidence else torch.rand(L, generator=g).to(conf.device).expand_as(conf)
             remask = order.argsort(-1).argsort(-1) < round(ratio * L)          # (B, n, L)
             x = torch.where(remask, self.vocab.mask, tokens)
             new = self.logits(self.decode(torch.cat([prompt, x], -1), enc)[..., 6:, :], task)

@@ -56,6 +56,7 @@ class TrainConfig:
     demo: bool = False                # synthetic set, tiny model, CPU-sized schedule, evaluation at the end
     spm_vocab: int = 8000             # SentencePiece vocabulary trained on the train captions
     skip_bad_images: bool = False     # skip (and count) missing or corrupt images instead of failing
+    augment: bool = True              # flip, crop, multi-scale / LSJ (off: the fixed evaluation resize)
     pretrained: bool = False          # torchvision ImageNet backbone weights (needs a network once)
     backbone_weights: str = ""        # ... or a local state-dict file of them
 
@@ -204,7 +205,7 @@ def main(argv=None):
     root = prepare_data(tc, master)
     tokenizer = caption_tokenizer(tc, root, master, ckpt)
     try:
-        dataset = data.CocoMultiTask(root, "train2017", cfg, tokenizer, train=True, seed=tc.seed,
+        dataset = data.CocoMultiTask(root, "train2017", cfg, tokenizer, train=True, seed=tc.seed, augment=tc.augment,
                                      skip_bad_images=tc.skip_bad_images,
                                      categories=ckpt["categories"] if ckpt else None)
     except ValueError as e:
@@ -245,6 +246,9 @@ def main(argv=None):
 
     def checkpoint(epoch):
         rngs = gather(rng_state())
+        sums = gather([float(p.detach().double().sum()) for p in raw.parameters()])
+        if any(s != sums[0] for s in sums):                   # DDP keeps replicas equal; check it
+            raise RuntimeError(f"step {step}: the {world} processes hold different parameters")
         if master:
             save_checkpoint(ckpt_path, dict(
                 model=raw.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
@@ -262,7 +266,9 @@ def main(argv=None):
         done = (step - epoch * steps_per_epoch) * micro * tc.accum_steps   # resumed mid-epoch: skip those
         loader = torch.utils.data.DataLoader(dataset, micro, sampler=list(sampler)[done:], num_workers=tc.workers,
                                              collate_fn=data.collate, drop_last=True,
-                                             pin_memory=device_type == "cuda")
+                                             pin_memory=device_type == "cuda",
+                                             generator=torch.Generator().manual_seed(tc.seed + epoch))
+        # (the loader's own generator: drawing from the global RNG would shift it on resume)
         batches = iter(loader)
         while step < total and step < (epoch + 1) * steps_per_epoch:
             micro_batches = [to_device(next(batches), tc.device) for _ in range(tc.accum_steps)]

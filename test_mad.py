@@ -1,0 +1,982 @@
+"""Tests of MAD, all on CPU:  python -m pytest -q test_mad.py   (about N minutes on 2 cores)
+
+In the order of the files: data.py (issue 2), mad.py (3), backbones (7), evaluate.py and
+train.py (4, 5, 8), reliability: DDP, kill-and-resume, bad input (6). Training runs use the
+tiny preset on a small synthetic set generated once per session."""
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+import data
+import evaluate
+import mad
+import train
+from mad import MAD, PRESETS, Config, Vocab
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXCERPT = os.path.join(HERE, "testdata", "coco_val2017_excerpt")   # real COCO annotations, CC BY 4.0
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """A small synthetic COCO set: 24 train and 8 val images of 128 px."""
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    data.make_synthetic_coco(root, 24, 8)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tokenizer(synth, tmp_path_factory):
+    prefix = str(tmp_path_factory.mktemp("spm") / "spm")
+    return mad.CaptionTokenizer(data.train_caption_tokenizer(f"{synth}/annotations/captions_train2017.json", prefix, 60))
+
+
+def tiny_cfg(**over):
+    return Config(**{**PRESETS["tiny"], **over})
+
+
+def run_args(root, out, *extra):
+    """train.py flags of a small CPU run on the synthetic set: batch 8, 3 steps per epoch."""
+    return ["--data", root, "--backbone", "tiny", "--out", str(out), "--batch-size", "8", "--workers", "0",
+            "--epochs", "2", "--lr-drop", "1", "--spm-vocab", "60", "--log-every", "1", *extra]
+
+
+def params(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def assert_same_params(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), k
+
+
+def run(cmd, timeout=600, check=True, **kw):
+    """A subprocess from the repository folder; its output is shown when it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, env=env, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def torchrun(n, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
+
+
+# =============================================================================
+# data.py: synthetic COCO, the dataset's task sequences, geometry, tokenizer (issue 2)
+
+def gt_as_results(coco, iou_type):
+    res = []
+    for a in coco.loadAnns(coco.getAnnIds()):
+        r = dict(image_id=a["image_id"], category_id=a["category_id"], score=1.0)
+        r.update(bbox=a["bbox"]) if iou_type == "bbox" else None
+        r.update(segmentation=coco.annToRLE(a)) if iou_type == "segm" else None
+        r.update(keypoints=a["keypoints"]) if iou_type == "keypoints" else None
+        res.append(r)
+    return res
+
+
+def test_synthetic_set_is_valid_coco_and_its_ground_truth_scores_ap_1(synth):
+    for split in ("train2017", "val2017"):
+        for kind in ("instances", "person_keypoints", "captions"):
+            coco = evaluate.quiet(COCO, f"{synth}/annotations/{kind}_{split}.json")
+            assert coco.getImgIds() and coco.getAnnIds(), (kind, split)
+    for kind, iou_type in (("instances", "bbox"), ("instances", "segm"), ("person_keypoints", "keypoints")):
+        gt = evaluate.quiet(COCO, f"{synth}/annotations/{kind}_val2017.json")
+        ev = COCOeval(gt, evaluate.quiet(gt.loadRes, gt_as_results(gt, iou_type)), iou_type)
+        for step in (ev.evaluate, ev.accumulate, ev.summarize):
+            evaluate.quiet(step)
+        assert ev.stats[0] == pytest.approx(1.0), iou_type
+
+
+def test_synthetic_set_is_deterministic_and_drawn_where_annotated(tmp_path):
+    for name in ("a", "b"):
+        data.make_synthetic_coco(str(tmp_path / name), 4, 2, seed=7)
+    for f in ("annotations/instances_train2017.json", "annotations/captions_val2017.json", "train2017/000000000003.jpg"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    d = json.loads((tmp_path / "a/annotations/instances_train2017.json").read_text())
+    kp = json.loads((tmp_path / "a/annotations/person_keypoints_train2017.json").read_text())
+    assert {c["id"] for c in d["categories"]} == {1, 3, 5, 8, 11} and len(kp["categories"][0]["keypoints"]) == 17
+    for a in d["annotations"][:6]:                      # the polygon's pixels are the object's colour
+        im = d["images"][a["image_id"] - 1]
+        pixels = np.array(Image.open(tmp_path / "a/train2017" / im["file_name"]), np.float32)
+        m = data.decode_segmentation(a["segmentation"], im["height"], im["width"]).astype(bool)
+        assert np.linalg.norm(pixels[m].mean(0) - pixels[~m].mean(0)) > 30
+
+
+def test_dataset_tokens_lie_in_task_ranges_and_weights_mark_real_targets(synth, tokenizer):
+    cfg = tiny_cfg()
+    ds = data.CocoMultiTask(synth, "train2017", cfg, tokenizer, train=True)
+    v = ds.vocab
+    assert ds.tasks == ("det", "seg", "kpt", "cap") and [c["id"] for c in ds.categories] == [1, 3, 5, 8, 11]
+    n_persons = n_unlabelled = 0
+    for i in range(len(ds)):
+        image, t = ds[i]
+        n = len(t["boxes"])
+        assert image.shape[0] == 3 and tuple(image.shape[1:]) == tuple(t["size"].tolist())
+        lo, hi = v.task_range("det")
+        assert t["det_seq"].shape == (cfg.num_queries, 5) and ((t["det_seq"] >= lo) & (t["det_seq"] < hi)).all()
+        assert (t["det_seq"][:, 4] >= v.cls).all() and (t["det_seq"][:, 4] < v.noise).all()
+        for obj in t["det_gt"]:                                  # each object in exactly one slot
+            assert (t["det_seq"] == obj).all(1).sum() == 1
+        assert len(t["det_gt"]) == n and ((t["det_gt"][:, :4] >= v.coord) & (t["det_gt"][:, :4] <= v.coord + v.num_bins)).all()
+        rows = t["seg_weight"].any(1)
+        assert rows.sum() == min(n, cfg.max_instances) and not rows[rows.sum():].any()
+        assert ((t["seg_seq"] == v.fg) | (t["seg_seq"] == v.bg)).all() and (t["seg_prompt"][:, 0] == v.seg).all()
+        assert ((t["seg_prompt"][rows, 5] >= v.cls) & (t["seg_prompt"][rows, 5] < v.noise)).all()
+        lo, hi = v.task_range("kpt")
+        assert ((t["kpt_seq"] >= lo) & (t["kpt_seq"] < hi)).all() and (t["kpt_prompt"][:, 0] == v.kpt).all()
+        seq, w = t["kpt_seq"].view(-1, 17, 3), t["kpt_weight"].view(-1, 17, 3)
+        assert ((seq[..., 2] == v.vis) | (seq[..., 2] == v.invis)).all()
+        for p in range(len(seq)):
+            if not w[p].any():                                       # padding row
+                continue
+            n_persons += 1
+            box = t["kpt_prompt"][p, 1:5]
+            unlabelled = w[p, :, 0] == 0
+            n_unlabelled += int(unlabelled.sum())
+            assert (seq[p, unlabelled, 2] == v.invis).all()
+            x, y = seq[p, unlabelled, 0], seq[p, unlabelled, 1]
+            assert ((x >= box[0]) & (x <= box[2]) & (y >= box[1]) & (y <= box[3])).all()
+        lo, hi = v.task_range("cap")
+        assert ((t["cap_seq"] >= lo) & (t["cap_seq"] < hi)).all()
+        n_caps = len(ds.captions[ds.image_ids[i]])
+        assert (t["cap_weight"].any(1).sum()) == min(n_caps, cfg.max_captions)
+    assert n_persons > 3 and n_unlabelled > 3
+
+
+def test_augmentation_is_deterministic_per_epoch_and_index(synth, tokenizer):
+    ds = data.CocoMultiTask(synth, "train2017", tiny_cfg(), tokenizer, train=True, seed=3)
+    a, b = ds[5], ds[5]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1]["det_seq"], b[1]["det_seq"])
+    ds.set_epoch(1)
+    c = ds[5]
+    assert a[0].shape != c[0].shape or not torch.equal(a[0], c[0])
+
+
+def flip_t(W, H):
+    return data.affine(W, H, (0.0, 0.0, float(W), float(H)), (W, H), flip=True)
+
+
+def test_flip_twice_is_identity_and_resize_scales_boxes():
+    W, H = 100, 60
+    boxes = torch.tensor([[10., 5., 40., 50.], [0., 0., 100., 60.]])
+    kpts = torch.rand(2, 17, 3) * torch.tensor([W, H, 0]) + torch.tensor([0, 0, 2.0])
+    t = flip_t(W, H)
+    b2, _ = data.transform_boxes(data.transform_boxes(boxes, t)[0], t)
+    assert torch.allclose(b2, boxes)
+    once = data.transform_keypoints(kpts, t)
+    assert torch.allclose(once[:, 1, 0], W - kpts[:, 2, 0])                    # left eye <- right eye
+    assert torch.allclose(data.transform_keypoints(once, t), kpts, atol=1e-5)
+    mask = np.zeros((H, W), np.uint8)
+    mask[10:40, 20:35] = 1
+    rle = __import__("pycocotools.mask", fromlist=["encode"]).encode(np.asfortranarray(mask))
+    fb = data.transform_boxes(torch.tensor([[20., 10., 35., 40.]]), t)[0]
+    m1 = data.mask_in_boxes([rle], fb, H, W, t, 8)
+    m0 = data.mask_in_boxes([rle], torch.tensor([[20., 10., 35., 40.]]), H, W, data.affine(W, H, (0., 0., W, H), (W, H), False), 8)
+    assert torch.equal(m1.flip(-1), m0)                                        # flipping the mask twice
+    r = data.affine(W, H, (0.0, 0.0, float(W), float(H)), (2 * W, 2 * H), flip=False)
+    assert torch.allclose(data.transform_boxes(boxes, r)[0], 2 * boxes)
+
+
+def test_mask_target_of_a_filled_box_is_all_fg_and_of_a_left_half_mask_left_half():
+    H, W = 80, 120
+    ident = data.affine(W, H, (0.0, 0.0, float(W), float(H)), (W, H), flip=False)
+    full = [[20, 10, 60, 10, 60, 50, 20, 50]]                          # polygon filling box (20, 10, 60, 50)
+    left = [[20, 10, 40, 10, 40, 50, 20, 50]]                          # the left half of it
+    box = torch.tensor([[20., 10., 60., 50.]])
+    m = data.mask_in_boxes([full, left], box.repeat(2, 1), H, W, ident, 16)
+    assert m[0].all()
+    assert m[1][:, :8].all() and not m[1][:, 8:].any()
+    flip = flip_t(W, H)
+    mf = data.mask_in_boxes([left], data.transform_boxes(box, flip)[0], H, W, flip, 16)
+    assert mf[0][:, 8:].all() and not mf[0][:, :8].any()               # flipped: right half
+
+
+def test_collate_pads_to_multiple_of_32_with_pixel_mask(synth, tokenizer):
+    cfg = tiny_cfg()
+    ds = data.CocoMultiTask(synth, "train2017", cfg, tokenizer, train=True)
+    samples = [ds[i] for i in range(4)]
+    batch = data.collate(samples)
+    assert batch["images"].shape[2] % 32 == 0 and batch["images"].shape[3] % 32 == 0
+    for k, (im, _) in enumerate(samples):
+        h, w = im.shape[1:]
+        assert not batch["pad_mask"][k, :h, :w].any() and batch["pad_mask"][k].sum() == batch["pad_mask"][k].numel() - h * w
+        assert torch.equal(batch["images"][k, :, :h, :w], im)
+
+
+def test_caption_tokenizer_round_trip_and_deterministic_training(synth, tmp_path):
+    path = f"{synth}/annotations/captions_train2017.json"
+    a = data.train_caption_tokenizer(path, str(tmp_path / "a"), 60)
+    b = data.train_caption_tokenizer(path, str(tmp_path / "b"), 60)
+    assert a == b and (tmp_path / "a.model").read_bytes() == a
+    tok = mad.CaptionTokenizer(a)
+    caps = [c["caption"] for c in json.load(open(path))["annotations"][:20]]
+    rows = tok.encode(caps + ["A Red CIRCLE"], 64)
+    assert rows.shape == (21, 64)
+    for c, r in zip(caps, rows):
+        assert tok.decode(r.tolist()) == c.lower()
+    assert tok.decode(rows[-1].tolist()) == "a red circle"
+    odd = tok.encode(["", "ünïcødé 字 ✓", " ".join(["word"] * 200)], 20)     # never crashes; eos always there
+    assert (odd == tok.eos).any(1).all() and odd[0, 0] == tok.eos
+
+
+def excerpt_root(tmp_path):
+    """The real COCO excerpts as a dataset: an image entry (and a grey picture) for every image
+    an annotation refers to, sized to contain its annotations."""
+    root = tmp_path / "excerpt"
+    (root / "annotations").mkdir(parents=True)
+    (root / "val2017").mkdir()
+    files = {k: json.load(open(f"{EXCERPT}/{k}_val2017.json")) for k in ("instances", "person_keypoints", "captions")}
+    sizes = {}
+    for d in files.values():
+        for a in d["annotations"]:
+            x, y, w, h = a.get("bbox", [0, 0, 1, 1])
+            W, H = sizes.get(a["image_id"], (64, 64))
+            sizes[a["image_id"]] = (max(W, math.ceil(x + w) + 1), max(H, math.ceil(y + h) + 1))
+    images = [dict(id=i, file_name=f"{i:012d}.jpg", width=W, height=H) for i, (W, H) in sorted(sizes.items())]
+    for im in images:
+        Image.new("L", (im["width"], im["height"]), 128).save(root / "val2017" / im["file_name"])
+    for k, d in files.items():
+        json.dump(dict(d, images=images), open(root / "annotations" / f"{k}_val2017.json", "w"))
+    return str(root), files
+
+
+def test_real_coco_excerpt_loads_with_sparse_ids_polygons_keypoints_and_captions(tmp_path, synth):
+    root, files = excerpt_root(tmp_path)
+    tok = mad.CaptionTokenizer(data.train_caption_tokenizer(f"{root}/annotations/captions_val2017.json",
+                                                            str(tmp_path / "spm"), 200))
+    cfg = tiny_cfg(image_size=256, max_size=400)
+    ds = data.CocoMultiTask(root, "val2017", cfg, tok, train=True)
+    ids = [c["id"] for c in files["instances"]["categories"]]
+    assert len(ds.categories) == 80 and [c["id"] for c in ds.categories] == sorted(ids) and max(ids) == 90
+    assert ds.categories[ds.vocab.person]["name"] == "person"
+    objects = persons = 0
+    for i in range(len(ds)):
+        _, t = ds[i]
+        objects += len(t["det_gt"])
+        persons += int(t["kpt_weight"].any(1).sum())
+        assert (t["det_gt"][:, 4] - ds.vocab.cls < 80).all()
+    assert objects > 50 and persons > 10
+    caption_images = {a["image_id"] for a in files["captions"]["annotations"]}
+    assert sum(bool(ds.captions[i]) for i in ds.image_ids) == len(caption_images)
+    # a contiguous index maps back to the sparse COCO id
+    a = files["instances"]["annotations"][0]
+    i = ds.image_ids.index(a["image_id"])
+    labels = {ds.categories[int(c)]["id"] for c in (ds[i][1]["det_gt"][:, 4] - ds.vocab.cls)}
+    assert a["category_id"] in labels
+
+
+# -----------------------------------------------------------------------------
+# Bad input (issue 6): clear errors naming the file and field, or converted / skipped / counted
+
+def copy_set(synth, tmp_path):
+    root = tmp_path / "set"
+    shutil.copytree(synth, root)
+    return root
+
+
+def load_json(path):
+    return json.loads(path.read_text())
+
+
+def test_missing_annotation_file_disables_its_task_with_one_line(synth, tokenizer, tmp_path, capsys):
+    root = copy_set(synth, tmp_path)
+    (root / "annotations/person_keypoints_val2017.json").unlink()
+    ds = data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=False)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert ds.tasks == ("det", "seg", "cap")
+    assert len(out) == 1 and "person_keypoints_val2017.json not found" in out[0] and "kpt disabled" in out[0]
+    _, t = ds[0]
+    assert not t["kpt_weight"].any()
+
+
+def test_missing_and_corrupt_images_name_the_file_or_are_skipped_and_counted(synth, tokenizer, tmp_path, capsys):
+    root = copy_set(synth, tmp_path)
+    (root / "val2017/000000000002.jpg").unlink()
+    (root / "val2017/000000000003.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    ds = data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=False)
+    with pytest.raises(FileNotFoundError, match="000000000002.jpg"):
+        ds[1]
+    with pytest.raises(ValueError, match="cannot decode image .*000000000003.jpg"):
+        ds[2]
+    ds = data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=False, skip_bad_images=True)
+    ids = [ds[i][1]["image_id"] for i in range(len(ds))]
+    assert len(ds.skipped) == 2 and 2 not in ids and 3 not in ids and len(ids) == 8   # a next image stands in
+    out = capsys.readouterr().out
+    assert "000000000002.jpg" in out and "2 bad images skipped so far" in out
+
+
+def test_grayscale_rgba_palette_and_tiny_images_become_rgb_samples(tmp_path, tokenizer):
+    root = tmp_path / "modes"
+    data.make_synthetic_coco(str(root), 1, 4)
+    d = load_json(root / "annotations/instances_val2017.json")
+    src = Image.open(root / "val2017/000000000001.jpg")
+    src.convert("L").save(root / "val2017/000000000001.jpg")
+    src.convert("RGBA").save(root / "val2017/000000000002.jpg".replace(".jpg", ".png"))
+    src.convert("P").save(root / "val2017/000000000003.jpg".replace(".jpg", ".png"))
+    Image.new("RGB", (20, 12), (90, 90, 90)).save(root / "val2017/000000000004.jpg")
+    for im in d["images"]:
+        if im["id"] in (2, 3):
+            im["file_name"] = im["file_name"].replace(".jpg", ".png")
+        if im["id"] == 4:
+            im["width"], im["height"] = 20, 12
+    d["annotations"] = [a for a in d["annotations"] if a["image_id"] != 4]
+    d["annotations"].append(dict(id=999, image_id=4, category_id=3, iscrowd=0, bbox=[2, 2, 10, 6],
+                                 segmentation=[[2, 2, 12, 2, 12, 8, 2, 8]], area=60.0))
+    for kind in ("instances", "person_keypoints", "captions"):
+        k = load_json(root / f"annotations/{kind}_val2017.json")
+        k["images"] = d["images"]
+        if kind == "instances":
+            k = d
+        else:
+            k["annotations"] = [a for a in k["annotations"] if a["image_id"] != 4]
+        (root / f"annotations/{kind}_val2017.json").write_text(json.dumps(k))
+    for train_mode in (False, True):
+        ds = data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=train_mode)
+        batch = data.collate([ds[i] for i in range(4)])
+        assert batch["images"].shape[:2] == (4, 3) and torch.isfinite(batch["images"]).all()
+    small, t = ds[3]
+    assert min(small.shape[1:]) >= 32 and len(t["det_gt"]) == 1          # upscaled like any image
+
+
+def test_degenerate_and_out_of_image_boxes_are_clipped_or_dropped_and_counted(synth, tokenizer, tmp_path, capsys):
+    root = copy_set(synth, tmp_path)
+    path = root / "annotations/instances_val2017.json"
+    d = load_json(path)
+    a = d["annotations"][0]
+    d["annotations"] += [dict(a, id=10**6, bbox=[10, 10, 0, 5]),              # zero area
+                         dict(a, id=10**6 + 1, bbox=[500, 500, 20, 20]),      # outside the image
+                         dict(a, id=10**6 + 2, bbox=[-20, -20, 40, 40]),      # partly outside: clipped
+                         dict(a, id=10**6 + 3, iscrowd=1)]                     # crowd: not a target
+    path.write_text(json.dumps(d))
+    ds = data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=False)
+    assert ds.dropped == 3 and "3 crowd, empty or out-of-image boxes dropped" in capsys.readouterr().out
+    i = ds.image_ids.index(a["image_id"])
+    boxes = ds[i][1]["boxes"]
+    assert ((boxes >= 0).all() and boxes[:, 2:].max() <= 128)
+    assert any(torch.allclose(b, torch.tensor([0., 0., 20., 20.])) for b in boxes)
+
+
+def test_person_with_all_keypoints_unlabelled_trains_no_keypoints(synth, tokenizer, tmp_path):
+    root = copy_set(synth, tmp_path)
+    path = root / "annotations/person_keypoints_val2017.json"
+    d = load_json(path)
+    for a in d["annotations"]:
+        a["keypoints"], a["num_keypoints"] = [0] * 51, 0
+    path.write_text(json.dumps(d))
+    ds = data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=True)
+    batch = data.collate([ds[i] for i in range(len(ds))])
+    assert not batch["kpt_weight"].any() and batch["kpt_seq"].shape[1] == 1
+    model = MAD(ds.cfg, ds.vocab)
+    loss, parts = model(batch)
+    assert torch.isfinite(loss) and parts["kpt"] == 0
+
+
+def test_empty_unicode_and_long_captions(synth, tokenizer, tmp_path):
+    root = copy_set(synth, tmp_path)
+    path = root / "annotations/captions_val2017.json"
+    d = load_json(path)
+    d["annotations"][0]["caption"] = ""
+    d["annotations"][1]["caption"] = "Ünïcödé café — 東京 🚀"
+    d["annotations"][2]["caption"] = " ".join(["circle"] * 200)
+    path.write_text(json.dumps(d, ensure_ascii=False))
+    ds = data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=True)
+    lo, hi = ds.vocab.task_range("cap")
+    for i in range(3):
+        t = ds[ds.image_ids.index(d["annotations"][i]["image_id"])][1]
+        assert t["cap_seq"].shape == (tiny_cfg().max_captions, tiny_cfg().caption_len)
+        assert ((t["cap_seq"] >= lo) & (t["cap_seq"] < hi)).all()
+    assert evaluate.bleu4({1: ""}, {1: ["a red circle"]}) == pytest.approx(0.0, abs=1e-6)
+    assert evaluate.bleu4({1: "Ünïcödé café"}, {1: ["ünïcödé café"]}) > 0
+
+
+@pytest.mark.parametrize("case,match", [
+    ("unknown_category", r"instances_val2017.json: annotation \d+ has category_id 77, which is not in 'categories'"),
+    ("not_json", r"instances_val2017.json: not JSON"),
+    ("not_coco", r"instances_val2017.json: not a COCO instances file: no list 'annotations'"),
+    ("no_bbox", r"instances_val2017.json: annotation \d+ has no field 'bbox'"),
+    ("unknown_image", r"captions_val2017.json: annotation \d+ refers to image_id 4242"),
+])
+def test_bad_annotation_files_name_the_file_and_field(synth, tokenizer, tmp_path, case, match):
+    root = copy_set(synth, tmp_path)
+    path = root / "annotations/instances_val2017.json"
+    d = load_json(path)
+    if case == "unknown_category":
+        d["annotations"][0]["category_id"] = 77
+        path.write_text(json.dumps(d))
+    elif case == "not_json":
+        path.write_text("<html>404</html>")
+    elif case == "not_coco":
+        path.write_text(json.dumps({"images": []}))
+    elif case == "no_bbox":
+        del d["annotations"][0]["bbox"]
+        path.write_text(json.dumps(d))
+    else:
+        path = root / "annotations/captions_val2017.json"
+        c = load_json(path)
+        c["annotations"][0]["image_id"] = 4242
+        path.write_text(json.dumps(c))
+    with pytest.raises(ValueError, match=match):
+        data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=False)
+
+
+def test_missing_coco_root_says_how_to_get_coco_or_use_demo(tmp_path):
+    with pytest.raises(SystemExit, match=r"Download COCO 2017.*python train.py --demo"):
+        data.check_root(str(tmp_path / "nowhere"), "train2017")
+
+
+# =============================================================================
+# mad.py: the network, masked training, matching, masked inference (issue 3)
+
+def tiny_model(decoder="mad", **over):
+    torch.manual_seed(0)
+    cfg = Config(**{**PRESETS["tiny"], "dropout": 0.0, "decoder": decoder, **over})
+    vocab = Vocab(num_classes=5, num_bins=cfg.num_bins, num_text=40, person=0)
+    return MAD(cfg, vocab).eval()
+
+
+def random_batch(model, B=2, size=128, n_gt=3):
+    return data.random_batch(model.cfg, model.vocab, B, size, size, seed=1, n_gt=n_gt)
+
+
+def test_decoder_is_bidirectional_and_sequences_do_not_leak():
+    model = tiny_model()
+    batch = random_batch(model)
+    with torch.no_grad():
+        enc = model.encode(batch["images"], batch["pad_mask"])
+        tokens = torch.randint(0, model.vocab.size, (2, 3, 30))
+        base = model.decode(tokens, enc)                                     # (B, n, L, d)
+        last = tokens.clone()
+        last[0, 1, -1] = (last[0, 1, -1] + 1) % model.vocab.size            # only the last token of seq 1
+        changed = model.decode(last, enc)
+        other = tokens.clone()
+        other[0, 2] = torch.randint(0, model.vocab.size, (30,))              # another sequence, same image
+        leaked = model.decode(other, enc)
+    assert (changed[0, 1, 0] - base[0, 1, 0]).abs().max() > 1e-4            # first position sees the last
+    assert torch.allclose(leaked[0, :2], base[0, :2], atol=1e-6)            # seqs 0, 1 unchanged
+
+
+def test_folded_cross_attention_equals_decoding_each_sequence_alone():
+    model = tiny_model()
+    batch = random_batch(model)
+    with torch.no_grad():
+        enc = model.encode(batch["images"], batch["pad_mask"])
+        tokens = torch.randint(0, model.vocab.size, (2, 4, 26))
+        together = model.decode(tokens, enc)
+        alone = torch.stack([model.decode(tokens[:, i:i + 1], enc)[:, 0] for i in range(4)], 1)
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_restricted_vocabulary_equals_full_vocabulary_masked_to_minus_inf():
+    model = tiny_model()
+    h = torch.randn(7, model.cfg.d_model)
+    v = model.vocab
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(model.head(h), dim=-1)
+        full = z @ torch.nn.functional.normalize(model.embed.weight, dim=-1).t() * model.logit_scale.exp()
+        for task in mad.TASKS:
+            lo, hi = v.task_range(task)
+            masked = torch.full_like(full, float("-inf"))
+            masked[:, lo:hi] = full[:, lo:hi]
+            assert torch.allclose(model.logits(h, task).softmax(-1), masked.softmax(-1)[:, lo:hi], atol=1e-6)
+
+
+def det_logp(v, Q, B=1, layers=1, c=1):
+    """Uniform log-probs over the detection range, shaped (layers, B, c, 5Q, V)."""
+    lo, hi = v.task_range("det")
+    return torch.full((layers, B, c, 5 * Q, hi - lo), -math.log(hi - lo))
+
+
+def test_matcher_finds_the_known_best_assignment():
+    v = Vocab(5, 50, 10)
+    Q, lo = 6, v.task_range("det")[0]
+    gt = torch.tensor([[v.coord + 1, v.coord + 2, v.coord + 3, v.coord + 4, v.cls + 0],
+                       [v.coord + 10, v.coord + 11, v.coord + 12, v.coord + 13, v.cls + 3]])
+    logp = det_logp(v, Q)
+    best = {4: 0, 1: 1}                                                      # slot -> object
+    for slot, obj in best.items():
+        for j in range(5):
+            logp[0, 0, 0, slot * 5 + j, gt[obj, j] - lo] = 0.0              # certain of that object
+    masked = torch.ones(1, 1, 5 * Q, dtype=torch.bool)
+    inputs = torch.full((1, 1, 5 * Q), v.mask)
+    target, weight = mad.match_detections(logp, inputs, masked, [gt], v)
+    target, weight = target.view(Q, 5), weight.view(Q, 5)
+    for slot, obj in best.items():
+        assert (target[slot] == gt[obj] - lo).all() and (weight[slot] == 1).all()
+    for slot in set(range(Q)) - set(best):                                   # unmatched -> <noise>
+        assert target[slot, 4] == v.noise - lo
+        assert (weight[slot, :4] == 0).all() and weight[slot, 4] == 1
+
+
+def test_matcher_visible_tokens_force_the_match_batched_equals_per_image_and_empty_targets():
+    v = Vocab(5, 50, 10)
+    Q, lo = 5, v.task_range("det")[0]
+    g = torch.Generator().manual_seed(0)
+    gts = [torch.cat([torch.randint(v.coord, v.coord + 51, (n, 4), generator=g),
+                      torch.randint(v.cls, v.noise, (n, 1), generator=g)], 1) for n in (3, 0, 2)]
+    logp = torch.randn(2, 3, 2, 5 * Q, v.vis - lo, generator=g).log_softmax(-1)
+    masked = torch.rand(3, 2, 5 * Q, generator=g) < 0.7
+    masked[:, 0] = True                                                      # copy 0 fully masked
+    inputs = torch.where(masked, v.mask, torch.randint(v.cls, v.vis, (3, 2, 5 * Q), generator=g))
+    inputs[0, 1, 15:20] = gts[0][1]                                          # slot 3 shows object 1 ...
+    masked[0, 1, 15:20] = torch.tensor([False, True, False, True, False])   # ... partly visible
+    target, weight = mad.match_detections(logp, inputs, masked, gts, v)
+    assert (target[:, 0, 1, 15:20] == gts[0][1] - lo).all()                  # in every layer
+    for b in range(3):                                                       # batched == per image
+        t1, w1 = mad.match_detections(logp[:, b:b + 1], inputs[b:b + 1], masked[b:b + 1], gts[b:b + 1], v)
+        assert torch.equal(t1[:, 0], target[:, b]) and torch.equal(w1[:, 0], weight[:, b])
+    assert (weight[:, 1].view(2, 2, Q, 5)[..., :4] == 0).all()              # no objects: all <noise>
+    assert (target[:, 1].view(2, 2, Q, 5)[..., 4] == v.noise - lo).all()
+    assert (weight[:, 0].view(2, 2, Q, 5)[..., 0].sum(-1) == 3).all()        # every object matched once
+
+
+def test_masking_hides_exactly_round_ratio_n():
+    for L in (5, 20, 57, 262, 500):
+        m = mad.random_mask((4, 3, L), 0.7, "cpu")
+        assert (m.sum(-1) == round(0.7 * L)).all()
+    assert not torch.equal(mad.random_mask((1, 1, 500), 0.7, "cpu"), mad.random_mask((1, 1, 500), 0.7, "cpu"))
+
+
+@pytest.mark.parametrize("task", ["det", "seg", "cap"])
+def test_loss_ignores_logits_of_unmasked_positions(task, monkeypatch):
+    model = tiny_model()
+    batch = random_batch(model)
+    enc = model.encode(batch["images"], batch["pad_mask"])
+    seen = {}
+
+    def fake_random_mask(shape, ratio, device):                              # fixed, recorded mask
+        seen["mask"] = torch.rand(shape, generator=torch.Generator().manual_seed(3)) < ratio
+        return seen["mask"]
+
+    def fake_decode(prompt, inputs, enc, task):                              # fixed log-probs (+ a bump)
+        lo, hi = model.vocab.task_range(task)
+        g = torch.Generator().manual_seed(4)
+        logp = torch.randn(2, *inputs.shape, hi - lo, generator=g) + seen.get("bump", 0)
+        return logp.log_softmax(-1)
+
+    monkeypatch.setattr(mad, "random_mask", fake_random_mask)
+    monkeypatch.setattr(model, "decode_task", fake_decode)
+    loss = lambda: getattr(model, f"{task}_loss")(batch, enc)[0]              # summed CE per layer
+    base = loss()
+    n_full = 1 if task != "seg" else model.cfg.max_instances
+    visible = torch.cat([torch.zeros_like(seen["mask"][:, :n_full]), ~seen["mask"]], 1)   # (B, 1+n, L)
+    lo, hi = model.vocab.task_range(task)
+    seen["bump"] = torch.randn(*visible.shape, hi - lo) * 5 * visible[..., None]   # unmasked logits only
+    assert torch.allclose(loss(), base, atol=1e-5)
+    seen["bump"] = torch.randn(*visible.shape, hi - lo) * ~visible[..., None]   # masked ones: must change
+    assert not torch.allclose(loss(), base, atol=1e-3)
+
+
+def test_ar_greedy_decoding_with_kv_cache_equals_without():
+    model = tiny_model("ar")
+    batch = random_batch(model)
+    v = model.vocab
+    with torch.no_grad():
+        enc = model.encode(batch["images"], batch["pad_mask"])
+        for task, L, prompt in [("det", 40, v.det_prompt.expand(2, 1, 6)), ("kpt", 51, batch["kpt_prompt"][:, :2]),
+                                ("cap", 20, v.cap_prompt.expand(2, 1, 6))]:
+            cached, plain = model.generate(prompt, L, enc, task), model.generate(prompt, L, enc, task, use_cache=False)
+            assert torch.equal(cached.argmax(-1), plain.argmax(-1))
+            assert torch.allclose(cached, plain, atol=1e-5)
+
+
+def test_one_training_step_and_prediction_shapes_for_both_decoders():
+    for decoder in ("mad", "ar"):
+        model = tiny_model(decoder).train()
+        batch = random_batch(model)
+        loss, parts = model(batch)
+        loss.backward()
+        assert set(parts) == set(mad.TASKS) and torch.isfinite(loss)
+        assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad), decoder
+        out = model.eval().predict(batch["images"], batch["pad_mask"], batch["size"], batch["orig_size"])
+        check_prediction(out, model, batch)
+
+
+def check_prediction(out, model, batch):
+    Q, (H, W) = model.cfg.num_queries, batch["orig_size"][0].tolist()
+    assert len(out) == len(batch["images"])
+    for o in out:
+        assert o["boxes"].shape == (Q, 4) and o["scores"].shape == (Q,) and o["labels"].shape == (Q,)
+        assert (o["scores"][:-1] >= o["scores"][1:]).all()                  # sorted
+        assert (o["boxes"][:, :2] <= o["boxes"][:, 2:]).all()
+        assert (o["boxes"][:, 2] <= W).all() and (o["boxes"][:, 3] <= H).all()
+        assert o["masks"].shape == (min(model.cfg.seg_topk, Q), H, W) and o["masks"].dtype == torch.bool
+        P = len(o["kpt_index"])
+        assert o["keypoints"].shape == (P, 17, 3) and (o["labels"][o["kpt_index"]] == model.vocab.person).all()
+        assert o["caption_ids"].shape == (model.cfg.caption_len,)
+
+
+def test_r50_default_training_step_and_predict_at_800x1333():
+    torch.manual_seed(0)
+    cfg = Config(**PRESETS["r50"])
+    vocab = Vocab(num_classes=80, num_bins=cfg.num_bins, num_text=1000, person=0)
+    model = MAD(cfg, vocab)
+    assert 40e6 < sum(p.numel() for p in model.parameters()) < 50e6
+    batch = random_batch(model, B=1, size=800, n_gt=7)
+    batch["images"] = torch.randn(1, 3, 800, 1344)                          # 1333 padded to 32
+    batch["pad_mask"] = torch.zeros(1, 800, 1344, dtype=torch.bool)
+    batch["pad_mask"][:, :, 1333:] = True
+    batch["size"], batch["orig_size"] = torch.tensor([[800, 1333]]), torch.tensor([[480, 800]])
+    loss, _ = model.train()(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.backbone[0].weight.grad is None                             # frozen stem
+    out = model.eval().predict(batch["images"], batch["pad_mask"], batch["size"], batch["orig_size"])
+    check_prediction(out, model, batch)
+
+
+def test_paste_masks_fills_the_box_only():
+    prob = torch.ones(2, 16, 16)
+    prob[1, :, 8:] = 0                                                       # left half foreground
+    m = mad.paste_masks(prob, torch.tensor([[10., 20., 50., 60.], [0., 0., 40., 40.]]), 80, 100)
+    assert m[0, 20:60, 10:50].all() and m[0].sum() == 40 * 40
+    assert m[1, :40, :19].all() and not m[1, :, 21:].any()
+
+
+# =============================================================================
+# Backbones and pretrained weights (issue 7)
+
+@pytest.mark.parametrize("name,channels", [("tiny", 256), ("r50", 2048), ("swin_b", 1024), ("vit_b", 768)])
+def test_backbone_stride_32_map_and_local_weights_round_trip(name, channels, tmp_path):
+    torch.manual_seed(0)
+    backbone, c = mad.BACKBONES[name]()
+    x = torch.randn(1, 3, 128, 192)
+    with torch.no_grad():
+        y = backbone.eval()(x)
+    assert c == channels and y.shape == (1, channels, 4, 6)
+    if name == "tiny":
+        return
+    torch.save(backbone.state_dict(), tmp_path / "w.pt")
+    torch.manual_seed(1)
+    other, _ = mad.BACKBONES[name]()
+    mad.load_backbone_weights(other, name, str(tmp_path / "w.pt"))
+    with torch.no_grad():
+        assert torch.equal(other.eval()(x), y)
+
+
+def test_offline_pretrained_gives_a_clear_message(monkeypatch):
+    import urllib.error
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    backbone, _ = mad.BACKBONES["r50"]()
+    with pytest.raises(SystemExit, match="--backbone-weights PATH"):
+        mad.load_backbone_weights(backbone, "r50")
+    with pytest.raises(SystemExit, match="cannot read a state dict"):
+        mad.load_backbone_weights(backbone, "r50", "/nonexistent/weights.pt")
+
+
+@pytest.mark.parametrize("name", ["r50", "swin_b", "vit_b"])
+def test_training_step_with_each_backbone(name):
+    """The full model (paper widths) with each backbone, one step at a reduced image size."""
+    torch.manual_seed(0)
+    cfg = Config(**{**PRESETS[name], "num_queries": 20, "dropout": 0.0})
+    model = MAD(cfg, Vocab(num_classes=80, num_bins=cfg.num_bins, num_text=100, person=0)).train()
+    batch = random_batch(model, B=1, size=160)
+    loss, parts = model(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.backbone.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads[-4:])
+
+
+# =============================================================================
+# evaluate.py: BLEU-4, COCO results, checkpoints (issues 4, 5, 8)
+
+def test_bleu4_equals_hand_computed_values():
+    refs = {1: ["a red circle on grey"]}
+    assert evaluate.bleu4({1: "A red circle, on grey."}, refs) == pytest.approx(1.0, abs=1e-6)
+    # brevity penalty: 5 words vs a 7-word reference (\"on grey\" is no reference bigram)
+    assert evaluate.bleu4({1: "a red circle on grey"}, {1: ["a red circle on a grey background"]}) == \
+        pytest.approx((5 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25 * math.exp(1 - 7 / 5), rel=1e-6)
+    # clipping: "w x y z" twice against one "w x y z q": clipped matches 4/8, 3/7, 2/6, 1/5
+    assert evaluate.bleu4({1: "w x y z w x y z"}, {1: ["w x y z q"]}) == \
+        pytest.approx((4 / 8 * 3 / 7 * 2 / 6 * 1 / 5) ** 0.25, rel=1e-6)
+    # several references: n-grams clip against the best one, length = the closest (tie: the shorter)
+    multi = {1: ["a red circle", "a red circle on grey now", "a red circle on grey"]}
+    assert evaluate.bleu4({1: "a red circle on grey"}, multi) == pytest.approx(1.0, abs=1e-6)
+    tie = {1: ["one two three four", "one two three four five six"]}           # 5 words: 4 and 6 tie -> 4
+    assert evaluate.bleu4({1: "one two three four five"}, tie) == pytest.approx(1.0, abs=1e-6)
+    # corpus level: counts are summed over images before the geometric mean
+    two = evaluate.bleu4({1: "a b c d", 2: "e f g h i"}, {1: ["a b c d"], 2: ["e f g h x"]})
+    assert two == pytest.approx((8 / 9 * 6 / 7 * 4 / 5 * 2 / 3) ** 0.25, rel=1e-6)
+
+
+def gt_predictions(ds):
+    """The split's ground truth in model.predict's output format (original pixels)."""
+    preds = {}
+    for image_id in ds.image_ids:
+        im = ds.images[image_id]
+        objs = ds.objects[image_id]
+        boxes = torch.tensor([o[0] for o in objs], dtype=torch.float32).view(-1, 4)
+        masks = torch.stack([torch.from_numpy(data.decode_segmentation(o[2], im["height"], im["width"])).bool()
+                             for o in objs]) if objs else torch.zeros(0, im["height"], im["width"], dtype=torch.bool)
+        persons = ds.persons[image_id]
+        kpt_index = [next(k for k, o in enumerate(objs) if o[0] == p[0]) for p in persons]
+        kpts = torch.tensor(np.array([p[1] for p in persons]), dtype=torch.float32).view(-1, 17, 3)
+        preds[image_id] = dict(boxes=boxes, scores=torch.ones(len(objs)), labels=torch.tensor([o[1] for o in objs]),
+                               masks=masks, keypoints=kpts, kpt_index=torch.tensor(kpt_index, dtype=torch.long),
+                               caption=ds.captions[image_id][0])
+    return preds
+
+
+def test_ground_truth_as_predictions_scores_ap_100_through_the_result_writing_path(synth, tokenizer):
+    ds = data.CocoMultiTask(synth, "val2017", tiny_cfg(), tokenizer, train=False)
+    preds = gt_predictions(ds)
+    res = evaluate.to_coco_results([preds[i] for i in ds.image_ids], ds.image_ids, ds.categories)
+    for task, iou_type in (("det", "bbox"), ("seg", "segm"), ("kpt", "keypoints")):
+        assert evaluate.coco_ap(ds.coco_files[task], res[iou_type], iou_type, ds.image_ids)[0] == pytest.approx(100.0)
+    assert evaluate.bleu4(res["captions"], {i: ds.captions[i] for i in ds.image_ids}) == pytest.approx(1.0)
+
+
+def save_random_checkpoint(path, ds, tokenizer, **over):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(**over)
+    model = MAD(cfg, ds.vocab)
+    train.save_checkpoint(str(path), dict(model=model.state_dict(), config=__import__("dataclasses").asdict(cfg),
+                                          vocab=ds.vocab.state_dict(), spm=tokenizer.model_bytes,
+                                          categories=ds.categories, train=dict(data=ds.root)))
+    return model.eval()
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(synth, tokenizer, tmp_path):
+    ds = data.CocoMultiTask(synth, "val2017", tiny_cfg(), tokenizer, train=False)
+    model = save_random_checkpoint(tmp_path / "c.pt", ds, tokenizer)
+    loaded, ckpt, tok = evaluate.load_checkpoint(str(tmp_path / "c.pt"))
+    assert ckpt["categories"] == ds.categories and tok.model_bytes == tokenizer.model_bytes
+    batch = data.collate([ds[i] for i in range(3)])
+    args = (batch["images"], batch["pad_mask"], batch["size"], batch["orig_size"])
+    with torch.no_grad():
+        a, b = model.predict(*args, tokenizer=tokenizer), loaded.predict(*args, tokenizer=tok)
+    for x, y in zip(a, b):
+        for k in x:
+            assert (torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k]), k
+
+
+def test_truncated_foreign_and_missing_checkpoints_give_clear_errors(synth, tokenizer, tmp_path):
+    ds = data.CocoMultiTask(synth, "val2017", tiny_cfg(), tokenizer, train=False)
+    save_random_checkpoint(tmp_path / "c.pt", ds, tokenizer)
+    blob = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(SystemExit, match="cut.pt: cannot read the checkpoint"):
+        evaluate.load_checkpoint(str(tmp_path / "cut.pt"))
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="other.pt: not a MAD checkpoint"):
+        evaluate.load_checkpoint(str(tmp_path / "other.pt"))
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        evaluate.load_checkpoint(str(tmp_path / "none.pt"))
+
+
+def test_evaluating_on_a_dataset_with_other_categories_is_refused(synth, tokenizer, tmp_path):
+    ds = data.CocoMultiTask(synth, "val2017", tiny_cfg(), tokenizer, train=False)
+    save_random_checkpoint(tmp_path / "c.pt", ds, tokenizer)
+    root, _ = excerpt_root(tmp_path)
+    p = run([sys.executable, "evaluate.py", str(tmp_path / "c.pt"), "--data", root, "--workers", "0"], check=False)
+    assert p.returncode != 0 and "differ from the checkpoint's" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_parse_args_presets_schedules_and_explicit_flags():
+    cfg, tc = train.parse_args(["--backbone", "r50"])
+    assert (cfg.d_model, cfg.num_bins, tc.epochs, tc.lr_drop, tc.batch_size, tc.backbone_lr) == (256, 500, 50, 40, 16, 1e-5)
+    cfg, tc = train.parse_args(["--backbone", "vit_b"])
+    assert (cfg.image_size, tc.epochs, tc.batch_size) == (1024, 100, 32)
+    cfg, tc = train.parse_args(["--demo", "--epochs", "3", "--cap-ratios", "1,0.5", "--no-amp"])
+    assert cfg.backbone == "tiny" and tc.data == "synthetic" and tc.epochs == 3 and cfg.cap_ratios == (1.0, 0.5)
+    assert tc.amp is False and tc.demo
+
+
+# =============================================================================
+# train.py: resume, accumulation, AR baseline end to end (issues 4, 5, 8)
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(synth, tmp_path):
+    train.main(run_args(synth, tmp_path / "straight", "--max-steps", "5"))
+    train.main(run_args(synth, tmp_path / "resumed", "--max-steps", "2"))
+    assert torch.load(tmp_path / "resumed/last.pt", weights_only=False)["step"] == 2
+    train.main(run_args(synth, tmp_path / "resumed", "--max-steps", "5", "--resume"))
+    a = torch.load(tmp_path / "straight/last.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed/last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 5 and a["scheduler"] == b["scheduler"]
+    assert_same_params(a["model"], b["model"], atol=1e-6)
+    assert_same_params(params(tmp_path / "straight/last.pt"), b["model"], atol=1e-6)
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "resumed/log.jsonl")]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_accumulated_micro_batches_equal_one_batch_k_times_the_size(synth, tokenizer):
+    """train_step over 2 micro-batches of 2 == over one batch of 4, in float64 (in float32 the
+    two summation orders differ by ~3e-5 relative; float64 shows the normalization is exact)."""
+    cfg = tiny_cfg(mask_ratio=1.0)                       # masks are then the same however the batch is split
+    ds = data.CocoMultiTask(synth, "val2017", cfg, tokenizer, train=False)
+    samples = [ds[i] for i in range(4)]
+    steps = []
+    for micro_batches in ([data.collate(samples)], [data.collate(samples[:2]), data.collate(samples[2:])]):
+        torch.manual_seed(0)
+        model = MAD(cfg, ds.vocab).double()
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        for b in micro_batches:
+            b["images"] = b["images"].double()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the gradient itself
+        losses = train.train_step(model, model, micro_batches, ds.tasks, opt, torch.amp.GradScaler("cpu", enabled=False),
+                                  contextlib.nullcontext(), clip=1e9)
+        steps.append((losses, {k: v - init[k] for k, v in model.state_dict().items()}))
+    (l1, g1), (l2, g2) = steps
+    assert torch.allclose(l1, l2, rtol=1e-6)                # (train_step reports float32 losses)
+    assert max(g.abs().max() for g in g1.values()) > 0.1
+    assert_same_params(g1, g2, atol=1e-10)
+
+
+def test_ar_baseline_trains_saves_loads_and_evaluates_through_evaluate_py(synth, tmp_path):
+    train.main(run_args(synth, tmp_path / "ar", "--decoder", "ar", "--max-steps", "2"))
+    run([sys.executable, "evaluate.py", str(tmp_path / "ar/last.pt"), "--workers", "0", "--max-images", "4",
+         "--out", str(tmp_path / "ar/eval")])
+    m = json.load(open(tmp_path / "ar/eval/metrics.json"))
+    assert m["num_images"] == 4 and {"bbox_AP", "segm_AP", "keypoints_AP", "BLEU4"} <= set(m)
+    assert torch.load(tmp_path / "ar/last.pt", weights_only=False)["config"]["decoder"] == "ar"
+
+
+@pytest.fixture(scope="session")
+def trained(synth, tmp_path_factory):
+    """A tiny checkpoint after 3 training steps (one epoch of the small set)."""
+    out = tmp_path_factory.mktemp("trained")
+    train.main(run_args(str(synth), out, "--max-steps", "3"))
+    return out / "last.pt"
+
+
+def test_distributed_evaluation_does_not_depend_on_the_number_of_processes(synth, trained, tmp_path):
+    """8 val images on 1 process and on 3 (8 = 3 + 3 + 2: a padding sampler would repeat one)."""
+    common = [str(trained), "--data", synth, "--workers", "0", "--batch-size", "2"]
+    run([sys.executable, "evaluate.py", *common, "--out", str(tmp_path / "one")])
+    run(torchrun(3, "evaluate.py", *common, "--out", str(tmp_path / "three")))
+    one, three = (json.load(open(tmp_path / d / "metrics.json")) for d in ("one", "three"))
+    for m in (one, three):
+        del m["ms_per_image"]
+    assert one == three and one["num_images"] == 8
+    assert json.load(open(tmp_path / "one/captions_results.json")) == json.load(open(tmp_path / "three/captions_results.json"))
+    boxes = [json.load(open(tmp_path / d / "bbox_results.json")) for d in ("one", "three")]
+    assert [(r["image_id"], r["category_id"]) for r in boxes[0]] == [(r["image_id"], r["category_id"]) for r in boxes[1]]
+    assert np.allclose([r["score"] for r in boxes[0]], [r["score"] for r in boxes[1]], atol=1e-5)  # other batches
+
+
+def test_own_images_give_pictures_and_jsonl_without_annotations(synth, trained, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in (1, 2, 3):
+        shutil.copy(f"{synth}/val2017/{i:012d}.jpg", folder / f"photo{i}.jpg")
+    Image.open(folder / "photo3.jpg").convert("L").resize((200, 90)).save(folder / "photo3.png")   # gray, other size
+    run([sys.executable, "evaluate.py", str(trained), "--images", str(folder), "--out", str(tmp_path / "out"),
+         "--batch-size", "2", "--score-thresh", "0"])
+    lines = [json.loads(l) for l in open(tmp_path / "out/predictions.jsonl")]
+    assert len(lines) == 4 and all(os.path.exists(tmp_path / "out" / f"photo{i}.png") for i in (1, 2, 3))
+    names = {c["name"] for c in json.load(open(f"{synth}/annotations/instances_val2017.json"))["categories"]}
+    for rec in lines:
+        assert len(rec["boxes"]) == len(rec["scores"]) == len(rec["labels"]) > 0 and set(rec["labels"]) <= names
+        assert isinstance(rec["caption"], str) and "masks" in rec and "keypoints" in rec
+    gray = next(r for r in lines if r["image"].endswith("photo3.png"))
+    assert max(b[2] for b in gray["boxes"]) <= 200 and max(b[3] for b in gray["boxes"]) <= 90
+    assert Image.open(tmp_path / "out/photo3.png").size[0] == 200
+
+
+# =============================================================================
+# Reliability: DDP, kill and resume, crashes while saving, non-finite losses (issue 6)
+
+def test_ddp_two_processes_equal_one_process_on_the_joined_batch(synth, tmp_path):
+    """One optimizer step: 2 gloo processes x 1 image == 1 process x 2 images (full masking, so
+    the random masks cannot differ; no augmentation, so no image is padded differently; the same
+    two images, as DistributedSampler deals them). Adam's first step is lr * sign(gradient)
+    whatever the gradient's scale, so the loss normalization shows in the gradients, which the
+    checkpoint holds as Adam's first moment (0.1 x the clipped, all-reduced gradient)."""
+    flags = ["--mask-ratio", "1.0", "--batch-size", "2", "--max-steps", "1", "--no-augment",
+             "--lr", "1e-4", "--backbone-lr", "1e-4"]
+    run([sys.executable, "train.py", *run_args(synth, tmp_path / "one"), *flags])
+    run(torchrun(2, "train.py", *run_args(synth, tmp_path / "two"), *flags))
+    one = torch.load(tmp_path / "one/last.pt", weights_only=False)
+    two = torch.load(tmp_path / "two/last.pt", weights_only=False)
+    assert len(two["rng"]) == 2 and two["step"] == one["step"] == 1
+    moments = lambda c: [s["exp_avg"] for s in c["optimizer"]["state"].values()]
+    scale = max(m.abs().max() for m in moments(one))
+    assert scale > 1e-4
+    for a, b in zip(moments(one), moments(two)):
+        assert torch.allclose(a, b, atol=1e-5 * scale, rtol=0)                # float32 summation order only
+    assert_same_params(one["model"], two["model"], atol=1e-5)
+
+
+def test_ddp_training_runs_and_replicas_stay_identical(synth, tmp_path):
+    """A few steps on 2 processes with the normal random masks: the run checks at every
+    checkpoint that both processes hold the same parameters (train.py raises otherwise)."""
+    p = run(torchrun(2, "train.py", *run_args(synth, tmp_path / "ddp"), "--max-steps", "4", "--save-every", "2"))
+    assert "2 process(es) x 4 images" in p.stdout
+    assert [json.loads(l)["step"] for l in open(tmp_path / "ddp/log.jsonl")] == [1, 2, 3, 4]
+
+
+def test_sigkill_after_a_checkpoint_then_resume_finishes_like_an_uninterrupted_run(synth, tmp_path):
+    run([sys.executable, "train.py", *run_args(synth, tmp_path / "straight"), "--max-steps", "6"])  # same threads
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "train.py", *run_args(synth, out), "--max-steps", "6", "--save-every", "1"]
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(out / "last.pt", weights_only=False)["step"]
+    assert 1 <= killed_at < 6, "the run should have been killed mid-way"
+    run([sys.executable, "train.py", *run_args(synth, out), "--max-steps", "6", "--save-every", "1", "--resume"])
+    steps = [json.loads(l)["step"] for l in open(out / "log.jsonl")]
+    assert steps[-(6 - killed_at):] == list(range(killed_at + 1, 7))            # continued from the checkpoint
+    a = torch.load(tmp_path / "straight/last.pt", weights_only=False)
+    b = torch.load(out / "last.pt", weights_only=False)
+    assert b["step"] == 6 and a["scheduler"] == b["scheduler"]
+    assert_same_params(a["model"], b["model"], atol=1e-6)                      # optimizer, RNG, data order restored
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], atol=1e-9)
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    train.save_checkpoint(path, dict(step=1, w=torch.ones(3)))
+
+    def dies_halfway(obj, f):
+        f.write(b"PK\x03\x04 half a zip file")
+        raise KeyboardInterrupt("killed while saving")
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, dict(step=2, w=torch.zeros(3)))
+    monkeypatch.undo()
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
+
+
+def test_non_finite_loss_stops_naming_step_and_task_and_keeps_the_last_checkpoint(synth, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    seg_loss = mad.MAD.seg_loss
+
+    def poisoned(self, batch, enc):
+        calls["n"] += 1
+        sums, counts = seg_loss(self, batch, enc)
+        return (sums * float("nan") if calls["n"] == 3 else sums), counts
+    monkeypatch.setattr(mad.MAD, "seg_loss", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit, match=r"non-finite loss at step 3 \(epoch 0\): seg=nan"):
+        train.main(run_args(synth, out, "--max-steps", "5", "--save-every", "1"))
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
