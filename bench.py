@@ -19,6 +19,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
+import evaluate
 import mad
 from mad import MAD, PRESETS, TASKS, Config, Vocab
 
@@ -137,8 +139,7 @@ def flops_of(fn):
 
 
 def random_train_batch(model, B, H, W):
-    from data import random_batch
-    return random_batch(model.cfg, model.vocab, B, H, W)
+    return data.random_batch(model.cfg, model.vocab, B, H, W)
 
 
 def model_flop_utilization(preset, peak, reps):
@@ -179,20 +180,32 @@ def train_child(preset, B, H, W, steps):
     print(json.dumps(dict(images_per_s=B / t, step_s=t, peak_rss_mib=rss)))
 
 
+def bf16_autocast_on_cpu(reps):
+    """A tiny training step (batch 8, 128 px) in fp32 vs under bf16 autocast (train.py --amp on CPU)."""
+    model = build("tiny").train()
+    batch = random_train_batch(model, 8, 128, 128)
+
+    def step(dtype):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            loss, _ = model(batch)
+        loss.backward()
+    fp32, bf16 = timed(lambda: step(None), reps), timed(lambda: step(torch.bfloat16), reps)
+    return dict(fp32_s=fp32, bf16_s=bf16, ratio_bf16_to_fp32=bf16 / fp32)
+
+
 def target_building_vs_jpeg(reps):
     """Building every task's targets of one 800 x 1333 image (train transform) vs decoding its JPEG."""
     import tempfile
-    import data
     from PIL import Image
     with tempfile.TemporaryDirectory() as root:
-        data.make_synthetic_coco(root, 4, 0, image_size=800, seed=0)
+        data.make_synthetic_coco(root, 4, 0, image_size=800, seed=0, aspect=1333 / 800)
         cfg = Config(**PRESETS["r50"])
         ds = data.CocoMultiTask(root, "train2017", cfg, None, train=True)
-        path = os.path.join(root, "train2017", ds.coco.imgs[ds.image_ids[0]]["file_name"])
+        path = os.path.join(root, "train2017", ds.images[ds.image_ids[0]]["file_name"])
         jpeg = open(path, "rb").read()
         t_jpeg = timed(lambda: Image.open(io.BytesIO(jpeg)).convert("RGB").load(), reps)
         t_item = timed(lambda: ds[0], reps)
-    return dict(jpeg_ms=1e3 * t_jpeg, getitem_ms=1e3 * t_item, targets_ms=1e3 * (t_item - t_jpeg),
+    return dict(jpeg_ms=1e3 * t_jpeg, getitem_ms=1e3 * t_item, targets_ms=1e3 * (t_item - t_jpeg),   # + resize
                 ratio_targets_to_jpeg=(t_item - t_jpeg) / t_jpeg)
 
 
@@ -207,6 +220,7 @@ def speed_table(reps):
     res["train_tiny_b8_128"] = training_throughput("tiny", 8, 128, 128, reps)
     res["train_r50_b2_800x1333"] = training_throughput("r50", 2, 800, 1333, 1)
     res["targets_vs_jpeg"] = target_building_vs_jpeg(5)
+    res["bf16_autocast_cpu"] = bf16_autocast_on_cpu(reps)
     return res
 
 
@@ -234,16 +248,63 @@ def print_table(res):
     r = res["targets_vs_jpeg"]
     print(f"\n800x1333 image: JPEG decode {r['jpeg_ms']:.1f} ms, target building {r['targets_ms']:.1f} ms "
           f"({r['ratio_targets_to_jpeg']:.2f}x the decode)")
+    r = res["bf16_autocast_cpu"]
+    print(f"tiny training step on CPU: fp32 {r['fp32_s']:.2f} s, bf16 autocast {r['bf16_s']:.2f} s "
+          f"({r['ratio_bf16_to_fp32']:.2f}x)")
+
+
+# -----------------------------------------------------------------------------
+# Paper Table 2 on the synthetic set: the same training budget for every row
+
+PAPER_TABLE_2 = {"AR decoding": (3953, 27.9, 12.3, 33.4, 34.1), "+ parallel decoding": (137, 35.9, 29.8, 51.5, 18.2),
+                 "+ masked training": (137, 38.9, 32.3, 54.6, 18.6), "+ masked inference": (173, 38.9, 32.3, 54.7, 29.6)}
+METRICS = ("bbox_AP", "segm_AP", "keypoints_AP", "BLEU4")
+
+
+def ablation(epochs, out):
+    """Three tiny models trained alike (train.py's demo schedule, `epochs` epochs): AR; parallel
+    decoding trained on fully masked sequences only (mask ratio 1.0); masked training (0.7).
+    The last is evaluated twice: one-stage decoding, then with masked inference. Batch 1."""
+    import train
+    runs = {"ar": ["--decoder", "ar"], "parallel": ["--mask-ratio", "1.0"], "masked": []}
+    for name, flags in runs.items():
+        if not os.path.exists(os.path.join(out, name, "last.pt")):
+            subprocess.run([sys.executable, "train.py", "--data", "synthetic", "--backbone", "tiny",
+                            "--out", os.path.join(out, name), "--epochs", str(epochs), "--lr-drop", str(epochs - 1),
+                            *flags], check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    one_stage = dict(kpt_ratios=(1.0,), cap_ratios=(1.0,))
+    rows = {"AR decoding": ("ar", {}), "+ parallel decoding": ("parallel", one_stage),
+            "+ masked training": ("masked", one_stage), "+ masked inference": ("masked", {})}
+    results = {}
+    for row, (name, over) in rows.items():
+        model, ckpt, tokenizer = evaluate.load_checkpoint(os.path.join(out, name, "last.pt"))
+        for k, v in over.items():
+            setattr(model.cfg, k, v)
+        ds = data.CocoMultiTask(train.SYNTHETIC["root"], "val2017", model.cfg, tokenizer, train=False,
+                                categories=ckpt["categories"])
+        m = evaluate.evaluate(model, ds, tokenizer, os.path.join(out, "eval", row.strip("+ ").replace(" ", "_")),
+                              batch_size=1, workers=1)
+        results[row] = {k: m[k] for k in ("ms_per_image", *METRICS)}
+    print(f"\nPaper Table 2 on the synthetic val split (200 images), tiny model, {epochs} epochs each, CPU batch 1")
+    print(f"{'':22s}{'ms/img':>8s}{'det':>7s}{'seg':>7s}{'kpt':>7s}{'cap':>7s}   | paper: ms, det, seg, kpt, cap")
+    for row, r in results.items():
+        print(f"{row:22s}{r['ms_per_image']:8.1f}" + "".join(f"{r[k]:7.1f}" for k in METRICS)
+              + "   | " + ", ".join(str(x) for x in PAPER_TABLE_2[row]))
+    with open(os.path.join(out, "ablation.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--ablation", action="store_true", help="paper Table 2 on the synthetic set")
+    p.add_argument("--epochs", type=int, default=5, help="--ablation: training epochs per model")
+    p.add_argument("--out", default="runs/ablation", help="--ablation: models and evaluations")
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
     if args.ablation:
-        return ablation()
+        return ablation(args.epochs, args.out)
     res = speed_table(args.reps)
     print(json.dumps(res, indent=1)) if args.json else print_table(res)
 

@@ -330,7 +330,9 @@ class MAD(nn.Module):
         self.dec_norm = nn.LayerNorm(d)                     # shared by the outputs of every decoder layer
         self.embed = nn.Embedding(vocab.size, d)            # input tokens AND the head's class weights
         longest = 6 + max(5 * cfg.num_queries, cfg.mask_size ** 2, 3 * 17, cfg.caption_len) + 1
-        self.seq_pos = nn.Parameter(torch.randn(longest, d) * 0.02)   # learned, shared by all tasks
+        # learned positions, shared by all tasks, on the scale of the token embeddings (N(0, 1), as
+        # DETR's query embeddings): in a fully masked sequence they are all that tells slots apart
+        self.seq_pos = nn.Parameter(torch.randn(longest, d))
         self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, d))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
