@@ -209,6 +209,21 @@ def target_building_vs_jpeg(reps):
                 ratio_targets_to_jpeg=(t_item - t_jpeg) / t_jpeg)
 
 
+def backbones():
+    """Full-model parameters (80 classes, 500 bins) and the image side's forward time (backbone +
+    encoder) per image at each preset's test size, batch 1."""
+    rows = {}
+    for preset in ("r50", "swin_b", "vit_b"):
+        model = build(preset)
+        images, pad, _, _ = image_batch(model.cfg)
+        with torch.inference_mode():
+            t = timed(lambda: model.encode(images, pad), 1)
+        rows[preset] = dict(params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                            backbone_params_m=sum(p.numel() for p in model.backbone.parameters()) / 1e6,
+                            encode_s=t, size=list(images.shape[-2:]))
+    return rows
+
+
 def speed_table(reps):
     peak = matmul_peak()
     res = dict(threads=torch.get_num_threads(), matmul_peak_gflops=peak / 1e9)
@@ -221,6 +236,7 @@ def speed_table(reps):
     res["train_r50_b2_800x1333"] = training_throughput("r50", 2, 800, 1333, 1)
     res["targets_vs_jpeg"] = target_building_vs_jpeg(5)
     res["bf16_autocast_cpu"] = bf16_autocast_on_cpu(reps)
+    res["backbones"] = backbones()
     return res
 
 
@@ -248,6 +264,10 @@ def print_table(res):
     r = res["targets_vs_jpeg"]
     print(f"\n800x1333 image: JPEG decode {r['jpeg_ms']:.1f} ms, target building {r['targets_ms']:.1f} ms "
           f"({r['ratio_targets_to_jpeg']:.2f}x the decode)")
+    print("\nfull model per backbone (batch 1, backbone + encoder forward)")
+    for name, r in res["backbones"].items():
+        print(f"  {name:7s} {r['params_m']:6.1f}M parameters ({r['backbone_params_m']:.1f}M backbone), "
+              f"{r['size'][0]}x{r['size'][1]}: {r['encode_s']:.2f} s")
     r = res["bf16_autocast_cpu"]
     print(f"tiny training step on CPU: fp32 {r['fp32_s']:.2f} s, bf16 autocast {r['bf16_s']:.2f} s "
           f"({r['ratio_bf16_to_fp32']:.2f}x)")

@@ -234,9 +234,18 @@ def print_metrics(m):
 # -----------------------------------------------------------------------------
 # Pictures, and inference on one's own images
 
-def draw(image_path, pred, categories, score_thresh, out_png):
-    """Boxes with class names, masks, keypoints with the COCO skeleton, and the caption below."""
-    image = torch.from_numpy(np.array(Image.open(image_path).convert("RGB"))).permute(2, 0, 1)
+def draw(image_path, pred, categories, score_thresh, out_png, min_side=384):
+    """Boxes with class names, masks, keypoints with the COCO skeleton, and the caption below.
+    Small images are enlarged by an integer factor first, so that labels stay legible."""
+    picture = Image.open(image_path).convert("RGB")
+    f = max(1, min_side // max(picture.size))
+    image = torch.from_numpy(np.array(picture.resize((picture.width * f, picture.height * f)))).permute(2, 0, 1)
+    if f > 1:
+        pred = dict(pred, boxes=pred["boxes"] * f)
+        if "masks" in pred:
+            pred["masks"] = pred["masks"].repeat_interleave(f, 1).repeat_interleave(f, 2)
+        if "keypoints" in pred:
+            pred["keypoints"] = pred["keypoints"] * torch.tensor([f, f, 1.0])
     if "boxes" in pred:
         keep = pred["scores"] >= score_thresh
         if "masks" in pred:
