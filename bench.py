@@ -5,7 +5,7 @@ reported as ratios. Benchmarks print numbers; test_mad.py checks correctness. Ne
 
     python bench.py                 # the speed/memory table (tiny and r50, random weights)
     python bench.py --json          # the same numbers as JSON
-    python bench.py --ablation      # paper Table 2 rows on the synthetic set, equal training budget
+    python bench.py --ablation      # paper Table 2 rows on the synthetic set, the demo's training each (~45 min)
 """
 import argparse
 import io
@@ -281,17 +281,19 @@ PAPER_TABLE_2 = {"AR decoding": (3953, 27.9, 12.3, 33.4, 34.1), "+ parallel deco
 METRICS = ("bbox_AP", "segm_AP", "keypoints_AP", "BLEU4")
 
 
-def ablation(epochs, out):
-    """Three tiny models trained alike (train.py's demo schedule, `epochs` epochs): AR; parallel
-    decoding trained on fully masked sequences only (mask ratio 1.0); masked training (0.7).
-    The last is evaluated twice: one-stage decoding, then with masked inference. Batch 1."""
+def ablation(out):
+    """Three tiny models trained exactly like `train.py --demo` (same data, schedule, budget): AR;
+    parallel decoding trained on fully masked sequences only (mask ratio 1.0); masked training
+    (0.7: the demo itself). The last is evaluated twice: one-stage decoding, then with masked
+    inference. Evaluation at batch 1 on the synthetic val split."""
     import train
+    demo = [x for k, v in train.DEMO.items() if k not in ("out", "show", "eval_every")
+            for x in (f"--{k.replace('_', '-')}", str(v))]
     runs = {"ar": ["--decoder", "ar"], "parallel": ["--mask-ratio", "1.0"], "masked": []}
     for name, flags in runs.items():
         if not os.path.exists(os.path.join(out, name, "last.pt")):
-            subprocess.run([sys.executable, "train.py", "--data", "synthetic", "--backbone", "tiny",
-                            "--out", os.path.join(out, name), "--epochs", str(epochs), "--lr-drop", str(epochs - 1),
-                            *flags], check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+            subprocess.run([sys.executable, "train.py", *demo, "--out", os.path.join(out, name), *flags],
+                           check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     one_stage = dict(kpt_ratios=(1.0,), cap_ratios=(1.0,))
     rows = {"AR decoding": ("ar", {}), "+ parallel decoding": ("parallel", one_stage),
             "+ masked training": ("masked", one_stage), "+ masked inference": ("masked", {})}
@@ -305,7 +307,7 @@ def ablation(epochs, out):
         m = evaluate.evaluate(model, ds, tokenizer, os.path.join(out, "eval", row.strip("+ ").replace(" ", "_")),
                               batch_size=1, workers=1)
         results[row] = {k: m[k] for k in ("ms_per_image", *METRICS)}
-    print(f"\nPaper Table 2 on the synthetic val split (200 images), tiny model, {epochs} epochs each, CPU batch 1")
+    print("\nPaper Table 2 on the synthetic val split (200 images): tiny model, the demo's training each, CPU batch 1")
     print(f"{'':22s}{'ms/img':>8s}{'det':>7s}{'seg':>7s}{'kpt':>7s}{'cap':>7s}   | paper: ms, det, seg, kpt, cap")
     for row, r in results.items():
         print(f"{row:22s}{r['ms_per_image']:8.1f}" + "".join(f"{r[k]:7.1f}" for k in METRICS)
@@ -319,12 +321,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--ablation", action="store_true", help="paper Table 2 on the synthetic set")
-    p.add_argument("--epochs", type=int, default=5, help="--ablation: training epochs per model")
     p.add_argument("--out", default="runs/ablation", help="--ablation: models and evaluations")
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
     if args.ablation:
-        return ablation(args.epochs, args.out)
+        return ablation(args.out)
     res = speed_table(args.reps)
     print(json.dumps(res, indent=1)) if args.json else print_table(res)
 
