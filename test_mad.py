@@ -1,4 +1,4 @@
-"""Tests of MAD, all on CPU:  python -m pytest -q test_mad.py   (about N minutes on 2 cores)
+"""Tests of MAD, all on CPU:  python -m pytest -q test_mad.py   (about 5 minutes on 2 cores)
 
 In the order of the files: data.py (issue 2), mad.py (3), backbones (7), evaluate.py and
 train.py (4, 5, 8), reliability: DDP, kill-and-resume, bad input (6). Training runs use the
@@ -27,6 +27,7 @@ import mad
 import train
 from mad import MAD, PRESETS, Config, Vocab
 
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")   # pycocotools + numpy 2
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXCERPT = os.path.join(HERE, "testdata", "coco_val2017_excerpt")   # real COCO annotations, CC BY 4.0
 
