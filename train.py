@@ -313,10 +313,12 @@ def train_step(model, raw, micro_batches, tasks, optimizer, scaler, autocast, cl
     are taken first, in a no-grad pass whose random masks are replayed for the real one."""
     K, counts = len(micro_batches), None
     ddp = model is not raw
-    if K > 1:
-        rng = [snapshot_rng(b["images"].device) for b in micro_batches]
-        with autocast:
-            counts = [raw.count_positions(b, tasks) for b in micro_batches]
+    if K > 1:                                                # (costs one extra no-grad forward per micro-batch)
+        rng, counts = [], []
+        for b in micro_batches:
+            rng.append(snapshot_rng(b["images"].device))     # the RNG state each micro-batch's masks start from
+            with autocast:
+                counts.append(raw.count_positions(b, tasks))
         counts = {t: mad.all_reduce_mean(sum(c[t] for c in counts)) / K for t in tasks}
     sums = torch.zeros(1 + len(tasks), device=micro_batches[0]["images"].device)
     for k, batch in enumerate(micro_batches):
