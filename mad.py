@@ -46,6 +46,7 @@ class Config:
     kpt_ratios: tuple = (1.0, 0.7)   # masked inference: mask ratio of each stage
     cap_ratios: tuple = (1.0, 0.8, 0.6, 0.4)
     seg_topk: int = 100              # detections that prompt segmentation / keypoints
+    sine_coords: bool = True         # coordinate token embeddings start as sine codes of their bin
     image_size: int = 800            # shorter side at test time (longer side <= max_size)
     max_size: int = 1333
 
@@ -242,6 +243,17 @@ def sine_positions(pad_mask, d):
     return torch.cat([enc(y), enc(x)], dim=-1).flatten(1, 2)                       # (B, h*w, d)
 
 
+def coordinate_embeddings(num_bins, d):
+    """Initial embeddings of the num_bins + 1 coordinate tokens: a sine code of the bin's position
+    (frequencies 0.5 .. num_bins / 4 cycles per image), scaled to the norm of an N(0, 1) row. Nearby
+    bins start similar, so a box prompt says where it is, and a near miss of the token head scores
+    better than a far one, from the first step. -> (num_bins + 1, d)"""
+    x = (torch.arange(num_bins + 1) + 0.5) / num_bins                             # bin centres in [0, 1]
+    freq = 0.5 * (num_bins / 2) ** torch.linspace(0, 1, d // 2)                   # (d/2,) cycles per image
+    angle = 2 * math.pi * x[:, None] * freq                                       # (bins + 1, d/2)
+    return torch.cat([angle.sin(), angle.cos()], 1) * math.sqrt(2)                # rows of norm sqrt(d)
+
+
 class Attention(nn.Module):
     """Multi-head attention on F.scaled_dot_product_attention. Positions are added by the caller
     to the query/key inputs, never to the values. `cache` (a dict) holds keys/values of earlier
@@ -329,6 +341,9 @@ class MAD(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(d, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.dec_layers))
         self.dec_norm = nn.LayerNorm(d)                     # shared by the outputs of every decoder layer
         self.embed = nn.Embedding(vocab.size, d)            # input tokens AND the head's class weights
+        if cfg.sine_coords:
+            with torch.no_grad():
+                self.embed.weight[vocab.coord:vocab.vis] = coordinate_embeddings(vocab.num_bins, d)
         longest = 6 + max(5 * cfg.num_queries, cfg.mask_size ** 2, 3 * 17, cfg.caption_len) + 1
         # learned positions, shared by all tasks, on the scale of the token embeddings (N(0, 1), as
         # DETR's query embeddings): in a fully masked sequence they are all that tells slots apart

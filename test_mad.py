@@ -844,6 +844,33 @@ def test_accumulated_micro_batches_equal_one_batch_k_times_the_size(synth, token
     assert_same_params(g1, g2, atol=1e-10)
 
 
+
+def test_accumulation_counts_the_positions_its_random_masks_actually_use(synth, tokenizer):
+    """With random masks (ratio 0.7) the counting pass of each micro-batch must replay exactly the
+    masks of its real pass: the positions counted first are the positions the loss then uses."""
+    cfg = tiny_cfg()
+    ds = data.CocoMultiTask(synth, "train2017", cfg, tokenizer, train=True)
+    micro_batches = [data.collate([ds[i] for i in range(k, k + 3)]) for k in (0, 3, 6)]
+    torch.manual_seed(0)
+    model = MAD(cfg, ds.vocab)
+    calls, task_sums = [], model.task_sums
+    def recording(batch, tasks):
+        sums, counts = task_sums(batch, tasks)
+        calls.append((torch.is_grad_enabled(), {t: c.clone() for t, c in counts.items()}))
+        return sums, counts
+    model.task_sums = recording
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    rng = torch.get_rng_state()
+    train.train_step(model, model, micro_batches, ds.tasks, opt, torch.amp.GradScaler("cpu", enabled=False),
+                     contextlib.nullcontext(), clip=1.0)
+    assert [grad for grad, _ in calls] == [False] * 3 + [True] * 3          # 3 counting passes, then 3 real ones
+    for (_, counted), (_, used) in zip(calls[:3], calls[3:]):
+        for t in ds.tasks:
+            assert torch.equal(counted[t], used[t]), t
+    # the check can fail: micro-batch 2 under micro-batch 1's masks counts different positions
+    torch.set_rng_state(rng)
+    other = model.count_positions(micro_batches[1], ds.tasks)
+    assert any(not torch.equal(other[t], calls[4][1][t]) for t in ds.tasks)
 def test_ar_baseline_trains_saves_loads_and_evaluates_through_evaluate_py(synth, tmp_path):
     train.main(run_args(synth, tmp_path / "ar", "--decoder", "ar", "--max-steps", "2"))
     run([sys.executable, "evaluate.py", str(tmp_path / "ar/last.pt"), "--workers", "0", "--max-images", "4",
