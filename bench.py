@@ -296,8 +296,9 @@ def ablation(out):
     (0.7: the demo itself). The last is evaluated twice: one-stage decoding, then with masked
     inference. Evaluation at batch 1 on the synthetic val split."""
     import train
+    flag = lambda k, v: ([f"--{'' if v else 'no-'}{k}"] if isinstance(v, bool) else [f"--{k}", str(v)])
     demo = [x for k, v in train.DEMO.items() if k not in ("out", "show", "eval_every")
-            for x in (f"--{k.replace('_', '-')}", str(v))]
+            for x in flag(k.replace("_", "-"), v)]
     runs = {"ar": ["--decoder", "ar"], "parallel": ["--mask-ratio", "1.0"], "masked": []}
     for name, flags in runs.items():
         if not os.path.exists(os.path.join(out, name, "last.pt")):

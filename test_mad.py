@@ -555,6 +555,20 @@ def test_masking_hides_exactly_round_ratio_n():
     assert not torch.equal(mad.random_mask((1, 1, 500), 0.7, "cpu"), mad.random_mask((1, 1, 500), 0.7, "cpu"))
 
 
+def test_coordinate_embeddings_start_more_similar_the_nearer_their_bins():
+    cfg = tiny_cfg()
+    vocab = Vocab(5, cfg.num_bins, 10)
+    coords = MAD(cfg, vocab).embed.weight[vocab.coord:vocab.vis].detach()     # (bins + 1, d)
+    assert torch.equal(coords, mad.coordinate_embeddings(cfg.num_bins, cfg.d_model))
+    e = torch.nn.functional.normalize(coords, dim=-1)
+    sim = e[64] @ e.t()                                                         # bin 64 against every bin
+    near_to_far = sim[[64, 65, 66, 68, 72, 80]]
+    assert (near_to_far.diff() < 0).all() and sim[65] > 0.8 and sim[128] < 0.2
+    assert torch.allclose(coords.norm(dim=1), torch.tensor(cfg.d_model ** 0.5))   # the scale of an N(0, 1) row
+    off = MAD(tiny_cfg(sine_coords=False), vocab).embed.weight[vocab.coord:vocab.vis].detach()
+    assert not torch.allclose(off, coords)
+
+
 @pytest.mark.parametrize("task", ["det", "seg", "cap"])
 def test_loss_ignores_logits_of_unmasked_positions(task, monkeypatch):
     model = tiny_model()
