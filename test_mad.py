@@ -815,7 +815,8 @@ def test_parse_args_presets_schedules_and_explicit_flags():
     assert (cfg.image_size, tc.epochs, tc.batch_size) == (1024, 100, 32)
     cfg, tc = train.parse_args(["--demo", "--epochs", "3", "--cap-ratios", "1,0.5", "--no-amp"])
     assert cfg.backbone == "tiny" and tc.data == "synthetic" and tc.epochs == 3 and cfg.cap_ratios == (1.0, 0.5)
-    assert tc.amp is False and tc.demo
+    assert tc.amp is False and tc.demo and tc.augment is False            # the demo trains without augmentation
+    assert train.parse_args(["--demo", "--augment"])[1].augment is True     # ... unless asked
 
 
 # =============================================================================
