@@ -311,6 +311,7 @@ def ablation(out):
         procs[name] = subprocess.Popen([sys.executable, "train.py", *demo, "--out", os.path.join(out, name), *runs[name]],
                                        cwd=os.path.dirname(os.path.abspath(__file__)), env=env, stdout=log,
                                        stderr=subprocess.STDOUT)
+        log.close()                                                      # the child holds its own copy
         print(f"training {name}: log in {log.name}")
     for name, p in procs.items():
         if p.wait() != 0:
