@@ -5,7 +5,7 @@ reported as ratios. Benchmarks print numbers; test_mad.py checks correctness. Ne
 
     python bench.py                 # the speed/memory table (tiny and r50, random weights)
     python bench.py --json          # the same numbers as JSON
-    python bench.py --ablation      # paper Table 2 rows on the synthetic set, the demo's training each (~45 min)
+    python bench.py --ablation      # paper Table 2 rows on the synthetic set, the demo's training each (~35 min on 2 cores)
 """
 import argparse
 import io

@@ -859,7 +859,6 @@ def test_accumulated_micro_batches_equal_one_batch_k_times_the_size(synth, token
     assert_same_params(g1, g2, atol=1e-10)
 
 
-
 def test_accumulation_counts_the_positions_its_random_masks_actually_use(synth, tokenizer):
     """With random masks (ratio 0.7) the counting pass of each micro-batch must replay exactly the
     masks of its real pass: the positions counted first are the positions the loss then uses."""
@@ -886,6 +885,8 @@ def test_accumulation_counts_the_positions_its_random_masks_actually_use(synth, 
     torch.set_rng_state(rng)
     other = model.count_positions(micro_batches[1], ds.tasks)
     assert any(not torch.equal(other[t], calls[4][1][t]) for t in ds.tasks)
+
+
 def test_ar_baseline_trains_saves_loads_and_evaluates_through_evaluate_py(synth, tmp_path):
     train.main(run_args(synth, tmp_path / "ar", "--decoder", "ar", "--max-steps", "2"))
     run([sys.executable, "evaluate.py", str(tmp_path / "ar/last.pt"), "--workers", "0", "--max-images", "4",
