@@ -333,6 +333,7 @@ def main():
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         if args.device.startswith("cuda"):
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)               # NCCL's collectives use the current device
     model, ckpt, tokenizer = load_checkpoint(args.ckpt, args.device)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
     if args.images:

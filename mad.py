@@ -724,6 +724,9 @@ def match_detections(logp, inputs, masked, gt, vocab, forced_cost=1e4):
     visible = ~masked.view(B, c, Q, 5, 1)
     nll = torch.where(visible, (~shown).to(nll.dtype) * forced_cost, nll)
     cost = nll.mean(4).float().cpu()                                           # (layers, B, c, Q, G)
+    # scipy rejects NaN and +inf costs; a non-finite log-prob reaches the loss anyway, whose check
+    # (all-reduced in train.py) then stops every rank cleanly, so here it only needs a finite stand-in
+    cost = cost.nan_to_num(nan=1e9, posinf=1e9, neginf=-1e9)
 
     target = torch.zeros(n_layers, B, c, Q, 5, dtype=torch.long)
     target[..., 4] = vocab.noise - lo

@@ -52,7 +52,7 @@ def tiny_cfg(**over):
 
 def run_args(root, out, *extra):
     """train.py flags of a small CPU run on the synthetic set: batch 8, 3 steps per epoch."""
-    return ["--data", root, "--backbone", "tiny", "--out", str(out), "--batch-size", "8", "--workers", "0",
+    return ["--data", root, "--backbone", "tiny", "--out", str(out), "--device", "cpu", "--batch-size", "8", "--workers", "0",
             "--epochs", "2", "--lr-drop", "1", "--spm-vocab", "60", "--log-every", "1", *extra]
 
 
@@ -66,10 +66,10 @@ def assert_same_params(a, b, atol=0.0):
         assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), k
 
 
-def run(cmd, timeout=600, check=True, **kw):
+def run(cmd, timeout=600, check=True, cwd=HERE, **kw):
     """A subprocess from the repository folder; its output is shown when it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, env=env, **kw)
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
@@ -548,6 +548,28 @@ def test_matcher_visible_tokens_force_the_match_batched_equals_per_image_and_emp
     assert (weight[:, 0].view(2, 2, Q, 5)[..., 0].sum(-1) == 3).all()        # every object matched once
 
 
+def test_matcher_survives_nan_and_inf_log_probs():
+    """GPU issue: under bf16 a NaN reached scipy's linear_sum_assignment, which raised instead of
+    letting the non-finite loss stop training. NaN rows and -inf log-probs (+inf costs) must give
+    a valid assignment; the NaN still reaches the loss through the log-probs."""
+    v = Vocab(5, 50, 10)
+    Q, lo = 4, v.task_range("det")[0]
+    gt = torch.tensor([[v.coord + 1, v.coord + 2, v.coord + 3, v.coord + 4, v.cls + 1],
+                       [v.coord + 7, v.coord + 8, v.coord + 9, v.coord + 9, v.cls + 2]])
+    logp = det_logp(v, Q, layers=2)
+    logp[0, ..., 3:8, :] = float("nan")                                       # slot 0 and 1 rows
+    logp[1, ..., :, gt[0, 4] - lo] = float("-inf")                            # an impossible class
+    masked = torch.ones(1, 1, 5 * Q, dtype=torch.bool)
+    target, weight = mad.match_detections(logp, torch.full((1, 1, 5 * Q), v.mask), masked, [gt], v)
+    for layer in range(2):
+        matched = weight[layer, 0, 0].view(Q, 5)[:, 0] == 1
+        assert matched.sum() == 2                                             # both objects, once each
+        rows = target[layer, 0, 0].view(Q, 5)[matched]
+        assert sorted(rows[:, 4].tolist()) == sorted((gt[:, 4] - lo).tolist())
+    loss, _ = mad.masked_nll(logp, target, weight * masked)
+    assert torch.isnan(loss[0]) and torch.isinf(loss[1])                      # the training loop stops on these
+
+
 def test_masking_hides_exactly_round_ratio_n():
     for L in (5, 20, 57, 262, 500):
         m = mad.random_mask((4, 3, L), 0.7, "cpu")
@@ -804,7 +826,7 @@ def test_evaluating_on_a_dataset_with_other_categories_is_refused(synth, tokeniz
     ds = data.CocoMultiTask(synth, "val2017", tiny_cfg(), tokenizer, train=False)
     save_random_checkpoint(tmp_path / "c.pt", ds, tokenizer)
     root, _ = excerpt_root(tmp_path)
-    p = run([sys.executable, "evaluate.py", str(tmp_path / "c.pt"), "--data", root, "--workers", "0"], check=False)
+    p = run([sys.executable, "evaluate.py", str(tmp_path / "c.pt"), "--data", root, "--workers", "0", "--device", "cpu"], check=False)
     assert p.returncode != 0 and "differ from the checkpoint's" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -889,7 +911,7 @@ def test_accumulation_counts_the_positions_its_random_masks_actually_use(synth, 
 
 def test_ar_baseline_trains_saves_loads_and_evaluates_through_evaluate_py(synth, tmp_path):
     train.main(run_args(synth, tmp_path / "ar", "--decoder", "ar", "--max-steps", "2"))
-    run([sys.executable, "evaluate.py", str(tmp_path / "ar/last.pt"), "--workers", "0", "--max-images", "4",
+    run([sys.executable, "evaluate.py", str(tmp_path / "ar/last.pt"), "--device", "cpu", "--workers", "0", "--max-images", "4",
          "--out", str(tmp_path / "ar/eval")])
     m = json.load(open(tmp_path / "ar/eval/metrics.json"))
     assert m["num_images"] == 4 and {"bbox_AP", "segm_AP", "keypoints_AP", "BLEU4"} <= set(m)
@@ -906,7 +928,7 @@ def trained(synth, tmp_path_factory):
 
 def test_distributed_evaluation_does_not_depend_on_the_number_of_processes(synth, trained, tmp_path):
     """8 val images on 1 process and on 3 (8 = 3 + 3 + 2: a padding sampler would repeat one)."""
-    common = [str(trained), "--data", synth, "--workers", "0", "--batch-size", "2"]
+    common = [str(trained), "--data", synth, "--device", "cpu", "--workers", "0", "--batch-size", "2"]
     run([sys.executable, "evaluate.py", *common, "--out", str(tmp_path / "one")])
     run(torchrun(3, "evaluate.py", *common, "--out", str(tmp_path / "three")))
     one, three = (json.load(open(tmp_path / d / "metrics.json")) for d in ("one", "three"))
@@ -925,7 +947,7 @@ def test_own_images_give_pictures_and_jsonl_without_annotations(synth, trained, 
     for i in (1, 2, 3):
         shutil.copy(f"{synth}/val2017/{i:012d}.jpg", folder / f"photo{i}.jpg")
     Image.open(folder / "photo3.jpg").convert("L").resize((200, 90)).save(folder / "photo3.png")   # gray, other size
-    run([sys.executable, "evaluate.py", str(trained), "--images", str(folder), "--out", str(tmp_path / "out"),
+    run([sys.executable, "evaluate.py", str(trained), "--images", str(folder), "--device", "cpu", "--out", str(tmp_path / "out"),
          "--batch-size", "2", "--score-thresh", "0"])
     lines = [json.loads(l) for l in open(tmp_path / "out/predictions.jsonl")]
     assert len(lines) == 4 and all(os.path.exists(tmp_path / "out" / f"photo{i}.png") for i in (1, 2, 3))
@@ -953,6 +975,24 @@ def test_tiny_model_learns_all_four_tasks_on_eight_images(tmp_path):
     m = evaluate.evaluate(model, ds, tok, str(tmp_path / "eval"), batch_size=8)
     assert m["bbox_AP50"] >= OVERFIT["bbox_AP50"] and m["segm_AP50"] >= OVERFIT["segm_AP50"], m
     assert m["keypoints_AP50"] >= OVERFIT["keypoints_AP50"] and m["BLEU4"] >= OVERFIT["BLEU4"], m
+
+
+def test_readme_quick_start_then_evaluation_commands_work_in_a_fresh_copy(tmp_path):
+    """README: `python train.py --demo`, then `python evaluate.py runs/demo/last.pt`, in that order,
+    in a copy of the code (data/ and runs/ land there, nothing stale is reused). Only the step count
+    and the device are added; the checkpoint must name the data root it was trained next to."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    assert "python train.py --demo" in readme and "python evaluate.py runs/demo/last.pt" in readme
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for f in ("mad.py", "data.py", "train.py", "evaluate.py"):
+        shutil.copy(os.path.join(HERE, f), clone / f)
+    run([sys.executable, "train.py", "--demo", "--max-steps", "2", "--device", "cpu"], cwd=clone)
+    assert (clone / "data/synthetic/annotations/captions_val2017.json").exists()
+    assert (clone / "runs/demo/eval_final/metrics.json").exists()
+    run([sys.executable, "evaluate.py", "runs/demo/last.pt", "--device", "cpu"], cwd=clone)
+    m = json.load(open(clone / "runs/demo/eval/metrics.json"))
+    assert m["num_images"] == train.SYNTHETIC["val"] and {"bbox_AP", "segm_AP", "keypoints_AP", "BLEU4"} <= set(m)
 
 
 # =============================================================================
@@ -1009,6 +1049,40 @@ def test_sigkill_after_a_checkpoint_then_resume_finishes_like_an_uninterrupted_r
     assert_same_params(a["model"], b["model"], atol=1e-6)                      # optimizer, RNG, data order restored
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], atol=1e-9)
+
+
+NAN_AT_STEP_3 = """
+import os, sys
+sys.path.insert(0, {here!r})
+import mad, train
+decode_task, calls = mad.MAD.decode_task, [0]
+def poisoned(self, prompt, inputs, enc, task):
+    logp = decode_task(self, prompt, inputs, enc, task)
+    if task == "det" and logp.requires_grad:                   # the training passes only
+        calls[0] += 1
+        if calls[0] == 3 and os.environ.get("RANK", "1") == "1":
+            logp = logp * float("nan")                         # NaN detection log-probs on rank 1 only
+    return logp
+mad.MAD.decode_task = poisoned
+train.main(sys.argv[1:])
+"""
+
+
+def test_nan_detection_logits_stop_every_rank_cleanly_through_the_matcher(synth, tmp_path):
+    """GPU issue: NaN detection log-probs must not crash the Hungarian matcher (scipy raised on
+    one rank and the other hung in all-reduce). 1 process and 2 gloo processes (NaN on rank 1
+    only): every rank stops at step 3 with the message naming the task; step 2's checkpoint stays."""
+    script = tmp_path / "poisoned_train.py"
+    script.write_text(NAN_AT_STEP_3.format(here=HERE))
+    for name, launch in (("one", [sys.executable]), ("two", torchrun(2))):
+        out = tmp_path / name
+        p = run([*launch, str(script), *run_args(synth, out, "--max-steps", "5", "--save-every", "1")],
+                check=False, timeout=300)
+        assert p.returncode != 0, p.stdout
+        assert "non-finite loss at step 3 (epoch 0): det=nan" in p.stderr and "ValueError" not in p.stderr, p.stderr
+        if name == "two":                                                      # both ranks said so
+            assert p.stderr.count("non-finite loss at step 3") == 2, p.stderr
+        assert torch.load(out / "last.pt", weights_only=False)["step"] == 2
 
 
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path, monkeypatch):

@@ -205,7 +205,7 @@ def main(argv=None):
         cfg = evaluate.config_from_dict(ckpt["config"])     # the run's model settings win
 
     # data, vocabulary and model
-    root = prepare_data(tc, master)
+    root = tc.data = prepare_data(tc, master)                # the checkpoint names the real root (evaluate.py)
     tokenizer = caption_tokenizer(tc, root, master, ckpt)
     try:
         dataset = data.CocoMultiTask(root, "train2017", cfg, tokenizer, train=True, seed=tc.seed, augment=tc.augment,
