@@ -3,8 +3,11 @@
 Measures what the paper claims (Table 2: parallel decoding 3953 ms -> 173 ms), each row in one run,
 reported as ratios. Benchmarks print numbers; test_mad.py checks correctness. Never run as a test.
 
-    python bench.py                 # the speed/memory table (tiny and r50, random weights)
+    python bench.py                 # the speed/memory table (tiny and r50, random weights, CPU)
     python bench.py --json          # the same numbers as JSON
+    python bench.py --quick         # tiny rows only, one repetition (seconds; the test suite runs it)
+    python bench.py --device cuda   # GPU: latency of tiny/r50/swin_b in fp32 and bf16, r50 training
+    python bench.py --device cuda --compile   # the same, every model through torch.compile (AR too)
     python bench.py --ablation      # paper Table 2 rows on the synthetic set, the demo's training each (~35 min on 2 cores)
 """
 import argparse
@@ -24,13 +27,20 @@ import mad
 from mad import MAD, PRESETS, TASKS, Config, Vocab
 
 
-def timed(fn, reps=3):
-    """Median wall time of fn() in seconds (after one warm-up call)."""
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps=3, device="cpu"):
+    """Median wall time of fn() in seconds (after one warm-up call), synchronized on a GPU."""
     fn()
     times = []
     for _ in range(reps):
+        sync(device)
         t = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
@@ -47,63 +57,80 @@ def build(preset, decoder="mad", num_classes=80, num_text=1000):
     return MAD(cfg, Vocab(num_classes, cfg.num_bins, num_text, person=0)).eval()
 
 
-def image_batch(cfg, B=1):
+def image_batch(cfg, B=1, device="cpu"):
     """Images at the preset's test size: tiny 128 x 128, r50 800 x 1333 (padded to 32)."""
     H, W = cfg.image_size, cfg.max_size
     Hp, Wp = -(-H // 32) * 32, -(-W // 32) * 32
     pad = torch.ones(B, Hp, Wp, dtype=torch.bool)
     pad[:, :H, :W] = False
-    return torch.randn(B, 3, Hp, Wp), pad, torch.tensor([[H, W]] * B), torch.tensor([[H, W]] * B)
+    return torch.randn(B, 3, Hp, Wp).to(device), pad.to(device), torch.tensor([[H, W]] * B), torch.tensor([[H, W]] * B)
 
 
 class TaskTimer:
-    """Times model.encode and model.decode_sequences per task, and counts sequential decoder passes."""
+    """Times model.predict, and per task model.encode and model.decode_sequences, and counts
+    sequential decoder passes. On a GPU each part is synchronized (split=True), which serializes
+    the queue, so the total is also timed without them (split=False)."""
 
-    def __init__(self, model):
-        self.model, self.times, self.passes = model, {}, 0
+    def __init__(self, model, device="cpu"):
+        self.model, self.device, self.times, self.passes, self.split = model, device, {}, 0, True
         encode, decode_sequences, decode = model.encode, model.decode_sequences, model.decode
 
-        def timed_encode(*a, **k):
+        def part(name, fn, *a, **k):
+            if not self.split:
+                return fn(*a, **k)
+            sync(device)
             t = time.perf_counter()
-            out = encode(*a, **k)
-            self.times["encode"] = self.times.get("encode", 0) + time.perf_counter() - t
-            return out
-
-        def timed_decode_sequences(prompt, L, enc, task, *a, **k):
-            t = time.perf_counter()
-            out = decode_sequences(prompt, L, enc, task, *a, **k)
-            self.times[task] = self.times.get(task, 0) + time.perf_counter() - t
+            out = fn(*a, **k)
+            sync(device)
+            self.times[name] = self.times.get(name, 0) + time.perf_counter() - t
             return out
 
         def counted_decode(*a, **k):
             self.passes += 1
             return decode(*a, **k)
-        model.encode, model.decode_sequences, model.decode = timed_encode, timed_decode_sequences, counted_decode
+        model.encode = lambda *a, **k: part("encode", encode, *a, **k)
+        model.decode_sequences = lambda prompt, L, enc, task, *a, **k: part(task, decode_sequences, prompt, L, enc, task,
+                                                                             *a, **k)
+        model.decode = counted_decode
 
     def run(self, *inputs):
         self.times, self.passes = {}, 0
+        sync(self.device)
         t = time.perf_counter()
         self.model.predict(*inputs)
-        self.times["total"] = time.perf_counter() - t
-        return dict(self.times, passes=self.passes)
+        sync(self.device)
+        return dict(self.times, total=time.perf_counter() - t, passes=self.passes)
 
 
-def inference_latency(preset, reps):
+ROWS = [("MAD one stage", dict(kpt_ratios=(1.0,), cap_ratios=(1.0,))), ("MAD masked inference", {}),
+        ("AR + KV cache", dict(decoder="ar"))]
+
+
+def inference_latency(preset, reps, device="cpu", dtype=None, compile=False):
     """Batch-1 latency per task and total: MAD one stage, MAD masked inference, AR + KV cache
-    (one set of weights: only cfg.decoder and the stage ratios change)."""
-    model = build(preset)
-    inputs = image_batch(model.cfg)
-    timer = TaskTimer(model)
+    (one set of weights: only cfg.decoder and the stage ratios change; with `compile` all three
+    run through torch.compile). Best of `reps` runs (AR: one)."""
+    model = build(preset).to(device)
+    if compile:
+        model.compile_parts()
+    inputs = image_batch(model.cfg, 1, device)
+    timer = TaskTimer(model, device)
+    gpu = str(device).startswith("cuda")
     rows = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(str(device).split(":")[0], dtype=dtype, enabled=dtype is not None):
         timer.run(*inputs)                                                     # warm-up
-        for name, over in [("MAD one stage", dict(kpt_ratios=(1.0,), cap_ratios=(1.0,))),
-                           ("MAD masked inference", {}), ("AR + KV cache", dict(decoder="ar"))]:
+        for name, over in ROWS:
             saved = {k: getattr(model.cfg, k) for k in over}
             for k, v in over.items():
                 setattr(model.cfg, k, v)
-            runs = [timer.run(*inputs) for _ in range(reps if "AR" not in name else 1)]
-            rows[name] = min(runs, key=lambda r: r["total"])
+            if gpu:
+                timer.run(*inputs)                                             # this row's warm-up (compilation)
+            n = reps if "AR" not in name else 1
+            rows[name] = min((timer.run(*inputs) for _ in range(n)), key=lambda r: r["total"])
+            if gpu:
+                timer.split = False
+                rows[name]["total"] = min(timer.run(*inputs)["total"] for _ in range(n))
+                timer.split = True
             for k, v in saved.items():
                 setattr(model.cfg, k, v)
     return rows
@@ -233,33 +260,104 @@ def backbones():
     return rows
 
 
-def speed_table(reps):
-    peak = matmul_peak()
-    res = dict(threads=torch.get_num_threads(), matmul_peak_gflops=peak / 1e9)
-    for preset in ("tiny", "r50"):
+def speed_table(reps, quick=False):
+    """The CPU table; `quick`: the tiny rows only."""
+    peak = matmul_peak(reps=2 if quick else 10)
+    res = dict(device="cpu", threads=torch.get_num_threads(), matmul_peak_gflops=peak / 1e9)
+    for preset in ("tiny",) if quick else ("tiny", "r50"):
         res[f"latency_{preset}"] = inference_latency(preset, reps)
-    res["decoder_vs_torch"] = decoder_vs_torch(reps)
-    res["flop_utilization_tiny"] = model_flop_utilization("tiny", peak, reps)
-    res["flop_utilization_r50"] = model_flop_utilization("r50", peak, 1)
+        res[f"flop_utilization_{preset}"] = model_flop_utilization(preset, peak, reps if preset == "tiny" else 1)
     res["train_tiny_b8_128"] = training_throughput("tiny", 8, 128, 128, reps)
-    res["train_r50_b1_800x1333"] = training_throughput("r50", 1, 800, 1333, 1)   # batch 2: out of 24 GiB
-    res["targets_vs_jpeg"] = target_building_vs_jpeg(5)
     res["bf16_autocast_cpu"] = bf16_autocast_on_cpu(reps)
-    res["backbones"] = backbones()
+    if not quick:
+        res["decoder_vs_torch"] = decoder_vs_torch(reps)
+        res["train_r50_b1_800x1333"] = training_throughput("r50", 1, 800, 1333, 1)   # batch 2: out of 24 GiB
+        res["targets_vs_jpeg"] = target_building_vs_jpeg(5)
+        res["backbones"] = backbones()
     return res
+
+
+def training_step_on_gpu(preset, B, H, W, dtype, compile, steps):
+    """One training step (forward, backward, fused AdamW) on a random batch: images/s, the share
+    of the step the GPU is busy (kernel time in torch.profiler over the step's wall time), and the
+    peak GPU memory."""
+    model = build(preset).cuda().train()
+    if compile:
+        model.compile_parts()
+    opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=True)
+    batch = {k: [t.cuda() for t in v] if isinstance(v, list) else v.cuda()
+             for k, v in random_train_batch(model, B, H, W).items()}
+
+    def step():
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            loss, _ = model(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(2):
+        step()                                                                 # warm-up, compilation
+    torch.cuda.reset_peak_memory_stats()
+    t = timed(step, steps, "cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type != torch.autograd.DeviceType.CPU]
+    kernels = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 1e6
+    return dict(step_s=t, images_per_s=B / t, gpu_busy=kernels / t, kernel_s=kernels,
+                launches=sum(e.count for e in events), peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+
+
+def gpu_table(reps, compile, quick=False):
+    """The GPU table: synchronized batch-1 latency (fp32 with TF32, and bf16 autocast) and the r50
+    training step at batch 2, 800 x 1333 (bf16 and fp32)."""
+    mad.cuda_settings()
+    res = dict(device=torch.cuda.get_device_name(), compile=compile)
+    for preset in ("tiny",) if quick else ("tiny", "r50", "swin_b"):
+        for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            res[f"latency_{preset}_{precision}"] = inference_latency(preset, reps, "cuda", dtype, compile)
+    preset, B, H, W = ("tiny", 8, 128, 128) if quick else ("r50", 2, 800, 1333)
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
+        res[f"train_{preset}_b{B}_{H}x{W}_{precision}"] = training_step_on_gpu(preset, B, H, W, dtype, compile, reps)
+    return res
+
+
+def print_latency(rows, title):
+    print(f"\n{title} (ms)")
+    print(f"{'':22s}" + "".join(f"{k:>9s}" for k in ("encode", *TASKS, "total", "passes")))
+    for name, r in rows.items():
+        print(f"{name:22s}" + "".join(f"{1e3 * r.get(k, 0):9.1f}" for k in ("encode", *TASKS, "total"))
+              + f"{r['passes']:9d}")
+    ar, m1, mi = rows["AR + KV cache"]["total"], rows["MAD one stage"]["total"], rows["MAD masked inference"]["total"]
+    print(f"AR / MAD one stage = {ar / m1:.1f}x, AR / MAD masked inference = {ar / mi:.1f}x")
+
+
+def print_gpu_table(res):
+    print(f"{res['device']}, torch {torch.__version__}, torch.compile {'on' if res['compile'] else 'off'}"
+          f"; per-task columns synchronized, totals not")
+    for key, rows in res.items():
+        if key.startswith("latency_"):
+            _, preset, precision = key.split("_", 2)
+            print_latency(rows, f"inference latency, batch 1, {preset}, {precision}")
+    for key, r in res.items():
+        if key.startswith("train_"):
+            print(f"\n{key}: {1e3 * r['step_s']:.0f} ms/step, {r['images_per_s']:.1f} images/s, GPU busy "
+                  f"{100 * r['gpu_busy']:.0f}% ({1e3 * r['kernel_s']:.0f} ms of kernels, {r['launches']} launches), "
+                  f"peak {r['peak_gib']:.1f} GiB")
 
 
 def print_table(res):
     print(f"torch {torch.__version__}, {res['threads']} threads, fp32 matmul peak {res['matmul_peak_gflops']:.1f} GFLOP/s")
-    for preset in ("tiny", "r50"):
-        rows = res[f"latency_{preset}"]
-        print(f"\ninference latency, batch 1, {preset} (ms)")
-        print(f"{'':22s}" + "".join(f"{k:>9s}" for k in ("encode", *TASKS, "total", "passes")))
-        for name, r in rows.items():
-            print(f"{name:22s}" + "".join(f"{1e3 * r.get(k, 0):9.1f}" for k in ("encode", *TASKS, "total"))
-                  + f"{r['passes']:9d}")
-        ar, m1, mi = rows["AR + KV cache"]["total"], rows["MAD one stage"]["total"], rows["MAD masked inference"]["total"]
-        print(f"AR / MAD one stage = {ar / m1:.1f}x, AR / MAD masked inference = {ar / mi:.1f}x")
+    presets = [p for p in ("tiny", "r50") if f"latency_{p}" in res]
+    for preset in presets:
+        print_latency(res[f"latency_{preset}"], f"inference latency, batch 1, {preset}")
+    if "decoder_vs_torch" not in res:                                          # --quick
+        r = res["flop_utilization_tiny"]
+        print(f"\ntiny: inference {r['infer_gflop']:.1f} GFLOP at {r['infer_pct_peak']:.0f}% of matmul peak; "
+              f"training step {r['train_gflop']:.1f} GFLOP at {r['train_pct_peak']:.0f}%")
+        r = res["train_tiny_b8_128"]
+        print(f"train_tiny_b8_128: {r['images_per_s']:.2f} images/s, peak RSS {r['peak_rss_mib']:.0f} MiB")
+        return
     print("\ndecoder vs torch.nn.TransformerDecoder (inference, ms)")
     for name, r in res["decoder_vs_torch"].items():
         print(f"  {name:12s} ours {r['ours_ms']:8.1f}  torch {r['torch_ms']:8.1f}  ratio {r['ratio']:.2f}x")
@@ -290,6 +388,10 @@ PAPER_TABLE_2 = {"AR decoding": (3953, 27.9, 12.3, 33.4, 34.1), "+ parallel deco
 METRICS = ("bbox_AP", "segm_AP", "keypoints_AP", "BLEU4")
 
 
+# the demo's plan, explicit: every row trains for the same steps, whatever the machine's speed
+ABLATION_PLAN = dict(batch_size=8, max_steps=1200, workers=1)
+
+
 def ablation(out):
     """Three tiny models trained exactly like `train.py --demo` (same data, schedule, budget): AR;
     parallel decoding trained on fully masked sequences only (mask ratio 1.0); masked training
@@ -297,7 +399,7 @@ def ablation(out):
     inference. Evaluation at batch 1 on the synthetic val split."""
     import train
     flag = lambda k, v: ([f"--{'' if v else 'no-'}{k}"] if isinstance(v, bool) else [f"--{k}", str(v)])
-    demo = [x for k, v in train.DEMO.items() if k not in ("out", "show", "eval_every")
+    demo = [x for k, v in {**train.DEMO, **ABLATION_PLAN}.items() if k not in ("out", "show", "eval_every")
             for x in flag(k.replace("_", "-"), v)]
     runs = {"ar": ["--decoder", "ar"], "parallel": ["--mask-ratio", "1.0"], "masked": []}
     todo = [name for name in runs if not os.path.exists(os.path.join(out, name, "last.pt"))]
@@ -325,7 +427,7 @@ def ablation(out):
         for k, v in over.items():
             setattr(model.cfg, k, v)
         ds = data.CocoMultiTask(train.SYNTHETIC["root"], "val2017", model.cfg, tokenizer, train=False,
-                                categories=ckpt["categories"])
+                                categories=ckpt["categories"], targets=False)
         m = evaluate.evaluate(model, ds, tokenizer, os.path.join(out, "eval", row.strip("+ ").replace(" ", "_")),
                               batch_size=1, workers=1)
         results[row] = {k: m[k] for k in ("ms_per_image", *METRICS)}
@@ -341,15 +443,25 @@ def ablation(out):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="tiny rows only, one repetition (seconds)")
+    p.add_argument("--compile", action="store_true", help="--device cuda: every model through torch.compile")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--ablation", action="store_true", help="paper Table 2 on the synthetic set")
     p.add_argument("--out", default="runs/ablation", help="--ablation: models and evaluations")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=None, help="repetitions per row (default 3; --quick 1)")
     args = p.parse_args()
     if args.ablation:
         return ablation(args.out)
-    res = speed_table(args.reps)
-    print(json.dumps(res, indent=1)) if args.json else print_table(res)
+    reps = args.reps or (1 if args.quick else 3)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device here")
+        res = gpu_table(reps, args.compile, args.quick)
+        print(json.dumps(res, indent=1)) if args.json else print_gpu_table(res)
+    else:
+        res = speed_table(reps, args.quick)
+        print(json.dumps(res, indent=1)) if args.json else print_table(res)
 
 
 if __name__ == "__main__":

@@ -73,14 +73,16 @@ class CocoMultiTask(torch.utils.data.Dataset):
       seg_prompt (S, 6) [<seg>, box, class], seg_seq (S, M*M) <fg>/<bg>, seg_weight (S, M*M)
       kpt_prompt (S, 6) [<kpt>, box, person], kpt_seq (S, 51) (x, y, vis) x 17, kpt_weight (S, 51)
       cap_seq (R, L) text tokens, cap_weight (R, L)
+    With targets=False (evaluation) only image_id, orig_size and size are built.
     Weights are 0 for padding and for tasks the image or split lacks. Instances with weight come
     first, so collate can trim all-padding rows. Augmentation depends only on (seed, epoch, index).
     """
 
     def __init__(self, root, split, cfg, tokenizer, train, categories=None, skip_bad_images=False, seed=0,
-                 augment=None):
+                 augment=None, targets=True):
         self.root, self.split, self.cfg, self.tokenizer, self.train = root, split, cfg, tokenizer, train
         self.augment = train if augment is None else augment       # off: the fixed eval resize
+        self.targets = targets                                     # off: image, sizes and id only (evaluation)
         self.skip_bad_images, self.seed, self.epoch, self.skipped = skip_bad_images, seed, 0, set()
         self.coco_files, files = {}, {}
         for kind, tasks in FILES.items():
@@ -203,6 +205,9 @@ class CocoMultiTask(torch.utils.data.Dataset):
         t = self.sample_transform(W, H, rng)
         image = apply_to_image(image, t)
         w, h = image.size
+        target = dict(image_id=image_id, orig_size=torch.tensor([H, W]), size=torch.tensor([h, w]))
+        if not self.targets:
+            return TF.normalize(TF.to_tensor(image), MEAN, STD), target
         objects, persons = self.objects[image_id], self.persons[image_id]
         boxes, keep = transform_boxes(torch.tensor([o[0] for o in objects], dtype=torch.float32).view(-1, 4), t)
         labels = torch.tensor([o[1] for o in objects], dtype=torch.long)[keep]
@@ -211,7 +216,6 @@ class CocoMultiTask(torch.utils.data.Dataset):
         kpts = torch.tensor(np.array([p[1] for p in persons]), dtype=torch.float32).view(-1, 17, 3)[p_keep]
         kpts = transform_keypoints(kpts, t)
 
-        target = dict(image_id=image_id, orig_size=torch.tensor([H, W]), size=torch.tensor([h, w]))
         target.update(self.detection_targets(boxes, labels, w, h, g))
         target.update(self.segmentation_targets(target["boxes"], target["labels"], segms_of(segms, target["order"]),
                                                 H, W, t, g))

@@ -28,6 +28,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
 import data
+import mad
 from mad import MAD, TASKS, CaptionTokenizer, Config, Vocab
 
 
@@ -108,10 +109,9 @@ def to_coco_results(preds, image_ids, categories):
             xywh = torch.cat([p["boxes"][:, :2], p["boxes"][:, 2:] - p["boxes"][:, :2]], 1)
             for box, s, l in zip(xywh.tolist(), p["scores"].tolist(), p["labels"].tolist()):
                 res["bbox"].append(dict(image_id=image_id, category_id=cat_id[l], bbox=box, score=s))
-        if "masks" in p:
-            rles = mask_utils.encode(np.asfortranarray(p["masks"].permute(1, 2, 0).numpy().astype(np.uint8)))
+        if "masks" in p or "masks_rle" in p:
+            rles = p["masks_rle"] if "masks_rle" in p else masks_to_rle(p["masks"])
             for rle, s, l in zip(rles, p["scores"].tolist(), p["labels"].tolist()):
-                rle["counts"] = rle["counts"].decode("ascii")
                 res["segm"].append(dict(image_id=image_id, category_id=cat_id[l], segmentation=rle, score=s))
         if "keypoints" in p:
             labels, scores = p["labels"].tolist(), p["scores"].tolist()
@@ -121,6 +121,21 @@ def to_coco_results(preds, image_ids, categories):
         if "caption" in p:
             res["captions"][image_id] = p["caption"]
     return res
+
+
+def masks_to_rle(masks):
+    """(K, H, W) bool -> K COCO RLEs (JSON-ready: counts as str)."""
+    if not len(masks):
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+    return [dict(size=r["size"], counts=r["counts"].decode("ascii")) for r in rles]
+
+
+def rle_to_masks(rles, H, W):
+    """K COCO RLEs -> (K, H, W) bool."""
+    if not rles:
+        return torch.zeros(0, H, W, dtype=torch.bool)
+    return torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1).bool()
 
 
 def coco_ap(gt_path, results, iou_type, image_ids):
@@ -167,19 +182,28 @@ def gather_predictions(local):
 
 
 @torch.inference_mode()
-def run_predictions(model, dataset, tokenizer, indices, batch_size, workers, device):
-    """{image_id: prediction dict} for the dataset items at `indices`, and seconds of model time."""
+def run_predictions(model, dataset, tokenizer, indices, batch_size, workers, device, progress=True, world=1):
+    """{image_id: prediction dict} for the dataset items at `indices`, and seconds of model time.
+    Masks are kept as RLE (masks_rle): dense masks of 5,000 COCO images would not fit in memory.
+    With `progress`, a line with images/s and the ETA every 10 s (this rank's shard x world)."""
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
                                          num_workers=workers, collate_fn=data.collate)
-    preds, seconds = {}, 0.0
+    preds, seconds, done, start, last = {}, 0.0, 0, time.time(), time.time()
     for batch in loader:
         t = time.perf_counter()
-        out = model.predict(batch["images"].to(device), batch["pad_mask"].to(device), batch["size"].to(device),
-                            batch["orig_size"].to(device), tasks=dataset.tasks, tokenizer=tokenizer)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        out = model.predict(batch["images"].to(device), batch["pad_mask"].to(device), batch["size"], batch["orig_size"],
+                            tasks=dataset.tasks, tokenizer=tokenizer)         # (predict ends by moving results to the CPU)
         seconds += time.perf_counter() - t
+        for p in out:
+            if "masks" in p:
+                p["masks_rle"] = masks_to_rle(p.pop("masks"))
         preds.update(zip(batch["image_id"].tolist(), out))
+        done += len(out)
+        if progress and (time.time() - last > 10 or done == len(indices)):
+            rate = done / (time.time() - start)
+            print(f"evaluated {done * world}/{len(indices) * world} images, {rate * world:.1f} images/s, "
+                  f"ETA {(len(indices) - done) / rate / 60:.1f} min", flush=True)
+            last = time.time()
     return preds, seconds
 
 
@@ -191,7 +215,8 @@ def evaluate(model, dataset, tokenizer, out_dir, batch_size=1, workers=0, max_im
     n = min(len(dataset), max_images) if max_images else len(dataset)
     was_training = model.training
     model.eval()
-    local, seconds = run_predictions(model, dataset, tokenizer, shard(n, rank, world), batch_size, workers, device)
+    local, seconds = run_predictions(model, dataset, tokenizer, shard(n, rank, world), batch_size, workers, device,
+                                     progress=rank == 0, world=world)
     model.train(was_training)
     preds = gather_predictions(local)
     times = gather_predictions({rank: seconds})
@@ -217,7 +242,10 @@ def evaluate(model, dataset, tokenizer, out_dir, batch_size=1, workers=0, max_im
     print_metrics(metrics)
     for image_id in image_ids[:show]:
         path = os.path.join(dataset.root, dataset.split, dataset.images[image_id]["file_name"])
-        draw(path, preds[image_id], dataset.categories, score_thresh, os.path.join(out_dir, f"{image_id}.png"))
+        p = dict(preds[image_id])
+        if "masks_rle" in p:
+            p["masks"] = rle_to_masks(p.pop("masks_rle"), dataset.images[image_id]["height"], dataset.images[image_id]["width"])
+        draw(path, p, dataset.categories, score_thresh, os.path.join(out_dir, f"{image_id}.png"))
     return metrics
 
 
@@ -282,9 +310,9 @@ def predict_images(model, tokenizer, categories, paths, out_dir, batch_size, dev
                                   batch["orig_size"].to(device), tokenizer=tokenizer,
                                   tasks=TASKS if model.vocab.person >= 0 else ("det", "seg", "cap"))
             for path, p in zip(chunk, preds):
-                name = os.path.splitext(os.path.basename(path))[0]
-                draw(path, p, categories, score_thresh, os.path.join(out_dir, f"{name}.png"))
-                out.write(json.dumps(prediction_record(path, p, categories, score_thresh)) + "\n")
+                picture = os.path.basename(path) + ".png"             # photo.jpg and photo.png stay apart
+                draw(path, p, categories, score_thresh, os.path.join(out_dir, picture))
+                out.write(json.dumps(dict(prediction_record(path, p, categories, score_thresh), picture=picture)) + "\n")
     print(f"wrote {len(paths)} pictures and predictions.jsonl to {out_dir}")
 
 
@@ -293,8 +321,7 @@ def prediction_record(path, p, categories, score_thresh):
     rec = dict(image=path, boxes=p["boxes"][keep].tolist(), scores=p["scores"][keep].tolist(),
                labels=[categories[l]["name"] for l in p["labels"][keep].tolist()])
     if "masks" in p:
-        rles = [mask_utils.encode(np.asfortranarray(p["masks"][k].numpy().astype(np.uint8))) for k in keep if k < len(p["masks"])]
-        rec["masks"] = [dict(size=r["size"], counts=r["counts"].decode("ascii")) for r in rles]
+        rec["masks"] = masks_to_rle(p["masks"][[k for k in keep if k < len(p["masks"])]])
     if "keypoints" in p:
         rec["keypoints"] = [k for k, i in zip(p["keypoints"].tolist(), p["kpt_index"].tolist()) if i in keep]
     if "caption" in p:
@@ -323,7 +350,7 @@ def main():
     p.add_argument("--show", type=int, default=0, help="write this many pictures of predictions")
     p.add_argument("--images", default=None, help="a folder or file of own images to predict on")
     p.add_argument("--score-thresh", type=float, default=0.3)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 8 on a GPU, 1 on the CPU")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
@@ -334,6 +361,9 @@ def main():
         if args.device.startswith("cuda"):
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(args.device)               # NCCL's collectives use the current device
+    args.batch_size = args.batch_size or (8 if args.device.startswith("cuda") else 1)
+    if args.device.startswith("cuda"):
+        mad.cuda_settings()
     model, ckpt, tokenizer = load_checkpoint(args.ckpt, args.device)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
     if args.images:
@@ -344,7 +374,7 @@ def main():
         data.check_root(root, args.split)
         try:
             dataset = data.CocoMultiTask(root, args.split, model.cfg, tokenizer, train=False,
-                                         categories=ckpt["categories"])
+                                         categories=ckpt["categories"], targets=False)
         except ValueError as e:
             raise SystemExit(str(e)) from None
         evaluate(model, dataset, tokenizer, out, args.batch_size, args.workers, args.max_images, args.show,

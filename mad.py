@@ -47,6 +47,7 @@ class Config:
     cap_ratios: tuple = (1.0, 0.8, 0.6, 0.4)
     seg_topk: int = 100              # detections that prompt segmentation / keypoints
     sine_coords: bool = True         # coordinate token embeddings start as sine codes of their bin
+    xavier: bool = False             # xavier_uniform_ init of the encoder/decoder weight matrices (authors' code)
     image_size: int = 800            # shorter side at test time (longer side <= max_size)
     max_size: int = 1333
 
@@ -339,6 +340,10 @@ class MAD(nn.Module):
         self.proj = nn.Conv2d(channels, d, 1)
         self.encoder = nn.ModuleList(EncoderLayer(d, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(d, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.dec_layers))
+        if cfg.xavier:
+            for p in [*self.encoder.parameters(), *self.decoder.parameters()]:
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
         self.dec_norm = nn.LayerNorm(d)                     # shared by the outputs of every decoder layer
         self.embed = nn.Embedding(vocab.size, d)            # input tokens AND the head's class weights
         if cfg.sine_coords:
@@ -391,6 +396,15 @@ class MAD(nn.Module):
         w = F.normalize(self.embed.weight[lo:hi], dim=-1)
         return z @ w.t() * self.logit_scale.clamp(max=math.log(100)).exp()
 
+    def compile_parts(self):
+        """torch.compile the backbone and each encoder/decoder layer, in place: nn.Module.compile keeps
+        the parameter names, so checkpoints do not change. dynamic=True: multi-scale images and the
+        per-task sequence lengths share one graph per part instead of recompiling for every shape.
+        The losses and the matcher stay eager (scipy runs on the CPU)."""
+        for part in (self.backbone, *self.encoder, *self.decoder):
+            part.compile(dynamic=True)
+        return self
+
     def param_groups(self, lr, backbone_lr, weight_decay):
         """AdamW groups: the backbone is fine-tuned with the lower learning rate (supplementary A)."""
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
@@ -420,8 +434,10 @@ class MAD(nn.Module):
     def task_sums(self, batch, tasks):
         """({task: summed weighted CE per layer}, {task: counted positions per layer})."""
         enc = self.encode(batch["images"], batch["pad_mask"])   # the image is encoded once per step (3.4)
+        # detection last: its matcher waits for the GPU (costs to the CPU for scipy), best with the
+        # other tasks' work already queued
         out = {t: self.ar_loss(batch, enc, t) if self.cfg.decoder == "ar" else getattr(self, f"{t}_loss")(batch, enc)
-               for t in tasks}
+               for t in sorted(tasks, key=lambda t: t == "det")}
         return {t: o[0] for t, o in out.items()}, {t: o[1] for t, o in out.items()}
 
     @torch.no_grad()
@@ -505,43 +521,54 @@ class MAD(nn.Module):
           boxes (Q, 4) xyxy original pixels, scores (Q,), labels (Q,)   sorted by score
           masks (K, H0, W0) bool for the first K = min(seg_topk, Q) detections
           keypoints (P, 17, 3) x, y, p(visible) for person detections; kpt_index (P,) into boxes
-          caption str (caption_ids (L,) without a tokenizer)"""
+          caption str (caption_ids (L,) without a tokenizer)
+        Everything, mask pasting included, runs on the images' device; results move to the CPU
+        once, at the end (no synchronization between the tasks)."""
+        hw = orig_sizes.tolist()                                              # before any device work is queued
         enc = self.encode(images, pad_mask)
-        out = [dict() for _ in range(len(images))]
-        scale = orig_sizes.flip(-1).repeat(1, 2).float()                  # (B, 4) as w, h, w, h
+        res = {}                                                              # on the device until the end
         if {"det", "seg", "kpt"} & set(tasks):
             det = self.predict_detections(enc)
-            for o, b, s, l in zip(out, det["boxes"] * scale[:, None].to(det["boxes"]), det["scores"], det["labels"]):
-                o.update(boxes=b.cpu(), scores=s.cpu(), labels=l.cpu())
+            res.update(boxes=self.to_pixels(det["box_tokens"], orig_sizes), scores=det["scores"], labels=det["labels"])
         if "seg" in tasks:
-            K = min(self.cfg.seg_topk, self.cfg.num_queries)
+            K, M = min(self.cfg.seg_topk, self.cfg.num_queries), self.cfg.mask_size
             prompt = self.box_prompts(det, self.vocab.seg, torch.arange(K, device=images.device).expand(len(images), K))
-            prob = self.decode_sequences(prompt, self.cfg.mask_size ** 2, enc, "seg", (1.0,))[..., 0]   # (B, K, M*M) p(<fg>)
-            M = self.cfg.mask_size
-            for o, p, (h, w) in zip(out, prob.view(-1, K, M, M).float().cpu(), orig_sizes.tolist()):
-                o["masks"] = paste_masks(p, o["boxes"][:K], h, w)
+            prob = self.decode_sequences(prompt, M * M, enc, "seg", (1.0,))[..., 0]   # (B, K, M*M) p(<fg>)
+            res["masks"] = [paste_masks(p, b, h, w) for p, b, (h, w) in
+                            zip(prob.view(-1, K, M, M).float(), res["boxes"][:, :K], hw)]
         if "kpt" in tasks and self.vocab.person >= 0:
             K = min(self.cfg.seg_topk, self.cfg.num_queries)
             is_person = det["labels"] == self.vocab.person                    # (B, Q), sorted by score
-            index = (~is_person).float().argsort(dim=-1, stable=True)[:, :K]      # persons first, by score
+            index = (~is_person).float().argsort(dim=-1, stable=True)[:, :K]  # persons first, by score
             prompt = self.box_prompts(det, self.vocab.kpt, index)
             prob = self.decode_sequences(prompt, 51, enc, "kpt", self.cfg.kpt_ratios, by_confidence=True)
-            kpts = self.keypoints_from_probs(prob)                            # (B, K, 17, 3) normalized
-            keep = is_person.gather(1, index).cpu()
-            for o, k, i, m, sc in zip(out, kpts.cpu(), index.cpu(), keep, scale.cpu()):
-                o["keypoints"] = k[m] * torch.cat([sc[:2], sc[:1].new_ones(1)])
-                o["kpt_index"] = i[m]
+            xy, vis = self.keypoints_from_probs(prob)                         # (B, K, 17, 2) tokens, (B, K, 17)
+            res.update(keypoints=torch.cat([self.to_pixels(xy.flatten(2), orig_sizes).unflatten(2, (17, 2)),
+                                            vis[..., None]], -1),             # (B, K, 17, 3)
+                       kpt_index=index, kpt_keep=is_person.gather(1, index))
         if "cap" in tasks:
             prompt = self.vocab.cap_prompt.to(images.device).expand(len(images), 1, 6)
             prob = self.decode_sequences(prompt, self.cfg.caption_len, enc, "cap", self.cfg.cap_ratios)
-            ids = prob[:, 0].argmax(-1).cpu()                                 # (B, L) SentencePiece ids
-            for o, row in zip(out, ids):
-                o.update(caption=tokenizer.decode(row.tolist())) if tokenizer else o.update(caption_ids=row)
+            res["caption_ids"] = prob[:, 0].argmax(-1)                        # (B, L) SentencePiece ids
+        res = {k: [t.cpu() for t in v] if isinstance(v, list) else v.cpu() for k, v in res.items()}
+        out = [{k: v[b] for k, v in res.items()} for b in range(len(images))]
+        for o in out:
+            if "keypoints" in o:
+                keep = o.pop("kpt_keep")
+                o["keypoints"], o["kpt_index"] = o["keypoints"][keep], o["kpt_index"][keep]
+            if "caption_ids" in o and tokenizer:
+                o["caption"] = tokenizer.decode(o.pop("caption_ids").tolist())
         return out
+
+    def to_pixels(self, coords, orig_sizes):
+        """Post-processing of coordinates: tokens (B, n, 2k) alternating x, y -> bin centres in
+        pixels of the original images (B, n, 2k). Boxes keep their corner order."""
+        wh = orig_sizes.flip(-1).to(coords.device, torch.float32)[:, None, None]   # (B, 1, 1, 2) as (w, h)
+        return (self.vocab.dequantize(coords).unflatten(-1, (-1, 2)) * wh).flatten(-2)
 
     def predict_detections(self, enc):
         """One fully masked pass over the detection sequence. Returns, sorted by score (B, Q, ...):
-        boxes (normalized xyxy), box tokens (x0 <= x1, y0 <= y1), scores, labels."""
+        box tokens (x0 <= x1, y0 <= y1), scores, labels."""
         B, Q, C, v = len(enc[0]), self.cfg.num_queries, self.vocab.num_classes, self.vocab
         prompt = v.det_prompt.to(enc[0].device).expand(B, 1, 6)
         prob = self.decode_sequences(prompt, 5 * Q, enc, "det", (1.0,)).view(B, Q, 5, -1)   # (B, Q, 5, V)
@@ -550,9 +577,8 @@ class MAD(nn.Module):
                             torch.maximum(coords[..., :2], coords[..., 2:])], -1)
         scores, labels = prob[:, :, 4, :C].max(-1)                            # low if <noise> is likely
         order = scores.argsort(-1, descending=True)
-        coords, scores, labels = (t.gather(1, order[..., None].expand_as(coords)) if t.dim() == 3
-                                  else t.gather(1, order) for t in (coords, scores, labels))
-        return dict(boxes=v.dequantize(coords), box_tokens=coords, scores=scores, labels=labels)
+        return dict(box_tokens=coords.gather(1, order[..., None].expand_as(coords)),
+                    scores=scores.gather(1, order), labels=labels.gather(1, order))
 
     def box_prompts(self, det, task_token, index):
         """Prompts [task, x0, y0, x1, y1, class] (B, K, 6) from the detections at index (B, K)."""
@@ -609,12 +635,12 @@ class MAD(nn.Module):
         return logits.masked_fill(~ok, float("-inf"))
 
     def keypoints_from_probs(self, prob):
-        """(B, K, 51, V) keypoint probabilities -> (B, K, 17, 3): normalized x, y and p(<vis>)."""
+        """(B, K, 51, V) keypoint probabilities -> x, y coordinate tokens (B, K, 17, 2) and p(<vis>) (B, K, 17)."""
         nb = self.vocab.num_bins
         prob = prob.unflatten(2, (17, 3))
-        xy = self.vocab.dequantize(prob[..., :2, : nb + 1].argmax(-1) + self.vocab.coord)
+        xy = prob[..., :2, : nb + 1].argmax(-1) + self.vocab.coord
         vis = prob[..., 2, nb + 1] / prob[..., 2, nb + 1:].sum(-1).clamp(min=1e-12)
-        return torch.cat([xy, vis[..., None]], -1)
+        return xy, vis
 
     # -------------------------------------------------------------------------
     # Supplementary B: the autoregressive baseline. Same network and sequences; causal
@@ -670,6 +696,15 @@ class MAD(nn.Module):
             probs.append(p)
             x = torch.cat([x, p.argmax(-1) + lo], -1)
         return torch.cat(probs, 2)
+
+
+def cuda_settings():
+    """What this model wants from CUDA: TF32 matmuls and convolutions (as the paper's A100s), and no
+    cuDNN attention: it builds a plan for every new shape, and multi-scale training brings new shapes
+    at almost every step (r50 --amp on an H200: 1.5 images/s with it, 4.6 without); flash and
+    memory-efficient attention take no per-shape plan."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def random_mask(shape, ratio, device):
@@ -744,18 +779,20 @@ def match_detections(logp, inputs, masked, gt, vocab, forced_cost=1e4):
 
 def paste_masks(prob, boxes, H, W, chunk=16):
     """Resample M x M foreground probabilities bilinearly into their boxes on the H x W image
-    and threshold at 0.5 (no RoIAlign at test time, as the paper). prob (K, M, M), boxes (K, 4)
-    xyxy pixels -> (K, H, W) bool. The resampling is separable: mask = Wy @ prob @ Wx^T."""
-    def weights(lo, hi, size, m):                      # (K,) edges -> (K, size, m), zero outside the box
-        centre = torch.arange(size, dtype=torch.float32) + 0.5
+    and threshold at 0.5 (no RoIAlign at test time, as the paper), on prob's device.
+    prob (K, M, M), boxes (K, 4) xyxy pixels -> (K, H, W) bool. The resampling is separable:
+    mask = Wy @ prob @ Wx^T, with Wy (K, H, M) and Wx (K, W, M) the bilinear weights of each
+    pixel centre (zero outside the box)."""
+    def weights(lo, hi, size, m):                      # (K,) edges -> (K, size, m)
+        centre = torch.arange(size, dtype=torch.float32, device=lo.device) + 0.5
         u = (centre - lo[:, None]) / (hi - lo).clamp(min=1e-3)[:, None] * m - 0.5
         inside = (centre >= lo[:, None]) & (centre < hi[:, None])
-        w = (1 - (u.clamp(0, m - 1)[..., None] - torch.arange(m)).abs()).clamp(min=0)
+        w = (1 - (u.clamp(0, m - 1)[..., None] - torch.arange(m, device=lo.device)).abs()).clamp(min=0)
         return w * inside[..., None]
     M = prob.shape[-1]
-    out = torch.zeros(len(prob), H, W, dtype=torch.bool)
+    out = torch.empty(len(prob), H, W, dtype=torch.bool, device=prob.device)
     for i in range(0, len(prob), chunk):               # chunks bound the float memory to chunk*H*W
-        b = boxes[i:i + chunk]
+        b = boxes[i:i + chunk].float()
         wy, wx = weights(b[:, 1], b[:, 3], H, M), weights(b[:, 0], b[:, 2], W, M)
         out[i:i + chunk] = wy @ prob[i:i + chunk] @ wx.transpose(1, 2) >= 0.5
     return out

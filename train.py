@@ -10,6 +10,7 @@ Every field of mad.Config and TrainConfig is a flag (--mask-ratio 0.6, --cap-rat
 --backbone picks the model preset and the paper's schedule (Table 9) first, explicit flags win.
 """
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -35,7 +36,10 @@ class TrainConfig:
     data: str = os.environ.get("COCO_ROOT", "data/coco")   # COCO-layout root, or "synthetic"
     out: str = "runs/mad"             # checkpoints, log.jsonl, evaluation outputs
     epochs: int = 50
-    lr_drop: int = 40                 # epoch at which the learning rate drops x0.1
+    lr_drop: int = 40                 # epoch at which the learning rate drops x0.1 (lr_schedule "step")
+    lr_schedule: str = "step"         # step: x0.1 at lr_drop (paper) | cosine: to 0 at the last step
+    warmup: int = 0                   # steps of linear learning-rate warm-up
+    ema: float = 0.0                  # decay of an exponential moving average of the weights (0: off)
     batch_size: int = 16              # global: over all processes and accumulation steps
     accum_steps: int = 1              # gradient accumulation (paper batch on fewer GPUs)
     lr: float = 1e-4
@@ -43,6 +47,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     clip: float = 0.1                 # gradient norm clipping
     amp: bool = False                 # CUDA: bf16 where supported, else fp16 + GradScaler; CPU: bf16
+    compile: bool = False             # torch.compile the backbone and the encoder/decoder layers
     max_steps: int = 0                # stop after this many optimizer steps (0: run all epochs)
     save_every: int = 0               # also save last.pt every N steps (0: once per epoch)
     eval_every: int = 0               # evaluate on val2017 every N epochs (0: never)
@@ -53,7 +58,8 @@ class TrainConfig:
     workers: int = 4
     seed: int = 0
     resume: bool = False              # continue from OUT/last.pt
-    demo: bool = False                # synthetic set, tiny model, CPU-sized schedule, evaluation at the end
+    demo: bool = False                # synthetic set, tiny model, a plan for this machine, evaluation at the end
+    budget_min: float = 0.0           # --demo: wall minutes the plan fits the run into (0: 14 on a CPU, 2.5 on a GPU)
     spm_vocab: int = 8000             # SentencePiece vocabulary trained on the train captions
     skip_bad_images: bool = False     # skip (and count) missing or corrupt images instead of failing
     augment: bool = True              # flip, crop, multi-scale / LSJ (off: the fixed evaluation resize)
@@ -69,10 +75,10 @@ SCHEDULES = {
     "tiny": dict(epochs=12, lr_drop=10, batch_size=16, lr=5e-4, backbone_lr=5e-4, clip=1.0, workers=1,
                  spm_vocab=200, log_every=25),
 }
-# the demo: tiny model at 128 px, no augmentation (at this budget it costs more than it gives: bbox AP
-# 3.6 vs 0.8 after 12 CPU-minutes), 6 epochs of 1,600 images in batches of 8: about 13 minutes on 2 cores
+# the demo: tiny model at 128 px, no augmentation; batch, steps and workers are planned for the machine
+# (None: plan_demo chooses; explicit flags win)
 DEMO = dict(data="synthetic", out="runs/demo", backbone="tiny", eval_every=0, show=4, augment=False,
-            epochs=6, lr_drop=5, batch_size=8)
+            epochs=10 ** 6, batch_size=None, max_steps=None, workers=None)
 SYNTHETIC = dict(root="data/synthetic", train=1600, val=200)
 
 
@@ -158,6 +164,71 @@ def set_rng_state(s):
 
 
 # -----------------------------------------------------------------------------
+# The demo's plan: batch by device, data workers by cores, steps by the measured speed
+
+START = time.time()                     # the demo's time budget counts from the start of the process
+
+
+def plan_demo(tc, dataset, model, ckpt, master):
+    """Fill the demo's unset batch_size, max_steps and workers for this machine and print the plan.
+    A resumed run keeps its checkpoint's plan; rank 0 decides and the other ranks follow."""
+    if ckpt is not None:
+        plan = {k: ckpt["train"][k] for k in ("batch_size", "max_steps", "workers")}
+    else:
+        plan = None
+        if master:
+            cuda = tc.device.startswith("cuda")
+            plan = dict(batch_size=tc.batch_size or (32 if cuda else 8),
+                        workers=tc.workers if tc.workers is not None else
+                        min(8, (os.cpu_count() or 2) - 1) if cuda else 1)
+            minutes = tc.budget_min or (2.5 if cuda else 14)
+            plan["max_steps"] = tc.max_steps or steps_in_budget(model, dataset, plan["batch_size"], tc.device, minutes)
+            print(f"demo plan for {'cuda' if cuda else 'cpu'} ({torch.get_num_threads()} threads): batch "
+                  f"{plan['batch_size']}, {plan['max_steps']:,} steps, {plan['workers']} workers; the same run: "
+                  f"--batch-size {plan['batch_size']} --max-steps {plan['max_steps']} --workers {plan['workers']}")
+        plan = broadcast(plan)
+    for k, v in plan.items():
+        setattr(tc, k, v)
+
+
+def steps_in_budget(model, dataset, batch_size, device, minutes, eval_images=SYNTHETIC["val"], margin=0.9):
+    """How many training steps fit into `minutes` of wall time since the process started, after the
+    final evaluation: a copy of the model times 3 training steps (after a warm-up) and one
+    evaluation batch; `margin` keeps a tenth of the remaining time for loaders, checkpoints, COCOeval."""
+    rng = torch.get_rng_state()                              # the probe's random masks leave no trace
+    probe = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW(probe.parameters(), 1e-4)
+    batches = [to_device(data.collate([dataset[i] for i in range(k * batch_size, (k + 1) * batch_size)]), device)
+               for k in range(4)]
+
+    def step(batch):
+        loss, _ = probe(batch, dataset.tasks)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    step(batches[0])
+    t = timer(device)
+    for b in batches[1:]:
+        step(b)
+    step_s = (timer(device) - t) / 3
+    b = batches[0]
+    with torch.no_grad():
+        probe.eval().predict(b["images"], b["pad_mask"], b["size"], b["orig_size"], dataset.tasks)   # warm-up
+        t = timer(device)
+        probe.predict(b["images"], b["pad_mask"], b["size"], b["orig_size"], dataset.tasks)
+        eval_s = (timer(device) - t) / batch_size * eval_images
+    torch.set_rng_state(rng)
+    left = minutes * 60 - (time.time() - START) - eval_s
+    return max(1, int(margin * left / step_s))
+
+
+def timer(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+# -----------------------------------------------------------------------------
 # DDP in a few lines (nanoGPT style): torchrun sets RANK; NCCL on CUDA, gloo on CPU
 
 def barrier():
@@ -172,6 +243,15 @@ def gather(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast(obj):
+    """Rank 0's obj on every rank (obj itself without DDP)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def to_device(batch, device):
@@ -191,10 +271,8 @@ def main(argv=None):
         rank, world = 0, 1
     master = rank == 0
     device_type = "cuda" if tc.device.startswith("cuda") else "cpu"
-    if tc.batch_size % (world * tc.accum_steps):
-        raise SystemExit(f"--batch-size {tc.batch_size} must be divisible by processes ({world}) x "
-                         f"--accum-steps ({tc.accum_steps})")
-    micro = tc.batch_size // (world * tc.accum_steps)
+    if device_type == "cuda":
+        mad.cuda_settings()
     os.makedirs(tc.out, exist_ok=True)
     ckpt_path = os.path.join(tc.out, "last.pt")
     ckpt = None
@@ -215,25 +293,37 @@ def main(argv=None):
         raise SystemExit(str(e)) from None
     torch.manual_seed(tc.seed)                               # identical initial weights on every rank
     model = mad.MAD(cfg, dataset.vocab).to(tc.device)
+    if tc.demo:
+        plan_demo(tc, dataset, model, ckpt, master)
+    if tc.batch_size % (world * tc.accum_steps):
+        raise SystemExit(f"--batch-size {tc.batch_size} must be divisible by processes ({world}) x "
+                         f"--accum-steps ({tc.accum_steps})")
+    micro = tc.batch_size // (world * tc.accum_steps)
     if (tc.pretrained or tc.backbone_weights) and ckpt is None:
         mad.load_backbone_weights(model.backbone, cfg.backbone, tc.backbone_weights or None)
-    optimizer = torch.optim.AdamW(model.param_groups(tc.lr, tc.backbone_lr, tc.weight_decay))
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [tc.lr_drop], 0.1)
+    optimizer = torch.optim.AdamW(model.param_groups(tc.lr, tc.backbone_lr, tc.weight_decay),
+                                  fused=device_type == "cuda")              # one kernel for the whole update
+    for g in optimizer.param_groups:
+        g["base_lr"] = g["lr"]                               # lr_factor scales it at every step
     amp_dtype = None
     if tc.amp:
         amp_dtype = torch.float16 if device_type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
     autocast = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
     step = 0
+    # the EMA of the weights (evaluated instead of the weights when on): every float tensor of the state
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if tc.ema else None
     torch.manual_seed(tc.seed + rank)                        # masking differs across ranks
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
+        ema = ckpt["ema"]
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
     raw = model
+    if tc.compile:
+        model.compile_parts()
     if ddp:
         model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
 
@@ -254,7 +344,7 @@ def main(argv=None):
             raise RuntimeError(f"step {step}: the {world} processes hold different parameters")
         if master:
             save_checkpoint(ckpt_path, dict(
-                model=raw.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                model=raw.state_dict(), optimizer=optimizer.state_dict(), ema=ema,
                 scaler=scaler.state_dict(), epoch=epoch, step=step, config=dataclasses.asdict(cfg),
                 train=dataclasses.asdict(tc), vocab=dataset.vocab.state_dict(),
                 spm=tokenizer.model_bytes if tokenizer else None, categories=dataset.categories, rng=rngs))
@@ -274,12 +364,18 @@ def main(argv=None):
         # (the loader's own generator: drawing from the global RNG would shift it on resume)
         batches = iter(loader)
         while step < total and step < (epoch + 1) * steps_per_epoch:
+            for g in optimizer.param_groups:
+                g["lr"] = g["base_lr"] * lr_factor(step, total, steps_per_epoch, tc)
             micro_batches = [to_device(next(batches), tc.device) for _ in range(tc.accum_steps)]
             losses = train_step(model, raw, micro_batches, dataset.tasks, optimizer, scaler, autocast, tc.clip)
             if not torch.isfinite(losses).all():                 # the update was skipped: weights are fine
                 bad = [f"{t}={v:.4g}" for t, v in zip(dataset.tasks, losses[1:].tolist()) if not math.isfinite(v)]
                 raise SystemExit(f"non-finite loss at step {step + 1} (epoch {epoch}): {', '.join(bad) or 'total'}; "
                                  f"stopped without saving, {ckpt_path} holds the last good state")
+            if ema is not None:
+                floats = [k for k, v in ema.items() if v.is_floating_point()]
+                state = raw.state_dict()
+                torch._foreach_lerp_([ema[k] for k in floats], [state[k] for k in floats], 1 - tc.ema)
             sums += losses
             seen += sum(len(b["images"]) for b in micro_batches) * world
             step += 1
@@ -293,16 +389,34 @@ def main(argv=None):
             if tc.save_every and step % tc.save_every == 0:
                 checkpoint(epoch)
         if step % steps_per_epoch == 0:                      # end of an epoch
-            scheduler.step()
             checkpoint(epoch + 1)
             if tc.eval_every and (epoch + 1) % tc.eval_every == 0:
-                run_evaluation(raw, root, cfg, tokenizer, dataset.categories, tc, f"epoch{epoch + 1}")
+                run_evaluation(evaluated(raw, ema), root, cfg, tokenizer, dataset.categories, tc, f"epoch{epoch + 1}")
     if step % steps_per_epoch:                               # stopped by --max-steps mid-epoch
         checkpoint(step // steps_per_epoch)
     if tc.demo:
-        run_evaluation(raw, root, cfg, tokenizer, dataset.categories, tc, "final")
+        run_evaluation(evaluated(raw, ema), root, cfg, tokenizer, dataset.categories, tc, "final")
     if ddp:
         dist.destroy_process_group()
+
+
+def lr_factor(step, total, steps_per_epoch, tc):
+    """Learning rate of optimizer step `step` (0-based) as a share of the base rate: a linear warm-up
+    over tc.warmup steps, then either the paper's x0.1 drop at epoch tc.lr_drop or a cosine to 0."""
+    if step < tc.warmup:
+        return (step + 1) / tc.warmup
+    if tc.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (step - tc.warmup) / max(total - tc.warmup, 1)))
+    return 0.1 if step >= tc.lr_drop * steps_per_epoch else 1.0
+
+
+def evaluated(model, ema):
+    """The model to evaluate: itself, or a copy holding the EMA of its weights."""
+    if ema is None:
+        return model
+    copy = mad.MAD(model.cfg, model.vocab).to(next(model.parameters()).device)
+    copy.load_state_dict(ema)
+    return copy
 
 
 def train_step(model, raw, micro_batches, tasks, optimizer, scaler, autocast, clip):
@@ -358,7 +472,7 @@ def log(step, total, epoch, avg, tasks, optimizer, images_per_s, eta, tc):
 
 
 def run_evaluation(model, root, cfg, tokenizer, categories, tc, name):
-    dataset = data.CocoMultiTask(root, "val2017", cfg, tokenizer, train=False, categories=categories)
+    dataset = data.CocoMultiTask(root, "val2017", cfg, tokenizer, train=False, categories=categories, targets=False)
     out = os.path.join(tc.out, f"eval_{name}")
     metrics = evaluate.evaluate(model, dataset, tokenizer, out, batch_size=8, workers=min(tc.workers, 2),
                                 max_images=tc.eval_images, show=tc.show, device=tc.device)
