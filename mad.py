@@ -47,6 +47,7 @@ class Config:
     cap_ratios: tuple = (1.0, 0.8, 0.6, 0.4)
     seg_topk: int = 100              # detections that prompt segmentation / keypoints
     sine_coords: bool = True         # coordinate token embeddings start as sine codes of their bin
+    stride: int = 32                 # tiny backbone only: output stride 32 or 16
     xavier: bool = False             # xavier_uniform_ init of the encoder/decoder weight matrices (authors' code)
     image_size: int = 800            # shorter side at test time (longer side <= max_size)
     max_size: int = 1333
@@ -149,12 +150,13 @@ class CaptionTokenizer:
 # -----------------------------------------------------------------------------
 # 3.3 Architecture: backbone -> 1x1 projection + sine positions -> encoder -> decoder -> head
 
-def tiny_backbone():
-    """A small stride-32 CNN for tests and the CPU demo. GroupNorm, not BatchNorm, so a sample's
+def tiny_backbone(stride=32):
+    """A small stride-32 (or 16) CNN for tests and the CPU demo. GroupNorm, not BatchNorm, so a sample's
     features do not depend on the rest of its batch (DDP with batch 1 per rank == one batch of 2)."""
     layers, c_in = [], 3
     for c in (32, 64, 128, 192, 256):
-        layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU(inplace=True),
+        s = 1 if c == 256 and stride == 16 else 2
+        layers += [nn.Conv2d(c_in, c, 3, s, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU(inplace=True),
                    nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU(inplace=True)]
         c_in = c
     return nn.Sequential(*layers), c_in
@@ -336,7 +338,7 @@ class MAD(nn.Module):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
         d = cfg.d_model
-        self.backbone, channels = backbone or BACKBONES[cfg.backbone]()
+        self.backbone, channels = backbone or (tiny_backbone(cfg.stride) if cfg.backbone == "tiny" else BACKBONES[cfg.backbone]())
         self.proj = nn.Conv2d(channels, d, 1)
         self.encoder = nn.ModuleList(EncoderLayer(d, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(d, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.dec_layers))
@@ -365,6 +367,10 @@ class MAD(nn.Module):
         pos = sine_positions(mask, f.shape[1])                                 # (B, hw, d)
         x = f.flatten(2).transpose(1, 2)                                       # (B, hw, d)
         attend = ~mask.flatten(1)[:, None, None, :]                            # (B, 1, 1, hw) True = attend
+        return self.run_encoder(x, pos, attend)
+
+    def run_encoder(self, x, pos, attend):
+        """The transformer encoder over the image tokens x (B, hw, d)."""
         for layer in self.encoder:
             x = layer(x, pos, attend)
         return x, x + pos, attend
@@ -396,13 +402,14 @@ class MAD(nn.Module):
         w = F.normalize(self.embed.weight[lo:hi], dim=-1)
         return z @ w.t() * self.logit_scale.clamp(max=math.log(100)).exp()
 
-    def compile_parts(self):
-        """torch.compile the backbone and each encoder/decoder layer, in place: nn.Module.compile keeps
-        the parameter names, so checkpoints do not change. dynamic=True: multi-scale images and the
-        per-task sequence lengths share one graph per part instead of recompiling for every shape.
-        The losses and the matcher stay eager (scipy runs on the CPU)."""
-        for part in (self.backbone, *self.encoder, *self.decoder):
-            part.compile(dynamic=True)
+    def compile_parts(self, **options):
+        """torch.compile the transformer encoder and the decoder stack: `run_encoder` and `decode` are
+        replaced on this instance, so parameter names and checkpoints do not change. dynamic=True:
+        multi-scale images and the per-task sequence lengths and counts share one graph. The
+        backbone stays eager (inductor's convolutions guard on the feature map's width and would
+        recompile for every image size), as do the head, the losses and the matcher."""
+        self.run_encoder = torch.compile(self.run_encoder, dynamic=True, **options)
+        self.decode = torch.compile(self.decode, dynamic=True, **options)
         return self
 
     def param_groups(self, lr, backbone_lr, weight_decay):

@@ -1202,6 +1202,49 @@ def test_amp_on_the_cpu_trains_under_bf16_autocast(synth, tmp_path, monkeypatch)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def test_compile_trains_on_the_cpu_keeps_parameter_names_and_does_not_recompile_per_shape(synth, tmp_path,
+                                                                                         monkeypatch):
+    """GPU issue, --compile: torch.compile of the encoder and decoder also works on the CPU; the
+    checkpoint keeps plain parameter names (no _orig_mod.); multi-scale images and the varying
+    numbers of segmentation / keypoint sequences reuse the graphs: after the first shapes, no
+    recompilation (one encoder and one decoder graph, plus one encoder recompile when the first
+    image is square). 1 encoder and 1 decoder layer keep inductor's C++ compilation short."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    shapes, encode = [], mad.MAD.encode
+
+    def recording(self, images, pad_mask):
+        shapes.append((tuple(images.shape[-2:]), len(images)))
+        return encode(self, images, pad_mask)
+    monkeypatch.setattr(mad.MAD, "encode", recording)
+    train.main(run_args(synth, tmp_path / "c", "--compile", "--enc-layers", "1", "--dec-layers", "1",
+                        "--batch-size", "2", "--image-size", "160", "--max-size", "224", "--max-steps", "6"))
+    assert len({s for s, _ in shapes}) >= 3                                    # multi-scale: several image sizes
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    ckpt = torch.load(tmp_path / "c/last.pt", weights_only=False)
+    plain = MAD(tiny_cfg(enc_layers=1, dec_layers=1, image_size=160, max_size=224), Vocab(**ckpt["vocab"]))
+    assert ckpt["step"] == 6 and list(ckpt["model"]) == list(plain.state_dict())
+    torch._dynamo.reset()
+
+
+def test_bench_quick_mode_prints_the_tiny_rows():
+    """README, bench.py --quick (seconds: tiny only, one repetition): the latency rows count the
+    sequential decoder passes the paper compares (MAD: one per task, 8 with masked inference;
+    AR: one per token, 5Q + M^2 + 51 + caption length), and the throughput rows are numbers."""
+    p = run([sys.executable, "bench.py", "--quick", "--json"], timeout=300)
+    res = json.loads(p.stdout)
+    cfg = tiny_cfg()
+    rows = res["latency_tiny"]
+    assert [rows[r]["passes"] for r in ("MAD one stage", "MAD masked inference", "AR + KV cache")] == \
+        [4, 1 + 1 + len(cfg.kpt_ratios) + len(cfg.cap_ratios),
+         5 * cfg.num_queries + cfg.mask_size ** 2 + 51 + cfg.caption_len]
+    for r in rows.values():
+        assert r["total"] > 0 and all(r[t] > 0 for t in ("encode", *mad.TASKS))
+    assert res["train_tiny_b8_128"]["images_per_s"] > 0 and res["flop_utilization_tiny"]["train_gflop"] > 1
+    assert "latency_r50" not in res and res["device"] == "cpu"
+
+
 def test_skip_bad_images_through_train_py_with_a_data_worker(synth, tmp_path):
     """README: --skip-bad-images skips and counts missing and corrupt images, also in a data-loader
     worker process (--workers 1); without it training stops with an error naming the file."""
