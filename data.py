@@ -407,12 +407,12 @@ def decode_segmentation(segm, H, W):
 # -----------------------------------------------------------------------------
 # Batching
 
-def collate(samples):
-    """Pad images to a multiple of 32 (pad_mask True at padding), stack the targets, and trim the
-    segmentation/keypoint rows that are padding in every image of the batch."""
+def collate(samples, multiple=32):
+    """Pad images to a multiple of 32 (the stride; pad_mask True at padding), stack the targets, and
+    trim the segmentation/keypoint rows that are padding in every image of the batch."""
     images, targets = zip(*samples)
-    H = -(-max(im.shape[1] for im in images) // 32) * 32
-    W = -(-max(im.shape[2] for im in images) // 32) * 32
+    H = -(-max(im.shape[1] for im in images) // multiple) * multiple
+    W = -(-max(im.shape[2] for im in images) // multiple) * multiple
     batch = dict(images=torch.zeros(len(images), 3, H, W), pad_mask=torch.ones(len(images), H, W, dtype=torch.bool))
     for k, im in enumerate(images):
         batch["images"][k, :, : im.shape[1], : im.shape[2]] = im

@@ -123,6 +123,10 @@ def to_coco_results(preds, image_ids, categories):
     return res
 
 
+def to_cpu(prediction):
+    return {k: v.cpu() if torch.is_tensor(v) else v for k, v in prediction.items()}
+
+
 def masks_to_rle(masks):
     """(K, H, W) bool -> K COCO RLEs (JSON-ready: counts as str)."""
     if not len(masks):
@@ -192,7 +196,8 @@ def run_predictions(model, dataset, tokenizer, indices, batch_size, workers, dev
     for batch in loader:
         t = time.perf_counter()
         out = model.predict(batch["images"].to(device), batch["pad_mask"].to(device), batch["size"], batch["orig_size"],
-                            tasks=dataset.tasks, tokenizer=tokenizer)         # (predict ends by moving results to the CPU)
+                            tasks=dataset.tasks, tokenizer=tokenizer)
+        out = [to_cpu(p) for p in out]                                        # (waits for the device)
         seconds += time.perf_counter() - t
         for p in out:
             if "masks" in p:
@@ -306,9 +311,10 @@ def predict_images(model, tokenizer, categories, paths, out_dir, batch_size, dev
             chunk = paths[i:i + batch_size]
             samples = [data.load_inference_image(p, cfg) for p in chunk]
             batch = data.collate([(im, dict(size=size, orig_size=orig)) for im, orig, size in samples])
-            preds = model.predict(batch["images"].to(device), batch["pad_mask"].to(device), batch["size"].to(device),
-                                  batch["orig_size"].to(device), tokenizer=tokenizer,
+            preds = model.predict(batch["images"].to(device), batch["pad_mask"].to(device), batch["size"],
+                                  batch["orig_size"], tokenizer=tokenizer,
                                   tasks=TASKS if model.vocab.person >= 0 else ("det", "seg", "cap"))
+            preds = [to_cpu(p) for p in preds]
             for path, p in zip(chunk, preds):
                 picture = os.path.basename(path) + ".png"             # photo.jpg and photo.png stay apart
                 draw(path, p, categories, score_thresh, os.path.join(out_dir, picture))

@@ -763,7 +763,7 @@ def test_caption_loss_picks_each_layers_best_reference_by_mean_nll_and_perturbs_
     MEAN cross-entropy under that layer's prediction (here: layer 0 a long reference over a short one
     of lower summed CE, layer 1 another); the partly masked copy holds every reference, its masked
     positions <mask>, exactly one visible token replaced by a random text token."""
-    model = tiny_model()
+    model = tiny_model(max_captions=5)
     v = model.vocab
     lo, hi = v.task_range("cap")
     batch = random_batch(model)
@@ -1433,10 +1433,12 @@ def test_ddp_two_processes_equal_one_process_on_the_joined_batch(synth, tmp_path
     assert scale > 1e-4
     for a, b in zip(moments(one), moments(two)):
         assert torch.allclose(a, b, atol=1e-5 * scale, rtol=0)                # float32 summation order only
-    # Adam's first step is lr * g / (|g| + eps): the attention key biases, whose gradient is float noise
-    # (a softmax ignores a shift of all its scores), move by up to lr in either run
-    same = lambda c: {k: v for k, v in c["model"].items() if not k.endswith("k.bias")}
-    assert_same_params(same(one), same(two), atol=1e-5)
+    # Adam's first step is lr * g / (|g| + eps): an element whose gradient is float noise (e.g. the
+    # attention key biases: a softmax ignores a shift of all its scores) moves by +-lr in either run,
+    # so a few elements may differ by up to 2 lr; all the others must be equal
+    assert one["model"].keys() == two["model"].keys()
+    diff = torch.cat([(one["model"][k].float() - two["model"][k].float()).abs().flatten() for k in one["model"]])
+    assert (diff > 1e-5).float().mean() < 1e-3 and diff.max() <= 2e-4 + 1e-6
 
 
 def test_ddp_training_runs_and_replicas_stay_identical(synth, tmp_path):

@@ -39,7 +39,6 @@ class TrainConfig:
     lr_drop: int = 40                 # epoch at which the learning rate drops x0.1 (lr_schedule "step")
     lr_schedule: str = "step"         # step: x0.1 at lr_drop (paper) | cosine: to 0 at the last step
     warmup: int = 0                   # steps of linear learning-rate warm-up
-    ema: float = 0.0                  # decay of an exponential moving average of the weights (0: off)
     batch_size: int = 16              # global: over all processes and accumulation steps
     accum_steps: int = 1              # gradient accumulation (paper batch on fewer GPUs)
     lr: float = 1e-4
@@ -78,6 +77,7 @@ SCHEDULES = {
 # the demo: tiny model at 128 px, no augmentation; batch, steps and workers are planned for the machine
 # (None: plan_demo chooses; explicit flags win)
 DEMO = dict(data="synthetic", out="runs/demo", backbone="tiny", eval_every=0, show=4, augment=False,
+            lr=1e-3, backbone_lr=1e-3, warmup=100, lr_schedule="cosine",
             epochs=10 ** 6, batch_size=None, max_steps=None, workers=None)
 SYNTHETIC = dict(root="data/synthetic", train=1600, val=200)
 
@@ -194,7 +194,7 @@ def plan_demo(tc, dataset, model, ckpt, master):
 def steps_in_budget(model, dataset, batch_size, device, minutes, eval_images=SYNTHETIC["val"], margin=0.9):
     """How many training steps fit into `minutes` of wall time since the process started, after the
     final evaluation: a copy of the model times 3 training steps (after a warm-up) and one
-    evaluation batch; `margin` keeps a tenth of the remaining time for loaders, checkpoints, COCOeval."""
+    evaluation batch; `margin` keeps a tenth of the remaining time for data loaders and checkpoints."""
     rng = torch.get_rng_state()                              # the probe's random masks leave no trace
     probe = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW(probe.parameters(), 1e-4)
@@ -218,7 +218,7 @@ def steps_in_budget(model, dataset, batch_size, device, minutes, eval_images=SYN
         probe.predict(b["images"], b["pad_mask"], b["size"], b["orig_size"], dataset.tasks)
         eval_s = (timer(device) - t) / batch_size * eval_images
     torch.set_rng_state(rng)
-    left = minutes * 60 - (time.time() - START) - eval_s
+    left = minutes * 60 - (time.time() - START) - eval_s - 10                   # 10 s: COCOeval, pictures
     return max(1, int(margin * left / step_s))
 
 
@@ -311,15 +311,12 @@ def main(argv=None):
     autocast = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
     step = 0
-    # the EMA of the weights (evaluated instead of the weights when on): every float tensor of the state
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if tc.ema else None
     torch.manual_seed(tc.seed + rank)                        # masking differs across ranks
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
-        ema = ckpt["ema"]
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
     raw = model
     if tc.compile:
@@ -344,7 +341,7 @@ def main(argv=None):
             raise RuntimeError(f"step {step}: the {world} processes hold different parameters")
         if master:
             save_checkpoint(ckpt_path, dict(
-                model=raw.state_dict(), optimizer=optimizer.state_dict(), ema=ema,
+                model=raw.state_dict(), optimizer=optimizer.state_dict(),
                 scaler=scaler.state_dict(), epoch=epoch, step=step, config=dataclasses.asdict(cfg),
                 train=dataclasses.asdict(tc), vocab=dataset.vocab.state_dict(),
                 spm=tokenizer.model_bytes if tokenizer else None, categories=dataset.categories, rng=rngs))
@@ -358,7 +355,7 @@ def main(argv=None):
         dataset.set_epoch(epoch)
         done = (step - epoch * steps_per_epoch) * micro * tc.accum_steps   # resumed mid-epoch: skip those
         loader = torch.utils.data.DataLoader(dataset, micro, sampler=list(sampler)[done:], num_workers=tc.workers,
-                                             collate_fn=data.collate, drop_last=True,
+                                             collate_fn=pad_to_128, drop_last=True,
                                              pin_memory=device_type == "cuda",
                                              generator=torch.Generator().manual_seed(tc.seed + epoch))
         # (the loader's own generator: drawing from the global RNG would shift it on resume)
@@ -372,10 +369,6 @@ def main(argv=None):
                 bad = [f"{t}={v:.4g}" for t, v in zip(dataset.tasks, losses[1:].tolist()) if not math.isfinite(v)]
                 raise SystemExit(f"non-finite loss at step {step + 1} (epoch {epoch}): {', '.join(bad) or 'total'}; "
                                  f"stopped without saving, {ckpt_path} holds the last good state")
-            if ema is not None:
-                floats = [k for k, v in ema.items() if v.is_floating_point()]
-                state = raw.state_dict()
-                torch._foreach_lerp_([ema[k] for k in floats], [state[k] for k in floats], 1 - tc.ema)
             sums += losses
             seen += sum(len(b["images"]) for b in micro_batches) * world
             step += 1
@@ -391,13 +384,20 @@ def main(argv=None):
         if step % steps_per_epoch == 0:                      # end of an epoch
             checkpoint(epoch + 1)
             if tc.eval_every and (epoch + 1) % tc.eval_every == 0:
-                run_evaluation(evaluated(raw, ema), root, cfg, tokenizer, dataset.categories, tc, f"epoch{epoch + 1}")
+                run_evaluation(raw, root, cfg, tokenizer, dataset.categories, tc, f"epoch{epoch + 1}")
     if step % steps_per_epoch:                               # stopped by --max-steps mid-epoch
         checkpoint(step // steps_per_epoch)
     if tc.demo:
-        run_evaluation(evaluated(raw, ema), root, cfg, tokenizer, dataset.categories, tc, "final")
+        run_evaluation(raw, root, cfg, tokenizer, dataset.categories, tc, "final")
     if ddp:
         dist.destroy_process_group()
+
+
+def pad_to_128(samples):
+    """Training batches are padded to a multiple of 128 pixels: multi-scale images then come in a few
+    batch shapes, and GPU libraries (cuDNN) reuse their per-shape plans instead of building new
+    ones at almost every step."""
+    return data.collate(samples, multiple=128)
 
 
 def lr_factor(step, total, steps_per_epoch, tc):
@@ -408,15 +408,6 @@ def lr_factor(step, total, steps_per_epoch, tc):
     if tc.lr_schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * (step - tc.warmup) / max(total - tc.warmup, 1)))
     return 0.1 if step >= tc.lr_drop * steps_per_epoch else 1.0
-
-
-def evaluated(model, ema):
-    """The model to evaluate: itself, or a copy holding the EMA of its weights."""
-    if ema is None:
-        return model
-    copy = mad.MAD(model.cfg, model.vocab).to(next(model.parameters()).device)
-    copy.load_state_dict(ema)
-    return copy
 
 
 def train_step(model, raw, micro_batches, tasks, optimizer, scaler, autocast, clip):
