@@ -8,12 +8,14 @@ reported as ratios. Benchmarks print numbers; test_mad.py checks correctness. Ne
     python bench.py --quick         # tiny rows only, one repetition (seconds; the test suite runs it)
     python bench.py --device cuda   # GPU: latency of tiny/r50/swin_b in fp32 and bf16, r50 training
     python bench.py --device cuda --compile   # the same, every model through torch.compile (AR too)
-    python bench.py --ablation      # paper Table 2 rows on the synthetic set, the demo's training each (~35 min on 2 cores)
+    python bench.py --ablation      # paper Tables 2, 3, 7, 8 on the synthetic set, 2 seeds (hours on 2 cores)
+    python bench.py --ablation --tables 2 --seeds 0   # one table, one seed
 """
 import argparse
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -385,64 +387,129 @@ def print_table(res):
 
 
 # -----------------------------------------------------------------------------
-# Paper Table 2 on the synthetic set: the same training budget for every row
+# Paper Tables 2, 3, 7 and 8 on the synthetic set: every training has the same budget
 
-PAPER_TABLE_2 = {"AR decoding": (3953, 27.9, 12.3, 33.4, 34.1), "+ parallel decoding": (137, 35.9, 29.8, 51.5, 18.2),
-                 "+ masked training": (137, 38.9, 32.3, 54.6, 18.6), "+ masked inference": (173, 38.9, 32.3, 54.7, 29.6)}
 METRICS = ("bbox_AP", "segm_AP", "keypoints_AP", "BLEU4")
+# the demo's plan, explicit: every training gets the same steps, whatever the machine's speed
+ABLATION_PLAN = dict(batch_size=8, max_steps=1000, workers=1)
+# trainings: the demo's flags, then these
+TRAININGS = {"ar": ["--decoder", "ar"], "parallel": ["--mask-ratio", "1.0"], "masked": [],
+             "random_ratio": ["--mask-strategy", "random"], "multiple_ratios": ["--mask-strategy", "multiple"],
+             **{f"{t}_only": ["--tasks", t] for t in TASKS},
+             **{f"{t}_only_parallel": ["--tasks", t, "--mask-ratio", "1.0"] for t in TASKS}}
+ONE_STAGE = dict(kpt_ratios=(1.0,), cap_ratios=(1.0,))
+SEPARATE = lambda suffix: {t: f"{t}_only{suffix}" for t in TASKS}          # one single-task model per column
+# table -> row -> (training, or {task: training}; inference settings; the paper's ms, det, seg, kpt, cap)
+TABLES = {
+    2: {"AR decoding": ("ar", {}, (3953, 27.9, 12.3, 33.4, 34.1)),
+        "+ parallel decoding": ("parallel", ONE_STAGE, (137, 35.9, 29.8, 51.5, 18.2)),
+        "+ masked training": ("masked", ONE_STAGE, (137, 38.9, 32.3, 54.6, 18.6)),
+        "+ masked inference": ("masked", {}, (173, 38.9, 32.3, 54.7, 29.6))},
+    3: {"random ratio": ("random_ratio", {}, (None, 38.6, 31.9, 54.3, 29.4)),
+        "multiple ratios": ("multiple_ratios", {}, (None, 38.6, 32.0, 54.2, 29.7)),
+        "single ratio": ("masked", {}, (None, 38.9, 32.3, 54.7, 29.6))},
+    7: {"w/o masked inference": ("masked", dict(cap_ratios=(1.0,), tasks=("cap",)), (None, None, None, None, 18.6)),
+        "{0.7}": ("masked", dict(cap_ratios=(1.0, 0.7), tasks=("cap",)), (None, None, None, None, 25.8)),
+        "{0.7, 0.3}": ("masked", dict(cap_ratios=(1.0, 0.7, 0.3), tasks=("cap",)), (None, None, None, None, 27.0)),
+        "{0.8, 0.6, 0.4}": ("masked", dict(tasks=("cap",)), (None, None, None, None, 29.6))},
+    # segmentation and keypoints prompted by ground-truth boxes in every row (single-task models have no detector)
+    8: {"separate (w/o MM)": (SEPARATE("_parallel"), dict(ONE_STAGE, oracle=True), (None, 38.4, 31.2, 55.1, 20.6)),
+        "separate (w/ MM)": (SEPARATE(""), dict(oracle=True), (None, 38.5, 32.1, 55.7, 30.4)),
+        "joint (w/o MM)": ("parallel", dict(ONE_STAGE, oracle=True), (None, 35.9, 29.8, 51.5, 18.2)),
+        "joint (w/ MM)": ("masked", dict(oracle=True), (None, 38.9, 32.3, 54.7, 29.6))},
+}
 
 
-# the demo's plan, explicit: every row trains for the same steps, whatever the machine's speed
-ABLATION_PLAN = dict(batch_size=8, max_steps=1200, workers=1)
-
-
-def ablation(out):
-    """Three tiny models trained exactly like `train.py --demo` (same data, schedule, budget): AR;
-    parallel decoding trained on fully masked sequences only (mask ratio 1.0); masked training
-    (0.7: the demo itself). The last is evaluated twice: one-stage decoding, then with masked
-    inference. Evaluation at batch 1 on the synthetic val split."""
+def ablation(out, tables, seeds):
+    """Tiny models trained like `train.py --demo` with the same explicit budget (ABLATION_PLAN), one
+    thread each, as many side by side as there are cores; then each table's rows evaluated on the
+    synthetic val split at batch 1 (an evaluation shared by several rows runs once). Per row: the
+    mean over the seeds and their spread (max - min), next to the paper's numbers."""
     import train
     flag = lambda k, v: ([f"--{'' if v else 'no-'}{k}"] if isinstance(v, bool) else [f"--{k}", str(v)])
     demo = [x for k, v in {**train.DEMO, **ABLATION_PLAN}.items() if k not in ("out", "show", "eval_every")
             for x in flag(k.replace("_", "-"), v)]
-    runs = {"ar": ["--decoder", "ar"], "parallel": ["--mask-ratio", "1.0"], "masked": []}
-    todo = [name for name in runs if not os.path.exists(os.path.join(out, name, "last.pt"))]
-    train.prepare_data(train.TrainConfig(data="synthetic"), master=True)   # generated once, before the three start
-    # the trainings run side by side, one thread each (on 2 cores more images/s than one after another)
+    needed = {name for t in tables for training, _, _ in TABLES[t].values()
+              for name in (training.values() if isinstance(training, dict) else [training])}
+    runs = [(name, seed) for seed in seeds for name in sorted(needed)]
+    todo = [r for r in runs if not os.path.exists(os.path.join(out, f"{r[0]}_s{r[1]}", "last.pt"))]
+    train.prepare_data(train.TrainConfig(data="synthetic"), master=True)   # generated once, before the runs start
     os.makedirs(out, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(len(todo), 1)))}
-    procs = {}
-    for name in todo:
-        log = open(os.path.join(out, f"{name}.log"), "w")
-        procs[name] = subprocess.Popen([sys.executable, "train.py", *demo, "--out", os.path.join(out, name), *runs[name]],
-                                       cwd=os.path.dirname(os.path.abspath(__file__)), env=env, stdout=log,
-                                       stderr=subprocess.STDOUT)
-        log.close()                                                      # the child holds its own copy
-        print(f"training {name}: log in {log.name}")
-    for name, p in procs.items():
-        if p.wait() != 0:
-            raise SystemExit(f"training {name} failed ({p.returncode}): see {os.path.join(out, name + '.log')}")
-    one_stage = dict(kpt_ratios=(1.0,), cap_ratios=(1.0,))
-    rows = {"AR decoding": ("ar", {}), "+ parallel decoding": ("parallel", one_stage),
-            "+ masked training": ("masked", one_stage), "+ masked inference": ("masked", {})}
-    results = {}
-    for row, (name, over) in rows.items():
-        model, ckpt, tokenizer = evaluate.load_checkpoint(os.path.join(out, name, "last.pt"))
-        for k, v in over.items():
-            setattr(model.cfg, k, v)
-        ds = data.CocoMultiTask(train.SYNTHETIC["root"], "val2017", model.cfg, tokenizer, train=False,
-                                categories=ckpt["categories"], targets=False)
-        m = evaluate.evaluate(model, ds, tokenizer, os.path.join(out, "eval", row.strip("+ ").replace(" ", "_")),
-                              batch_size=1, workers=1)
-        results[row] = {k: m[k] for k in ("ms_per_image", *METRICS)}
-    print("\nPaper Table 2 on the synthetic val split (200 images): tiny model, the demo's training each, CPU batch 1")
-    print(f"{'':22s}{'ms/img':>8s}{'det':>7s}{'seg':>7s}{'kpt':>7s}{'cap':>7s}   | paper: ms, det, seg, kpt, cap")
-    for row, r in results.items():
-        print(f"{row:22s}{r['ms_per_image']:8.1f}" + "".join(f"{r[k]:7.1f}" for k in METRICS)
-              + "   | " + ", ".join(str(x) for x in PAPER_TABLE_2[row]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    running, start = {}, time.time()
+    while todo or running:
+        while todo and len(running) < (os.cpu_count() or 1):                 # one run per core
+            name, seed = todo.pop(0)
+            run_dir = os.path.join(out, f"{name}_s{seed}")
+            with open(run_dir + ".log", "w") as log:                          # the child holds its own copy
+                running[run_dir] = subprocess.Popen(
+                    [sys.executable, "train.py", *demo, "--out", run_dir, "--seed", str(seed), *TRAININGS[name]],
+                    cwd=os.path.dirname(os.path.abspath(__file__)), env=env, stdout=log, stderr=subprocess.STDOUT)
+            print(f"{(time.time() - start) / 60:5.1f} min: training {run_dir}", flush=True)
+        time.sleep(5)
+        for run_dir, p in list(running.items()):
+            if p.poll() is not None:
+                del running[run_dir]
+                if p.returncode != 0:
+                    raise SystemExit(f"training {run_dir} failed ({p.returncode}): see {run_dir}.log")
+    print(f"trainings done in {(time.time() - start) / 60:.1f} min", flush=True)
+    cache, results = {}, {}
+    for t in tables:
+        for row, (training, settings, paper) in TABLES[t].items():
+            per_seed = []
+            for seed in seeds:
+                by_task = training if isinstance(training, dict) else dict.fromkeys(TASKS, training)
+                m = {}
+                for name in dict.fromkeys(by_task.values()):                 # each model once, for its columns
+                    key = (name, seed, json.dumps(settings, sort_keys=True))
+                    if key not in cache:
+                        cache[key] = evaluate_run(os.path.join(out, f"{name}_s{seed}"), settings, out)
+                    m.update({k: v for k, v in cache[key].items() if k not in METRICS or by_task[TASKS[METRICS.index(k)]] == name})
+                per_seed.append(m)
+            results[f"table{t}/{row}"] = dict(paper=paper, seeds=per_seed)
+        print_ablation_table(t, {row: results[f"table{t}/{row}"] for row in TABLES[t]}, seeds)
     with open(os.path.join(out, "ablation.json"), "w") as f:
         json.dump(results, f, indent=1)
     return results
+
+
+def evaluate_run(run_dir, settings, out):
+    """The metrics of one trained model under inference settings (cfg fields). oracle: segmentation
+    and keypoints prompted by ground-truth boxes, evaluated apart from detection and captions
+    (evaluate.py prompts them so when a model has no detection task)."""
+    import train
+    model, ckpt, tokenizer = evaluate.load_checkpoint(os.path.join(run_dir, "last.pt"))
+    settings = dict(settings)
+    oracle = settings.pop("oracle", False)
+    for k, v in settings.items():
+        setattr(model.cfg, k, v)
+    trained, metrics = model.cfg.tasks, {}
+    for tasks in (("det", "cap"), ("seg", "kpt")) if oracle else (trained,):
+        model.cfg.tasks = tuple(t for t in trained if t in tasks)
+        if not model.cfg.tasks:
+            continue
+        ds = data.CocoMultiTask(train.SYNTHETIC["root"], "val2017", model.cfg, tokenizer, train=False,
+                                categories=ckpt["categories"], targets=False)
+        name = os.path.basename(run_dir) + "".join(f"_{k}{v}" for k, v in sorted(settings.items())) + "_" + "".join(tasks)
+        metrics.update(evaluate.evaluate(model, ds, tokenizer, os.path.join(out, "eval", re.sub(r"[^\w.-]", "", name)),
+                                         batch_size=1, workers=1))
+    return metrics
+
+
+def print_ablation_table(t, rows, seeds):
+    print(f"\nPaper Table {t} on the synthetic val split (200 images): tiny, {ABLATION_PLAN['max_steps']} steps of "
+          f"batch {ABLATION_PLAN['batch_size']} each, mean over seeds {seeds} (spread max - min)")
+    print(f"{'':24s}{'ms/img':>8s}" + "".join(f"{c:>13s}" for c in ("det", "seg", "kpt", "cap")) + "   | paper")
+    for row, r in rows.items():
+        cells = []
+        for k in ("ms_per_image", *METRICS):
+            values = [m[k] for m in r["seeds"] if k in m]
+            mean = sum(values) / len(values) if values else None
+            spread = max(values) - min(values) if len(values) > 1 else 0.0
+            cells.append(f"{'-':>8s}" if mean is None else f"{mean:8.1f}" if k == "ms_per_image"
+                         else f"{mean:7.1f} ±{spread / 2:4.1f}")
+        print(f"{row:24s}" + cells[0] + "".join(f"{c:>13s}" for c in cells[1:]) + "   | "
+              + ", ".join("-" if x is None else str(x) for x in r["paper"]))
 
 
 def main():
@@ -451,12 +518,14 @@ def main():
     p.add_argument("--quick", action="store_true", help="tiny rows only, one repetition (seconds)")
     p.add_argument("--compile", action="store_true", help="--device cuda: every model through torch.compile")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--ablation", action="store_true", help="paper Table 2 on the synthetic set")
+    p.add_argument("--ablation", action="store_true", help="paper Tables 2, 3, 7, 8 on the synthetic set")
+    p.add_argument("--tables", default="2,3,7,8", help="--ablation: which tables")
+    p.add_argument("--seeds", default="0,1", help="--ablation: training seeds of every row")
     p.add_argument("--out", default="runs/ablation", help="--ablation: models and evaluations")
     p.add_argument("--reps", type=int, default=None, help="repetitions per row (default 3; --quick 1)")
     args = p.parse_args()
     if args.ablation:
-        return ablation(args.out)
+        return ablation(args.out, [int(t) for t in args.tables.split(",")], [int(s) for s in args.seeds.split(",")])
     reps = args.reps or (1 if args.quick else 3)
     if args.device == "cuda":
         if not torch.cuda.is_available():

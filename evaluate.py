@@ -29,7 +29,7 @@ from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmenta
 
 import data
 import mad
-from mad import MAD, TASKS, CaptionTokenizer, Config, Vocab
+from mad import MAD, CaptionTokenizer, Config, Vocab
 
 
 # -----------------------------------------------------------------------------
@@ -193,10 +193,12 @@ def run_predictions(model, dataset, tokenizer, indices, batch_size, workers, dev
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
                                          num_workers=workers, collate_fn=data.collate)
     preds, seconds, done, start, last = {}, 0.0, 0, time.time(), time.time()
+    oracle = "det" not in dataset.tasks and bool({"seg", "kpt"} & set(dataset.tasks))
     for batch in loader:
         t = time.perf_counter()
         out = model.predict(batch["images"].to(device), batch["pad_mask"].to(device), batch["size"], batch["orig_size"],
-                            tasks=dataset.tasks, tokenizer=tokenizer)
+                            tasks=dataset.tasks, tokenizer=tokenizer,
+                            boxes=[ground_truth_boxes(dataset, i) for i in batch["image_id"].tolist()] if oracle else None)
         out = [to_cpu(p) for p in out]                                        # (waits for the device)
         seconds += time.perf_counter() - t
         for p in out:
@@ -210,6 +212,12 @@ def run_predictions(model, dataset, tokenizer, indices, batch_size, workers, dev
                   f"ETA {(len(indices) - done) / rate / 60:.1f} min", flush=True)
             last = time.time()
     return preds, seconds
+
+
+def ground_truth_boxes(dataset, image_id):
+    """(n, 5) [x0, y0, x1, y1 original pixels, class] of an image: the prompts of a model trained
+    without detection (an oracle: its segmentation / keypoint AP assumes perfect boxes)."""
+    return torch.tensor([[*box, label] for box, label, _ in dataset.objects[image_id]], dtype=torch.float32).view(-1, 5)
 
 
 def evaluate(model, dataset, tokenizer, out_dir, batch_size=1, workers=0, max_images=0, show=0,
@@ -231,6 +239,9 @@ def evaluate(model, dataset, tokenizer, out_dir, batch_size=1, workers=0, max_im
     res = to_coco_results([preds[i] for i in image_ids], image_ids, dataset.categories)
     os.makedirs(out_dir, exist_ok=True)
     metrics = dict(num_images=len(image_ids), ms_per_image=1e3 * sum(times.values()) / max(len(image_ids), 1))
+    if "det" not in dataset.tasks and {"seg", "kpt"} & set(dataset.tasks):
+        metrics["prompts"] = "ground-truth boxes (oracle: no detection task)"
+        print("no detection task: segmentation / keypoints are prompted by ground-truth boxes (an oracle)")
     for task, iou_type in (("det", "bbox"), ("seg", "segm"), ("kpt", "keypoints")):
         if task in dataset.tasks:
             with open(os.path.join(out_dir, f"{iou_type}_results.json"), "w") as f:
@@ -306,14 +317,15 @@ def predict_images(model, tokenizer, categories, paths, out_dir, batch_size, dev
     keypoints, caption; masks as COCO RLE)."""
     os.makedirs(out_dir, exist_ok=True)
     cfg = model.cfg
+    # the model's tasks; segmentation and keypoints need its detections, keypoints a person class
+    tasks = [t for t in cfg.tasks if t in ("det", "cap") or ("det" in cfg.tasks and (t == "seg" or model.vocab.person >= 0))]
     with open(os.path.join(out_dir, "predictions.jsonl"), "w") as out, torch.inference_mode():
         for i in range(0, len(paths), batch_size):
             chunk = paths[i:i + batch_size]
             samples = [data.load_inference_image(p, cfg) for p in chunk]
             batch = data.collate([(im, dict(size=size, orig_size=orig)) for im, orig, size in samples])
             preds = model.predict(batch["images"].to(device), batch["pad_mask"].to(device), batch["size"],
-                                  batch["orig_size"], tokenizer=tokenizer,
-                                  tasks=TASKS if model.vocab.person >= 0 else ("det", "seg", "cap"))
+                                  batch["orig_size"], tokenizer=tokenizer, tasks=tasks)
             preds = [to_cpu(p) for p in preds]
             for path, p in zip(chunk, preds):
                 picture = os.path.basename(path) + ".png"             # photo.jpg and photo.png stay apart

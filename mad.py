@@ -27,7 +27,7 @@ from scipy.optimize import linear_sum_assignment
 
 @dataclass
 class Config:
-    backbone: str = "r50"            # tiny | r50 | swin_b | vit_b
+    backbone: str = "r50"            # tiny | r50 | swin_b | swin_b384 | vit_b
     d_model: int = 256               # width of encoder and decoder
     enc_layers: int = 6
     dec_layers: int = 6
@@ -41,13 +41,18 @@ class Config:
     caption_len: int = 20            # caption tokens, eos and padding included
     max_captions: int = 5            # reference captions per image
     mask_ratio: float = 0.7          # share of tokens masked in the partly masked copy (Table 4)
+    mask_strategy: str = "fixed"     # Table 3: fixed (mask_ratio) | random (a ratio per sequence, uniform in
+                                     # [0.6, 0.8]) | multiple (two partly masked copies, at 0.6 and 0.8)
+    tasks: tuple = ("det", "seg", "kpt", "cap")   # the tasks trained and evaluated (Table 8: one alone)
     task_weights: tuple = (1.5, 2.7, 0.5, 0.3)   # det, seg, kpt, cap (supplementary C)
     decoder: str = "mad"             # mad (bi-directional, parallel) | ar (autoregressive baseline)
     kpt_ratios: tuple = (1.0, 0.7)   # masked inference: mask ratio of each stage
     cap_ratios: tuple = (1.0, 0.8, 0.6, 0.4)
+    remask_average: str = "running"  # re-masked logits join a running mean | "halve": (ensemble + new) / 2
+    det_score: str = "classes"       # score = p(class) with the softmax over classes + <noise> | "all": over
+                                     # every detection token (coordinates too)
     seg_topk: int = 100              # detections that prompt segmentation / keypoints
     sine_coords: bool = True         # coordinate token embeddings start as sine codes of their bin
-    stride: int = 32                 # tiny backbone only: output stride 32 or 16
     xavier: bool = True              # xavier_uniform_ init of the encoder/decoder weight matrices (authors' code)
     image_size: int = 800            # shorter side at test time (longer side <= max_size)
     max_size: int = 1333
@@ -56,6 +61,7 @@ class Config:
 PRESETS = {
     "r50": dict(backbone="r50"),
     "swin_b": dict(backbone="swin_b"),
+    "swin_b384": dict(backbone="swin_b384"),          # the paper's window 12; no torchvision weights
     "vit_b": dict(backbone="vit_b", image_size=1024, max_size=1024),
     # small enough to train on 2 CPU cores in minutes (train.py --demo, tests). CPU-sized: no dropout
     # (on the CPU, attention dropout falls back to the slow math kernel); 8 x 8 masks (16 x 16 makes
@@ -154,13 +160,12 @@ class CaptionTokenizer:
 # -----------------------------------------------------------------------------
 # 3.3 Architecture: backbone -> 1x1 projection + sine positions -> encoder -> decoder -> head
 
-def tiny_backbone(stride=32):
-    """A small stride-32 (or 16) CNN for tests and the CPU demo. GroupNorm, not BatchNorm, so a sample's
+def tiny_backbone():
+    """A small stride-32 CNN for tests and the CPU demo. GroupNorm, not BatchNorm, so a sample's
     features do not depend on the rest of its batch (DDP with batch 1 per rank == one batch of 2)."""
     layers, c_in = [], 3
     for c in (32, 64, 128, 192, 256):
-        s = 1 if c == 256 and stride == 16 else 2
-        layers += [nn.Conv2d(c_in, c, 3, s, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU(inplace=True),
+        layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU(inplace=True),
                    nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU(inplace=True)]
         c_in = c
     return nn.Sequential(*layers), c_in
@@ -176,42 +181,78 @@ def resnet50_backbone():
 
 
 class SwinB(nn.Module):
-    """torchvision Swin-B features (stride 32, 1024 channels), returned channels-first."""
+    """torchvision Swin-B features (stride 32, 1024 channels), returned channels-first. window=7 is
+    torchvision's (224 px ImageNet weights); window=12 is the paper's (384 px pretraining), whose
+    relative position tables torchvision's weights do not fit."""
 
-    def __init__(self):
+    def __init__(self, window=7):
         super().__init__()
-        swin = torchvision.models.swin_b()
+        swin = torchvision.models.swin_transformer.SwinTransformer(
+            patch_size=[4, 4], embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32],
+            window_size=[window, window], stochastic_depth_prob=0.5)        # torchvision's swin_b at window 7
         self.features, self.norm = swin.features, swin.norm
 
     def forward(self, x):
         return self.norm(self.features(x)).permute(0, 3, 1, 2)                 # (B, 1024, H/32, W/32)
 
 
-class ViTB(nn.Module):
-    """torchvision ViT-B/16 as a stride-32 map, after ViTDet's simple-pyramid idea: the plain
-    stride-16 patch map is max-pooled to stride 32. Position embeddings (trained at 224 px)
-    are interpolated to the input's patch grid. Every block attends globally (ViTDet
-    alternates windowed and global blocks; torchvision's blocks are global)."""
+class ViTDetB(nn.Module):
+    """ViT-B/16 as the paper uses it (supplementary A, after ViTDet): torchvision's blocks, so that its
+    ImageNet weights load, with attention inside 14 x 14 windows except in blocks 2, 5, 8 and 11
+    (global), drop-path rising to 0.1 over the blocks, and a simple pyramid neck to stride 32:
+    2 x 2 max-pool, 1 x 1 conv, LayerNorm, 3 x 3 conv, LayerNorm (new weights). Position embeddings
+    (trained at 224 px) are interpolated to the patch grid. Left out: ViTDet's relative position
+    biases and EVA-02's RoPE and SwiGLU, and the fixed 1024 canvas (images are padded to a multiple
+    of 32, as for the other backbones)."""
 
-    def __init__(self):
+    def __init__(self, window=14, global_blocks=(2, 5, 8, 11), drop_path=0.1):
         super().__init__()
         vit = torchvision.models.vit_b_16()
         self.conv_proj, self.encoder = vit.conv_proj, vit.encoder
+        self.window, self.global_blocks = window, set(global_blocks)
+        n = len(self.encoder.layers)
+        self.drop = nn.ModuleList(torchvision.ops.StochasticDepth(drop_path * i / (n - 1), "row") for i in range(n))
+        LayerNorm2d = torchvision.models.convnext.LayerNorm2d
+        self.neck = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(768, 256, 1, bias=False), LayerNorm2d(256),
+                                  nn.Conv2d(256, 256, 3, padding=1, bias=False), LayerNorm2d(256))
 
     def forward(self, x):
-        x = self.conv_proj(x)                                                  # (B, 768, H/16, W/16)
+        x = self.conv_proj(x)                                                  # (B, 768, h, w), stride 16
         B, C, h, w = x.shape
         pos = self.encoder.pos_embedding[:, 1:]                                # drop the class token's
         g = math.isqrt(pos.shape[1])
         pos = F.interpolate(pos.reshape(1, g, g, C).permute(0, 3, 1, 2), size=(h, w), mode="bicubic")
-        x = (x + pos).flatten(2).transpose(1, 2)                               # (B, hw, 768)
-        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))
-        return F.max_pool2d(x.transpose(1, 2).reshape(B, C, h, w), 2)          # (B, 768, H/32, W/32)
+        x = (x + pos).permute(0, 2, 3, 1)                                      # (B, h, w, 768)
+        for i, (block, drop) in enumerate(zip(self.encoder.layers, self.drop)):
+            if i in self.global_blocks:
+                x = vit_block(block, x.flatten(1, 2), drop).view(B, h, w, C)
+            else:
+                x = self.windowed(block, x, drop)
+        return self.neck(self.encoder.ln(x).permute(0, 3, 1, 2))              # (B, 256, H/32, W/32)
+
+    def windowed(self, block, x, drop):
+        """The block inside non-overlapping windows: (B, h, w, C) padded to whole windows."""
+        B, h, w, C = x.shape
+        s = self.window
+        x = F.pad(x, (0, 0, 0, -w % s, 0, -h % s))
+        H, W = x.shape[1:3]
+        x = x.view(B, H // s, s, W // s, s, C).transpose(2, 3).reshape(-1, s * s, C)   # (B * windows, s*s, C)
+        x = vit_block(block, x, drop).view(B, H // s, W // s, s, s, C).transpose(2, 3).reshape(B, H, W, C)
+        return x[:, :h, :w]
 
 
-BACKBONES = {"tiny": tiny_backbone, "r50": resnet50_backbone,
-             "swin_b": lambda: (SwinB(), 1024), "vit_b": lambda: (ViTB(), 768)}
+def vit_block(block, x, drop):
+    """torchvision's ViT EncoderBlock on x (N, L, C), with drop-path on both residual branches."""
+    y = block.ln_1(x)
+    y = block.self_attention(y, y, y, need_weights=False)[0]
+    x = x + drop(block.dropout(y))
+    return x + drop(block.mlp(block.ln_2(x)))
+
+
+BACKBONES = {"tiny": tiny_backbone, "r50": resnet50_backbone, "swin_b": lambda: (SwinB(), 1024),
+             "swin_b384": lambda: (SwinB(window=12), 1024), "vit_b": lambda: (ViTDetB(), 256)}
 IMAGENET_WEIGHTS = {"r50": "ResNet50_Weights", "swin_b": "Swin_B_Weights", "vit_b": "ViT_B_16_Weights"}
+NEW_PARTS = ("neck.",)                # backbone parts that ImageNet classifiers do not have
 
 
 def load_backbone_weights(backbone, name, path=None):
@@ -223,7 +264,9 @@ def load_backbone_weights(backbone, name, path=None):
         except Exception as e:
             raise SystemExit(f"--backbone-weights {path}: cannot read a state dict ({e})") from None
     elif name not in IMAGENET_WEIGHTS:
-        raise SystemExit(f"--pretrained: no ImageNet weights for backbone '{name}'")
+        raise SystemExit(f"--pretrained: torchvision has no ImageNet weights for backbone '{name}'"
+                         + (": pass --backbone-weights PATH, a Swin-B (window 12, 384 px) state dict in torchvision's "
+                            "key layout" if name == "swin_b384" else ""))
     else:
         weights = getattr(torchvision.models, IMAGENET_WEIGHTS[name]).IMAGENET1K_V1
         try:
@@ -233,6 +276,7 @@ def load_backbone_weights(backbone, name, path=None):
                              f"Without a network, pass --backbone-weights PATH (a state dict of torchvision's "
                              f"model, saved where it can be downloaded) or omit --pretrained.") from None
     missing, _ = backbone.load_state_dict(state, strict=False)   # the classifier head is not ours
+    missing = [k for k in missing if not k.startswith(NEW_PARTS)]
     if missing:
         raise SystemExit(f"backbone weights for '{name}' lack {len(missing)} tensors, e.g. {missing[:3]}")
 
@@ -342,7 +386,7 @@ class MAD(nn.Module):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
         d = cfg.d_model
-        self.backbone, channels = backbone or (tiny_backbone(cfg.stride) if cfg.backbone == "tiny" else BACKBONES[cfg.backbone]())
+        self.backbone, channels = backbone or BACKBONES[cfg.backbone]()
         self.proj = nn.Conv2d(channels, d, 1)
         self.encoder = nn.ModuleList(EncoderLayer(d, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(d, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.dec_layers))
@@ -417,12 +461,16 @@ class MAD(nn.Module):
         return self
 
     def param_groups(self, lr, backbone_lr, weight_decay):
-        """AdamW groups: the backbone is fine-tuned with the lower learning rate (supplementary A)."""
-        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
-        ids = {id(p) for p in backbone}
-        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        return [dict(params=rest, lr=lr, weight_decay=weight_decay),
-                dict(params=backbone, lr=backbone_lr, weight_decay=weight_decay)]
+        """AdamW groups: the backbone is fine-tuned with the lower learning rate (supplementary A);
+        normalization weights and biases get no weight decay (as in the authors' code)."""
+        in_backbone = {id(p) for p in self.backbone.parameters()}
+        norms = {id(p) for m in self.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) for p in m.parameters()}
+        groups = {}
+        for p in self.parameters():
+            if p.requires_grad:
+                groups.setdefault((id(p) in in_backbone, id(p) in norms), []).append(p)
+        return [dict(params=ps, lr=backbone_lr if backbone else lr, weight_decay=0.0 if norm else weight_decay)
+                for (backbone, norm), ps in sorted(groups.items())]
 
     # -------------------------------------------------------------------------
     # 3.2 Masked training: decode a fully masked and a partly masked copy of every task's
@@ -456,12 +504,22 @@ class MAD(nn.Module):
         """The counted positions per task and layer that forward(batch) would normalize by."""
         return self.task_sums(batch, tasks)[1]
 
+    def partial_masks(self, shape, device):
+        """Masks of the partly masked copies of sequences (B, n, L) (3.2, Table 3): (B, n, L) hiding
+        mask_ratio of each sequence ("fixed") or a ratio drawn per sequence from [0.6, 0.8] ("random"),
+        or (B, 2n, L): one copy at 0.6, one at 0.8 ("multiple")."""
+        if self.cfg.mask_strategy == "multiple":
+            return torch.cat([random_mask(shape, 0.6, device), random_mask(shape, 0.8, device)], 1)
+        if self.cfg.mask_strategy == "random":
+            return random_mask(shape, torch.empty(shape[:-1], device=device).uniform_(0.6, 0.8), device)
+        return random_mask(shape, self.cfg.mask_ratio, device)
+
     def masked_copies(self, seqs):
-        """seqs (B, n, L) -> inputs (B, 2n, L): n fully masked copies, then n partly masked ones
-        (a uniformly random mask_ratio share of each sequence's tokens), and `masked` (B, 2n, L)."""
-        partial = random_mask(seqs.shape, self.cfg.mask_ratio, seqs.device)
-        masked = torch.cat([torch.ones_like(partial), partial], 1)
-        inputs = torch.where(masked, self.vocab.mask, seqs.repeat(1, 2, 1))
+        """seqs (B, n, L) -> inputs (B, c*n, L): n fully masked copies, then the partly masked ones
+        (c = 2, or 3 with two masking ratios), and `masked` (B, c*n, L)."""
+        partial = self.partial_masks(seqs.shape, seqs.device)
+        masked = torch.cat([torch.ones_like(seqs, dtype=torch.bool), partial], 1)
+        inputs = torch.where(masked, self.vocab.mask, seqs.repeat(1, masked.shape[1] // seqs.shape[1], 1))
         return inputs, masked
 
     def decode_task(self, prompt, inputs, enc, task):
@@ -471,9 +529,9 @@ class MAD(nn.Module):
 
     def det_loss(self, batch, enc):
         seqs = batch["det_seq"].flatten(1)[:, None]                            # (B, 1, 5Q): one sequence
-        inputs, masked = self.masked_copies(seqs)                              # (B, 2, 5Q)
+        inputs, masked = self.masked_copies(seqs)                              # (B, c, 5Q)
         prompt = self.vocab.det_prompt.to(seqs.device).expand(*inputs.shape[:2], 6)
-        logp = self.decode_task(prompt, inputs, enc, "det")                    # (layers, B, 2, 5Q, V)
+        logp = self.decode_task(prompt, inputs, enc, "det")                    # (layers, B, c, 5Q, V)
         target, weight = match_detections(logp, inputs, masked, batch["det_gt"], self.vocab)
         return masked_nll(logp, target, weight * masked)
 
@@ -486,26 +544,29 @@ class MAD(nn.Module):
     def prompted_loss(self, prompt, seqs, weight, enc, task):
         """Segmentation and keypoints: the prompt (task token, box, class) fixes the target,
         so no matching. prompt (B, S, 6), seqs and weight (B, S, L)."""
-        inputs, masked = self.masked_copies(seqs)                              # (B, 2S, L)
-        logp = self.decode_task(prompt.repeat(1, 2, 1), inputs, enc, task)     # (layers, B, 2S, L, V)
-        target = seqs.repeat(1, 2, 1) - self.vocab.task_range(task)[0]
-        return masked_nll(logp, target, weight.repeat(1, 2, 1) * masked)
+        inputs, masked = self.masked_copies(seqs)                              # (B, cS, L)
+        c = inputs.shape[1] // seqs.shape[1]
+        logp = self.decode_task(prompt.repeat(1, c, 1), inputs, enc, task)     # (layers, B, cS, L, V)
+        target = seqs.repeat(1, c, 1) - self.vocab.task_range(task)[0]
+        return masked_nll(logp, target, weight.repeat(1, c, 1) * masked)
 
     def cap_loss(self, batch, enc):
         """Captioning: the fully masked copy is ONE sequence per image, trained towards the reference
-        it predicts best (per layer); the partly masked copy holds every reference, with one random
-        visible token of each replaced by a random text token (3.1 sequence augmentation)."""
+        it predicts best (per layer); the partly masked copy holds every reference (two copies with
+        two masking ratios), with one random visible token of each replaced by a random text token
+        (3.1 sequence augmentation)."""
         refs, weight = batch["cap_seq"], batch["cap_weight"]                   # (B, R, L)
         B, R, L = refs.shape
         lo, hi = self.vocab.task_range("cap")
-        partial = random_mask(refs.shape, self.cfg.mask_ratio, refs.device)
-        noisy = torch.where(partial, self.vocab.mask, refs)
-        pick = (torch.rand(refs.shape, device=refs.device) * ~partial).argmax(-1, keepdim=True)   # a visible slot
-        word = torch.randint(lo, hi, (B, R, 1), device=refs.device)
+        partial = self.partial_masks(refs.shape, refs.device)                  # (B, pR, L), p copies
+        p = partial.shape[1] // R
+        noisy = torch.where(partial, self.vocab.mask, refs.repeat(1, p, 1))
+        pick = (torch.rand(partial.shape, device=refs.device) * ~partial).argmax(-1, keepdim=True)   # a visible slot
+        word = torch.randint(lo, hi, (B, p * R, 1), device=refs.device)
         noisy = noisy.scatter(-1, pick, torch.where(partial.gather(-1, pick), self.vocab.mask, word))
-        inputs = torch.cat([torch.full_like(refs[:, :1], self.vocab.mask), noisy], 1)   # (B, 1+R, L)
-        prompt = self.vocab.cap_prompt.to(refs.device).expand(B, 1 + R, 6)
-        logp = self.decode_task(prompt, inputs, enc, "cap")                   # (layers, B, 1+R, L, V)
+        inputs = torch.cat([torch.full_like(refs[:, :1], self.vocab.mask), noisy], 1)   # (B, 1+pR, L)
+        prompt = self.vocab.cap_prompt.to(refs.device).expand(B, 1 + p * R, 6)
+        logp = self.decode_task(prompt, inputs, enc, "cap")                   # (layers, B, 1+pR, L, V)
         target = refs - lo
         # best reference of the fully masked copy: lowest mean cross-entropy, per layer
         full = logp[:, :, :1].expand(-1, -1, R, -1, -1)                        # (layers, B, R, L, V)
@@ -516,8 +577,8 @@ class MAD(nn.Module):
         n_layers = len(logp)
         full_t = target.expand(n_layers, -1, -1, -1).gather(2, idx)
         full_w = weight.expand(n_layers, -1, -1, -1).gather(2, idx)
-        target = torch.cat([full_t, target.expand(n_layers, -1, -1, -1)], 2)   # (layers, B, 1+R, L)
-        weight = torch.cat([full_w, (weight * partial).expand(n_layers, -1, -1, -1)], 2)
+        target = torch.cat([full_t, target.repeat(1, p, 1).expand(n_layers, -1, -1, -1)], 2)   # (layers, B, 1+pR, L)
+        weight = torch.cat([full_w, (weight.repeat(1, p, 1) * partial).expand(n_layers, -1, -1, -1)], 2)
         return masked_nll(logp, target, weight)
 
 
@@ -526,9 +587,12 @@ class MAD(nn.Module):
     # detections -> captioning. One stage (ratio 1.0) is pure parallel decoding.
 
     @torch.no_grad()
-    def predict(self, images, pad_mask, sizes, orig_sizes, tasks=TASKS, tokenizer=None):
+    def predict(self, images, pad_mask, sizes, orig_sizes, tasks=TASKS, tokenizer=None, boxes=None):
         """images (B, 3, H, W), pad_mask (B, H, W), sizes / orig_sizes (B, 2) as (h, w) of the
-        resized (unpadded) and the original image. Returns one dict per image, on the images' device:
+        resized (unpadded) and the original image; `boxes`: for a model without the detection task,
+        B tensors (n, 5) [x0, y0, x1, y1 original pixels, class] that prompt segmentation and
+        keypoints instead of detections (an oracle: ground-truth boxes, score 1).
+        Returns one dict per image, on the images' device:
           boxes (Q, 4) xyxy original pixels, scores (Q,), labels (Q,)   sorted by score
           masks (K, H0, W0) bool for the first K = min(seg_topk, Q) detections
           keypoints (P, 17, 3) x, y, p(visible) for person detections; kpt_index (P,) into boxes
@@ -540,16 +604,16 @@ class MAD(nn.Module):
         enc = self.encode(images, pad_mask)
         res = {}                                                              # on the device until the end
         if {"det", "seg", "kpt"} & set(tasks):
-            det = self.predict_detections(enc)
+            det = self.predict_detections(enc) if boxes is None else self.given_detections(boxes, orig_sizes, images.device)
             res.update(boxes=self.to_pixels(det["box_tokens"], orig_sizes), scores=det["scores"], labels=det["labels"])
         if "seg" in tasks:
-            K, M = min(self.cfg.seg_topk, self.cfg.num_queries), self.cfg.mask_size
+            K, M = min(self.cfg.seg_topk, det["scores"].shape[1]), self.cfg.mask_size
             prompt = self.box_prompts(det, self.vocab.seg, torch.arange(K, device=images.device).expand(len(images), K))
             prob = self.decode_sequences(prompt, M * M, enc, "seg", (1.0,))[..., 0]   # (B, K, M*M) p(<fg>)
             res["masks"] = [paste_masks(p, b, h, w) for p, b, (h, w) in
                             zip(prob.view(-1, K, M, M).float(), res["boxes"][:, :K], hw)]
         if "kpt" in tasks and self.vocab.person >= 0:
-            K = min(self.cfg.seg_topk, self.cfg.num_queries)
+            K = min(self.cfg.seg_topk, det["scores"].shape[1])
             is_person = det["labels"] == self.vocab.person                    # (B, Q), sorted by score
             index = (~is_person).float().argsort(dim=-1, stable=True)[:, :K]  # persons first, by score
             prompt = self.box_prompts(det, self.vocab.kpt, index)
@@ -563,7 +627,12 @@ class MAD(nn.Module):
             prob = self.decode_sequences(prompt, self.cfg.caption_len, enc, "cap", self.cfg.cap_ratios)
             res["caption_ids"] = prob[:, 0].argmax(-1)                        # (B, L) SentencePiece ids
         out = [{k: v[b] for k, v in res.items()} for b in range(len(images))]
-        for o in out:
+        for b, o in enumerate(out):
+            if boxes is not None:                                             # the given boxes only, no padding
+                n = len(boxes[b])
+                o.update({k: o[k][:n] for k in ("boxes", "scores", "labels", "masks") if k in o})
+                if "keypoints" in o:
+                    o["kpt_keep"] = o["kpt_keep"] & (o["kpt_index"] < n)
             if "keypoints" in o:
                 keep = o.pop("kpt_keep")
                 o["keypoints"], o["kpt_index"] = o["keypoints"][keep], o["kpt_index"][keep]
@@ -577,12 +646,25 @@ class MAD(nn.Module):
         wh = orig_sizes.flip(-1).to(coords.device, torch.float32)[:, None, None]   # (B, 1, 1, 2) as (w, h)
         return (self.vocab.dequantize(coords).unflatten(-1, (-1, 2)) * wh).flatten(-2)
 
+    def given_detections(self, boxes, orig_sizes, device):
+        """Boxes that stand in for detections (B tensors (n, 5), see predict) -> predict_detections'
+        dict, padded to the most boxes of the batch with rows of score 0."""
+        n = max([len(b) for b in boxes] + [1])
+        given = torch.zeros(len(boxes), n, 5)
+        for i, b in enumerate(boxes):
+            given[i, :len(b)] = b
+        wh = orig_sizes.flip(-1).float().repeat(1, 2)[:, None]                # (B, 1, 4) as w, h, w, h
+        scores = (torch.arange(n) < torch.tensor([len(b) for b in boxes])[:, None]).float()
+        return dict(box_tokens=self.vocab.quantize(given[..., :4] / wh).to(device), scores=scores.to(device),
+                    labels=given[..., 4].long().to(device))
+
     def predict_detections(self, enc):
         """One fully masked pass over the detection sequence. Returns, sorted by score (B, Q, ...):
         box tokens (x0 <= x1, y0 <= y1), scores, labels."""
         B, Q, C, v = len(enc[0]), self.cfg.num_queries, self.vocab.num_classes, self.vocab
         prompt = v.det_prompt.to(enc[0].device).expand(B, 1, 6)
-        prob = self.decode_sequences(prompt, 5 * Q, enc, "det", (1.0,)).view(B, Q, 5, -1)   # (B, Q, 5, V)
+        prob = self.decode_sequences(prompt, 5 * Q, enc, "det", (1.0,), restrict=self.cfg.det_score == "classes")
+        prob = prob.view(B, Q, 5, -1)                                          # (B, Q, 5, V)
         coords = prob[:, :, :4, C + 1:].argmax(-1) + v.coord                  # (B, Q, 4) coordinate tokens
         coords = torch.cat([torch.minimum(coords[..., :2], coords[..., 2:]),
                             torch.maximum(coords[..., :2], coords[..., 2:])], -1)
@@ -597,20 +679,22 @@ class MAD(nn.Module):
         cls = det["labels"].gather(1, index)[..., None] + self.vocab.cls
         return torch.cat([torch.full_like(cls, task_token), boxes, cls], -1)
 
-    def decode_sequences(self, prompt, L, enc, task, ratios, by_confidence=False):
+    def decode_sequences(self, prompt, L, enc, task, ratios, by_confidence=False, restrict=True):
         """prompt (B, n, 6) -> probabilities (B, n, L, V): masked inference, or greedy decoding
         for the autoregressive baseline."""
         if self.cfg.decoder == "ar":
             return self.generate(prompt, L, enc, task)
-        return self.refine(prompt, L, enc, task, ratios, by_confidence)
+        return self.refine(prompt, L, enc, task, ratios, by_confidence, restrict)
 
-    def refine(self, prompt, L, enc, task, ratios, by_confidence=False):
+    def refine(self, prompt, L, enc, task, ratios, by_confidence=False, restrict=True):
         """Masked inference (3.2). Stage 1 decodes from all-<mask>; each later stage re-masks a share
         `ratio` of the positions (random, or the least confident) of the current argmax tokens and
-        decodes again; at re-masked positions the new logits join a running average. The random
+        decodes again; at re-masked positions the new logits join a running average (or, with
+        remask_average "halve", the authors' (ensemble + new) / 2: later stages weigh more). The random
         positions come from a fixed seed and are the same for every image, so a prediction does
         not depend on the batch or the number of processes it was made in.
-        prompt (B, n, 6) -> probabilities (B, n, L, V) over the task's tokens."""
+        prompt (B, n, 6) -> probabilities (B, n, L, V) over the task's tokens (restrict: over the
+        tokens allowed at each position)."""
         B, n, _ = prompt.shape
         lo = self.vocab.task_range(task)[0]
         tokens = torch.full((B, n, L), self.vocab.mask, device=prompt.device)
@@ -623,11 +707,12 @@ class MAD(nn.Module):
             x = torch.where(remask, self.vocab.mask, tokens)
             new = self.logits(self.decode(torch.cat([prompt, x], -1), enc)[..., 6:, :], task)
             m = remask[..., None].float()
-            logits = logits * (1 - m) + (logits * count + new) / (count + 1) * m
+            w = 1 / (count + 1) if self.cfg.remask_average == "running" else 0.5 + 0.5 * (count == 0)
+            logits = logits + (new - logits) * w * m          # running: (logits * count + new) / (count + 1)
             count = count + m
             conf, tokens = self.allowed(logits, task).softmax(-1).max(-1)
             tokens = tokens + lo
-        return self.allowed(logits, task).softmax(-1)
+        return (self.allowed(logits, task) if restrict else logits).softmax(-1)
 
     def allowed(self, logits, task, offset=0):
         """Only the tokens that can stand at each position (others -> -inf), so that argmax tokens
@@ -719,8 +804,11 @@ def cuda_settings():
 
 
 def random_mask(shape, ratio, device):
-    """Bool mask (..., L) hiding exactly round(ratio * L) uniformly chosen positions per sequence."""
+    """Bool mask (..., L) hiding exactly round(ratio * L) uniformly chosen positions per sequence;
+    ratio a number, or a tensor of one ratio per sequence (shape[:-1])."""
     rank = torch.rand(shape, device=device).argsort(-1).argsort(-1)
+    if torch.is_tensor(ratio):
+        return rank < (ratio * shape[-1]).round()[..., None]
     return rank < round(ratio * shape[-1])
 
 

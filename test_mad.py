@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,6 +263,24 @@ def test_non_square_images_keep_x_and_y_apart_in_targets_and_post_processing(tmp
     assert n_boxes > 5 and n_keypoints > 10
 
 
+def test_a_box_cut_by_a_crop_is_clipped_to_the_crop_and_keeps_every_visible_pixel():
+    """Issue 15, boxes after a crop: we intersect the box with the crop (as DETR); the authors take the
+    tight box of the cropped mask. The intersection never cuts a visible pixel of the object (it
+    contains the tight box), equals it for an object that fills its box, and is looser when the crop
+    cuts an object that does not (here a triangle: its cropped part is narrower than its box)."""
+    H, W = 100, 100
+    crop = (0.0, 0.0, 50.0, 100.0)                                        # the left half
+    t = data.affine(W, H, crop, (50, 100), flip=False)
+    for polygon, fills in (([20, 20, 80, 20, 80, 80, 20, 80], True), ([20, 80, 80, 80, 80, 20], False)):
+        mask = torch.from_numpy(data.decode_segmentation([polygon], H, W))[:, :50].bool()   # what the crop keeps
+        ys, xs = mask.nonzero(as_tuple=True)
+        tight = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+        box, keep = data.transform_boxes(torch.tensor([[20., 20., 80., 80.]]), t)
+        assert keep.all() and torch.equal(box[0], torch.tensor([20., 20., 50., 80.]))
+        assert (box[0, :2] <= tight[:2]).all() and (box[0, 2:] >= tight[2:] - 1).all()   # contains the pixels
+        assert ((box[0] - tight).abs().max() <= 1) == fills                  # tight only for the filled box
+
+
 def test_collate_pads_to_multiple_of_32_with_pixel_mask(synth, tokenizer):
     cfg = tiny_cfg()
     ds = data.CocoMultiTask(synth, "train2017", cfg, tokenizer, train=True)
@@ -288,6 +307,19 @@ def test_caption_tokenizer_round_trip_and_deterministic_training(synth, tmp_path
     assert tok.decode(rows[-1].tolist()) == "a red circle"
     odd = tok.encode(["", "ünïcødé 字 ✓", " ".join(["word"] * 200)], 20)     # never crashes; eos always there
     assert (odd == tok.eos).any(1).all() and odd[0, 0] == tok.eos
+
+
+def test_the_demo_vocabulary_keeps_every_synthetic_caption_whole(tmp_path):
+    """3.1: captions are padded or truncated to 20 tokens. With the demo's vocabulary size, every
+    synthetic caption must fit whole (eos included), in about one piece per word. (sentencepiece
+    0.2.3's unigram trainer made 51 nearly single-letter pieces here: 31% of the captions were cut.)"""
+    data.make_synthetic_coco(str(tmp_path), 400, 0)
+    path = str(tmp_path / "annotations/captions_train2017.json")
+    tok = mad.CaptionTokenizer(data.train_caption_tokenizer(path, str(tmp_path / "spm"), train.SCHEDULES["tiny"]["spm_vocab"]))
+    captions = [a["caption"] for a in json.load(open(path))["annotations"]]
+    pieces = [len(ids) for ids in tok.sp.encode([c.lower() for c in captions])]
+    assert max(pieces) + 1 <= tiny_cfg().caption_len
+    assert sum(pieces) <= 1.2 * sum(len(c.split()) for c in captions)
 
 
 def excerpt_root(tmp_path):
@@ -632,6 +664,49 @@ def test_masking_hides_exactly_round_ratio_n():
     assert not torch.equal(mad.random_mask((1, 1, 500), 0.7, "cpu"), mad.random_mask((1, 1, 500), 0.7, "cpu"))
 
 
+@pytest.mark.parametrize("strategy", ["fixed", "random", "multiple"])
+def test_masking_strategies_mask_the_documented_counts(strategy):
+    """Table 3: one partly masked copy hiding round(0.7 L) tokens of each sequence (fixed); one whose
+    ratio is drawn per sequence from [0.6, 0.8] (random); or two copies hiding round(0.6 L) and
+    round(0.8 L) (multiple). The fully masked copy comes first in every case, and every task's loss
+    runs with the extra copy."""
+    model = tiny_model(mask_strategy=strategy)
+    seqs = torch.randint(model.vocab.coord, model.vocab.vis, (4, 6, 57))
+    inputs, masked = model.masked_copies(seqs)
+    copies = 3 if strategy == "multiple" else 2
+    assert inputs.shape == masked.shape == (4, copies * 6, 57) and masked[:, :6].all()
+    assert torch.equal(inputs[~masked], seqs.repeat(1, copies, 1)[~masked]) and (inputs[masked] == model.vocab.mask).all()
+    counts = masked[:, 6:].sum(-1)                                               # (4, (copies - 1) * 6)
+    if strategy == "fixed":
+        assert (counts == round(0.7 * 57)).all()
+    elif strategy == "random":
+        assert ((counts >= round(0.6 * 57)) & (counts <= round(0.8 * 57))).all() and len(counts.unique()) > 3
+    else:
+        assert (counts[:, :6] == round(0.6 * 57)).all() and (counts[:, 6:] == round(0.8 * 57)).all()
+    loss, parts = model.train()(random_batch(model))
+    assert torch.isfinite(loss) and set(parts) == set(mad.TASKS)
+
+
+def test_adamw_groups_lower_the_backbone_lr_and_spare_normalization_from_weight_decay():
+    """Supplementary A and the authors' code: the backbone trains at the backbone learning rate; the
+    LayerNorm / GroupNorm weights and biases get no weight decay; every trainable parameter is in
+    exactly one group."""
+    model = tiny_model()
+    groups = model.param_groups(1e-3, 1e-4, 0.05)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters() if p.requires_grad) and len(set(ids)) == len(ids)
+    backbone = {id(p) for p in model.backbone.parameters()}
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))}
+    for g in groups:
+        for p in g["params"]:
+            assert g["lr"] == (1e-4 if id(p) in backbone else 1e-3)
+            if id(p) in norms:
+                assert g["weight_decay"] == 0.0
+            elif p.dim() > 1:
+                assert g["weight_decay"] == 0.05
+    assert norms and any(g["weight_decay"] == 0.0 for g in groups)
+
+
 def test_coordinate_embeddings_start_more_similar_the_nearer_their_bins():
     cfg = tiny_cfg()
     vocab = Vocab(5, cfg.num_bins, 10)
@@ -884,6 +959,37 @@ def test_masked_inference_averages_the_logits_of_the_stages_that_re_masked_a_pos
     assert torch.allclose(prob, mean(3).softmax(-1), atol=1e-6)
 
 
+def test_halving_rule_weighs_later_stages_more(monkeypatch):
+    """Issue 15, the authors' caption ensembling (remask_average "halve"): at a re-masked position
+    the ensemble becomes (ensemble + new) / 2, so a position re-masked at all four stages ends with
+    the stages' logits weighted 1/8, 1/8, 1/4, 1/2 (the running mean gives 1/4 each)."""
+    model = tiny_model(remask_average="halve")
+    B, n, L = 1, 2, model.cfg.caption_len
+    g = torch.Generator().manual_seed(0)
+    stage_logits = [torch.randn(B, n, L, model.vocab.num_text, generator=g) for _ in range(4)]
+    calls = []
+    monkeypatch.setattr(model, "decode", lambda tokens, enc: calls.append(1) or torch.zeros(*tokens.shape, 1))
+    monkeypatch.setattr(model, "logits", lambda h, task: stage_logits[len(calls) - 1])
+    prob = model.refine(model.vocab.cap_prompt.expand(B, n, 6), L, None, "cap", (1.0, 1.0, 1.0, 1.0))
+    expected = sum(w * l for w, l in zip((1 / 8, 1 / 8, 1 / 4, 1 / 2), stage_logits))
+    assert torch.allclose(prob, expected.softmax(-1), atol=1e-6)
+
+
+def test_detection_score_over_all_detection_tokens_is_lower_and_keeps_boxes_and_labels():
+    """Issue 15, detection score: "classes" takes p(class) with the softmax over the classes and
+    <noise>; "all" (SPEC 7) over every detection token, so coordinate tokens at the class position
+    lower it. Boxes and labels are the same."""
+    model = tiny_model()
+    batch = random_batch(model)
+    with torch.no_grad():
+        enc = model.encode(batch["images"], batch["pad_mask"])
+        a = model.predict_detections(enc)
+        model.cfg.det_score = "all"
+        b = model.predict_detections(enc)
+    assert torch.equal(a["box_tokens"], b["box_tokens"]) and torch.equal(a["labels"], b["labels"])
+    assert (b["scores"] < a["scores"]).all()
+
+
 def test_predictions_of_an_image_do_not_depend_on_its_batch():
     """README: the random re-masking of masked inference uses a fixed seed, so a prediction does not
     depend on the batch: each image predicted alone == in a batch of 3 (float32 batch effects aside:
@@ -983,7 +1089,7 @@ def test_vectorized_paste_equals_resizing_each_mask_into_its_box():
 # =============================================================================
 # Backbones and pretrained weights (issue 7)
 
-@pytest.mark.parametrize("name,channels", [("tiny", 256), ("r50", 2048), ("swin_b", 1024), ("vit_b", 768)])
+@pytest.mark.parametrize("name,channels", [("tiny", 256), ("r50", 2048), ("swin_b", 1024), ("swin_b384", 1024), ("vit_b", 256)])
 def test_backbone_stride_32_map_and_local_weights_round_trip(name, channels, tmp_path):
     torch.manual_seed(0)
     backbone, c = mad.BACKBONES[name]()
@@ -999,6 +1105,31 @@ def test_backbone_stride_32_map_and_local_weights_round_trip(name, channels, tmp
     mad.load_backbone_weights(other, name, str(tmp_path / "w.pt"))
     with torch.no_grad():
         assert torch.equal(other.eval()(x), y)
+
+
+def test_vit_b_attends_within_windows_except_in_its_global_blocks_and_loads_torchvision_weights(tmp_path):
+    """Supplementary A (ViTDet): blocks 2, 5, 8, 11 attend globally, the others within 14 x 14 windows:
+    a change in one window reaches another only through a global block. The backbone keeps
+    torchvision's ViT-B/16 layout, so its weights load (the pyramid neck is new); our swin_b is
+    torchvision's swin_b, parameter for parameter."""
+    import torchvision
+    torch.manual_seed(0)
+    vit = mad.ViTDetB().eval()
+    assert vit.global_blocks == {2, 5, 8, 11} and vit.window == 14
+    x = torch.randn(1, 28, 28, 768)                                            # 2 x 2 windows of 14 x 14
+    y = x.clone()
+    y[0, 0, 0] += 1.0                                                          # a change in the top-left window
+    with torch.no_grad():
+        local = [vit.windowed(vit.encoder.layers[0], t, torch.nn.Identity()) for t in (x, y)]
+        full = [mad.vit_block(vit.encoder.layers[2], t.flatten(1, 2), torch.nn.Identity()).view(1, 28, 28, 768) for t in (x, y)]
+    assert not torch.equal(local[0][0, :14, :14], local[1][0, :14, :14])      # its own window changes
+    assert torch.equal(local[0][0, 14:, 14:], local[1][0, 14:, 14:])          # another window does not
+    assert not torch.allclose(full[0][0, 14:, 14:], full[1][0, 14:, 14:])     # through a global block it does
+    torch.save(torchvision.models.vit_b_16().state_dict(), tmp_path / "vit.pt")
+    mad.load_backbone_weights(vit, "vit_b", str(tmp_path / "vit.pt"))
+    assert torch.equal(vit.encoder.layers[5].mlp[0].weight, torch.load(tmp_path / "vit.pt")["encoder.layers.encoder_layer_5.mlp.0.weight"])
+    swin, ours = torchvision.models.swin_b().state_dict(), mad.SwinB().state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in swin.items() if not k.startswith("head.")}
 
 
 def test_offline_pretrained_gives_a_clear_message(monkeypatch):
@@ -1311,6 +1442,28 @@ def test_accumulation_counts_the_positions_its_random_masks_actually_use(synth, 
     torch.set_rng_state(rng)
     other = model.count_positions(micro_batches[1], ds.tasks)
     assert any(not torch.equal(other[t], calls[4][1][t]) for t in ds.tasks)
+
+
+def test_single_task_runs_train_and_evaluate_only_their_task(synth, tmp_path, monkeypatch):
+    """Table 8, --tasks: a segmentation-only model trains only segmentation and evaluates only masks,
+    prompted by the ground-truth boxes (an oracle: it has no detector), one mask per object; a
+    caption-only model trains and evaluates only captions."""
+    decoded = []
+    decode_task = mad.MAD.decode_task
+    monkeypatch.setattr(mad.MAD, "decode_task", lambda self, p, i, e, task: decoded.append(task) or decode_task(self, p, i, e, task))
+    train.main(run_args(synth, tmp_path / "seg", "--tasks", "seg", "--max-steps", "2"))
+    assert set(decoded) == {"seg"} and set(json.loads(open(tmp_path / "seg/log.jsonl").readline())) >= {"loss", "seg"}
+    assert not {"det", "kpt", "cap"} & set(json.loads(open(tmp_path / "seg/log.jsonl").readline()))
+    run([sys.executable, "evaluate.py", str(tmp_path / "seg/last.pt"), "--device", "cpu", "--workers", "0",
+         "--out", str(tmp_path / "seg/eval")])
+    m = json.load(open(tmp_path / "seg/eval/metrics.json"))
+    assert "segm_AP" in m and not {"bbox_AP", "keypoints_AP", "BLEU4"} & set(m) and "oracle" in m["prompts"]
+    segm = json.load(open(tmp_path / "seg/eval/segm_results.json"))
+    gt = load_json(Path(synth) / "annotations/instances_val2017.json")["annotations"]
+    assert sorted((r["image_id"], r["category_id"]) for r in segm) == sorted((a["image_id"], a["category_id"]) for a in gt)
+    assert all(r["score"] == 1.0 for r in segm)
+    train.main(run_args(synth, tmp_path / "cap", "--tasks", "cap", "--max-steps", "1"))
+    assert set(json.loads(open(tmp_path / "cap/log.jsonl").readline())) - {"step", "epoch", "lr", "images_per_s"} == {"loss", "cap"}
 
 
 def test_ar_baseline_trains_saves_loads_and_evaluates_through_evaluate_py(synth, tmp_path):
