@@ -1529,7 +1529,7 @@ def test_own_images_give_pictures_and_jsonl_without_annotations(synth, trained, 
     assert torch.equal(evaluate.rle_to_masks(rec["masks"], 9, 13), masks[[0, 2, 3]])
 
 
-OVERFIT = dict(bbox_AP50=90, segm_AP50=80, keypoints_AP50=80, BLEU4=40)   # measured 100, 100, 100, 69
+OVERFIT = dict(bbox_AP50=90, segm_AP50=80, keypoints_AP50=80, BLEU4=40)   # measured 100, 100, 100, 56.8
 
 
 def test_tiny_model_learns_all_four_tasks_on_eight_images(tmp_path):
@@ -1582,10 +1582,15 @@ def test_ddp_two_processes_equal_one_process_on_the_joined_batch(synth, tmp_path
     two = torch.load(tmp_path / "two/last.pt", weights_only=False)
     assert len(two["rng"]) == 2 and two["step"] == one["step"] == 1
     moments = lambda c: [s["exp_avg"] for s in c["optimizer"]["state"].values()]
-    scale = max(m.abs().max() for m in moments(one))
-    assert scale > 1e-4
+    biggest = max(m.norm() for m in moments(one))
+    assert biggest > 1e-3
+    # float32 summation order differs, and a ReLU whose input sits at 0 may open in one run only:
+    # measured 6e-4 relative error at worst; a wrong loss normalizer gives tens of percent
     for a, b in zip(moments(one), moments(two)):
-        assert torch.allclose(a, b, atol=1e-5 * scale, rtol=0)                # float32 summation order only
+        if a.norm() > 1e-3 * biggest:                                          # (the rest: gradients of float noise)
+            assert (a - b).norm() <= 1e-2 * a.norm()
+    flat = lambda c: torch.cat([m.flatten() for m in moments(c)])
+    assert (flat(one) - flat(two)).norm() <= 1e-3 * flat(one).norm()
     # Adam's first step is lr * g / (|g| + eps): an element whose gradient is float noise (e.g. the
     # attention key biases: a softmax ignores a shift of all its scores) moves by +-lr in either run,
     # so a few elements may differ by up to 2 lr; all the others must be equal
