@@ -448,7 +448,7 @@ class MAD(nn.Module):
         lo, hi = self.vocab.task_range(task)
         z = F.normalize(self.head(h), dim=-1)
         w = F.normalize(self.embed.weight[lo:hi], dim=-1)
-        return z @ w.t() * self.logit_scale.clamp(max=math.log(100)).exp()
+        return z @ w.t() * self.logit_scale.exp()
 
     def compile_parts(self, **options):
         """torch.compile the transformer encoder and the decoder stack: `run_encoder` and `decode` are

@@ -46,7 +46,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     clip: float = 0.1                 # gradient norm clipping
     amp: bool = False                 # CUDA: bf16 where supported, else fp16 + GradScaler; CPU: bf16
-    compile: bool = False             # torch.compile the backbone and the encoder/decoder layers
+    compile: bool = False             # torch.compile the transformer encoder and the decoder
     max_steps: int = 0                # stop after this many optimizer steps (0: run all epochs)
     save_every: int = 0               # also save last.pt every N steps (0: once per epoch)
     eval_every: int = 0               # evaluate on val2017 every N epochs (0: never)
