@@ -471,6 +471,8 @@ def ablation(out, tables, seeds):
                         cache[key] = evaluate_run(os.path.join(out, f"{name}_s{seed}"), settings, out)
                     m.update({k: v for k, v in cache[key].items() if k not in METRICS or by_task[TASKS[METRICS.index(k)]] == name})
                 per_seed.append(m)
+            if isinstance(training, dict) or settings.get("oracle"):            # several models or passes: no one time
+                per_seed = [{k: v for k, v in m.items() if k != "ms_per_image"} for m in per_seed]
             results[f"table{t}/{row}"] = dict(paper=paper, seeds=per_seed)
         print_ablation_table(t, {row: results[f"table{t}/{row}"] for row in TABLES[t]}, seeds)
     with open(os.path.join(out, "ablation.json"), "w") as f:
@@ -504,7 +506,7 @@ def evaluate_run(run_dir, settings, out):
 def print_ablation_table(t, rows, seeds):
     print(f"\n{'Paper Table ' + t if t.isdigit() else 'Inference details'} on the synthetic val split (200 images): tiny, {ABLATION_PLAN['max_steps']} steps of "
           f"batch {ABLATION_PLAN['batch_size']} each, mean over seeds {seeds} (spread max - min)")
-    print(f"{'':24s}{'ms/img':>8s}" + "".join(f"{c:>13s}" for c in ("det", "seg", "kpt", "cap")) + "   | paper")
+    print(f"{'':36s}{'ms/img':>8s}" + "".join(f"{c:>13s}" for c in ("det", "seg", "kpt", "cap")) + "   | paper")
     for row, r in rows.items():
         cells = []
         for k in ("ms_per_image", *METRICS):
@@ -513,7 +515,7 @@ def print_ablation_table(t, rows, seeds):
             spread = max(values) - min(values) if len(values) > 1 else 0.0
             cells.append(f"{'-':>8s}" if mean is None else f"{mean:8.1f}" if k == "ms_per_image"
                          else f"{mean:7.1f} ±{spread / 2:4.1f}")
-        print(f"{row:24s}" + cells[0] + "".join(f"{c:>13s}" for c in cells[1:]) + "   | "
+        print(f"{row:36s}" + cells[0] + "".join(f"{c:>13s}" for c in cells[1:]) + "   | "
               + ", ".join("-" if x is None else str(x) for x in r["paper"]))
 
 
