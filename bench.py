@@ -425,6 +425,12 @@ TABLES = {
 }
 
 
+def trained_steps(run_dir):
+    """Steps in run_dir's checkpoint (0 without one): a run killed midway is resumed, not reused."""
+    path = os.path.join(run_dir, "last.pt")
+    return torch.load(path, map_location="cpu", weights_only=False)["step"] if os.path.exists(path) else 0
+
+
 def ablation(out, tables, seeds):
     """Tiny models trained like `train.py --demo` with the same explicit budget (ABLATION_PLAN), one
     thread each, as many side by side as there are cores; then each table's rows evaluated on the
@@ -437,7 +443,7 @@ def ablation(out, tables, seeds):
     needed = {name for t in tables for training, _, _ in TABLES[t].values()
               for name in (training.values() if isinstance(training, dict) else [training])}
     runs = [(name, seed) for seed in seeds for name in sorted(needed)]
-    todo = [r for r in runs if not os.path.exists(os.path.join(out, f"{r[0]}_s{r[1]}", "last.pt"))]
+    todo = [r for r in runs if trained_steps(os.path.join(out, f"{r[0]}_s{r[1]}")) < ABLATION_PLAN["max_steps"]]
     train.prepare_data(train.TrainConfig(data="synthetic"), master=True)   # generated once, before the runs start
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -446,9 +452,10 @@ def ablation(out, tables, seeds):
         while todo and len(running) < (os.cpu_count() or 1):                 # one run per core
             name, seed = todo.pop(0)
             run_dir = os.path.join(out, f"{name}_s{seed}")
-            with open(run_dir + ".log", "w") as log:                          # the child holds its own copy
+            resume = ["--resume"] if trained_steps(run_dir) else []          # an interrupted run goes on
+            with open(run_dir + ".log", "a") as log:                          # the child holds its own copy
                 running[run_dir] = subprocess.Popen(
-                    [sys.executable, "train.py", *demo, "--out", run_dir, "--seed", str(seed), *TRAININGS[name]],
+                    [sys.executable, "train.py", *demo, "--out", run_dir, "--seed", str(seed), *TRAININGS[name], *resume],
                     cwd=os.path.dirname(os.path.abspath(__file__)), env=env, stdout=log, stderr=subprocess.STDOUT)
             print(f"{(time.time() - start) / 60:5.1f} min: training {run_dir}", flush=True)
         time.sleep(5)

@@ -124,6 +124,7 @@ def to_coco_results(preds, image_ids, categories):
 
 
 def to_cpu(prediction):
+    """One prediction of MAD.predict (on the model's device) -> on the CPU."""
     return {k: v.cpu() if torch.is_tensor(v) else v for k, v in prediction.items()}
 
 
@@ -193,7 +194,7 @@ def run_predictions(model, dataset, tokenizer, indices, batch_size, workers, dev
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
                                          num_workers=workers, collate_fn=data.collate)
     preds, seconds, done, start, last = {}, 0.0, 0, time.time(), time.time()
-    oracle = "det" not in dataset.tasks and bool({"seg", "kpt"} & set(dataset.tasks))
+    oracle = prompted_by_ground_truth(dataset.tasks)
     for batch in loader:
         t = time.perf_counter()
         out = model.predict(batch["images"].to(device), batch["pad_mask"].to(device), batch["size"], batch["orig_size"],
@@ -212,6 +213,11 @@ def run_predictions(model, dataset, tokenizer, indices, batch_size, workers, dev
                   f"ETA {(len(indices) - done) / rate / 60:.1f} min", flush=True)
             last = time.time()
     return preds, seconds
+
+
+def prompted_by_ground_truth(tasks):
+    """A model without detection has segmentation or keypoints prompted by ground-truth boxes."""
+    return "det" not in tasks and bool({"seg", "kpt"} & set(tasks))
 
 
 def ground_truth_boxes(dataset, image_id):
@@ -239,7 +245,7 @@ def evaluate(model, dataset, tokenizer, out_dir, batch_size=1, workers=0, max_im
     res = to_coco_results([preds[i] for i in image_ids], image_ids, dataset.categories)
     os.makedirs(out_dir, exist_ok=True)
     metrics = dict(num_images=len(image_ids), ms_per_image=1e3 * sum(times.values()) / max(len(image_ids), 1))
-    if "det" not in dataset.tasks and {"seg", "kpt"} & set(dataset.tasks):
+    if prompted_by_ground_truth(dataset.tasks):
         metrics["prompts"] = "ground-truth boxes (oracle: no detection task)"
         print("no detection task: segmentation / keypoints are prompted by ground-truth boxes (an oracle)")
     for task, iou_type in (("det", "bbox"), ("seg", "segm"), ("kpt", "keypoints")):
