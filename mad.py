@@ -43,6 +43,7 @@ class Config:
     mask_ratio: float = 0.7          # share of tokens masked in the partly masked copy (Table 4)
     mask_strategy: str = "fixed"     # Table 3: fixed (mask_ratio) | random (a ratio per sequence, uniform in
                                      # [0.6, 0.8]) | multiple (two partly masked copies, at 0.6 and 0.8)
+    cap_full_word: bool = False      # one random text token in the fully masked caption copy too (authors' code)
     tasks: tuple = ("det", "seg", "kpt", "cap")   # the tasks trained and evaluated (Table 8: one alone)
     task_weights: tuple = (1.5, 2.7, 0.5, 0.3)   # det, seg, kpt, cap (supplementary C)
     decoder: str = "mad"             # mad (bi-directional, parallel) | ar (autoregressive baseline)
@@ -554,7 +555,7 @@ class MAD(nn.Module):
         """Captioning: the fully masked copy is ONE sequence per image, trained towards the reference
         it predicts best (per layer); the partly masked copy holds every reference (two copies with
         two masking ratios), with one random visible token of each replaced by a random text token
-        (3.1 sequence augmentation)."""
+        (3.1 sequence augmentation; cap_full_word: the fully masked copy shows one too, untrained)."""
         refs, weight = batch["cap_seq"], batch["cap_weight"]                   # (B, R, L)
         B, R, L = refs.shape
         lo, hi = self.vocab.task_range("cap")
@@ -564,7 +565,11 @@ class MAD(nn.Module):
         pick = (torch.rand(partial.shape, device=refs.device) * ~partial).argmax(-1, keepdim=True)   # a visible slot
         word = torch.randint(lo, hi, (B, p * R, 1), device=refs.device)
         noisy = noisy.scatter(-1, pick, torch.where(partial.gather(-1, pick), self.vocab.mask, word))
-        inputs = torch.cat([torch.full_like(refs[:, :1], self.vocab.mask), noisy], 1)   # (B, 1+pR, L)
+        blank = torch.full_like(refs[:, :1], self.vocab.mask)                  # (B, 1, L) the full copy
+        if self.cfg.cap_full_word:                                             # one slot shows a random word
+            blank = blank.scatter(-1, torch.randint(0, L, (B, 1, 1), device=refs.device),
+                                torch.randint(lo, hi, (B, 1, 1), device=refs.device))
+        inputs = torch.cat([blank, noisy], 1)                                  # (B, 1+pR, L)
         prompt = self.vocab.cap_prompt.to(refs.device).expand(B, 1 + p * R, 6)
         logp = self.decode_task(prompt, inputs, enc, "cap")                   # (layers, B, 1+pR, L, V)
         target = refs - lo
@@ -576,7 +581,8 @@ class MAD(nn.Module):
         idx = best[..., None, None].expand(-1, -1, 1, L)                       # (layers, B, 1, L)
         n_layers = len(logp)
         full_t = target.expand(n_layers, -1, -1, -1).gather(2, idx)
-        full_w = weight.expand(n_layers, -1, -1, -1).gather(2, idx)
+        shown = blank != self.vocab.mask                                       # (B, 1, L) no loss at a shown word
+        full_w = weight.expand(n_layers, -1, -1, -1).gather(2, idx) * ~shown
         target = torch.cat([full_t, target.repeat(1, p, 1).expand(n_layers, -1, -1, -1)], 2)   # (layers, B, 1+pR, L)
         weight = torch.cat([full_w, (weight.repeat(1, p, 1) * partial).expand(n_layers, -1, -1, -1)], 2)
         return masked_nll(logp, target, weight)

@@ -876,6 +876,25 @@ def test_caption_loss_picks_each_layers_best_reference_by_mean_nll_and_perturbs_
     assert ((inputs[:, 1:][changed] >= lo) & (inputs[:, 1:][changed] < hi)).all()
 
 
+def test_cap_full_word_shows_one_random_word_in_the_fully_masked_copy_and_trains_the_rest(monkeypatch):
+    """README, where we differ (--cap-full-word, the authors' code): the fully masked caption copy
+    shows exactly one random text token, which is not a training target; its other positions are.
+    Off (the default), the copy is all <mask> and every position of its reference is a target."""
+    for on in (False, True):
+        model = tiny_model(max_captions=3, cap_full_word=on)
+        lo, hi = model.vocab.task_range("cap")
+        batch = random_batch(model)
+        batch["cap_weight"][:] = 1                                             # every position a real token
+        seen = fixed_masks_and_log_probs(model, monkeypatch, lambda task, logits: None)
+        sums, counts = model.cap_loss(batch, None)
+        full, partial = seen["inputs"]["cap"][:, 0], seen["mask"]["cap"]      # (B, L), (B, R, L)
+        shown = full != model.vocab.mask
+        assert (shown.sum(-1) == (1 if on else 0)).all()
+        assert ((full[shown] >= lo) & (full[shown] < hi)).all()
+        B, L = full.shape
+        assert (counts == B * L - int(shown.sum()) + partial.sum()).all()
+
+
 def test_ar_greedy_decoding_with_kv_cache_equals_without():
     model = tiny_model("ar")
     batch = random_batch(model)
