@@ -508,8 +508,12 @@ def evaluate_run(run_dir, settings, out):
         ds = data.CocoMultiTask(train.SYNTHETIC["root"], "val2017", model.cfg, tokenizer, train=False,
                                 categories=ckpt["categories"], targets=False)
         name = os.path.basename(run_dir) + "".join(f"_{k}{v}" for k, v in sorted(settings.items())) + "_" + "".join(tasks)
-        metrics.update(evaluate.evaluate(model, ds, tokenizer, os.path.join(out, "eval", re.sub(r"[^\w.-]", "", name)),
-                                         batch_size=1, workers=1))
+        eval_dir = os.path.join(out, "eval", re.sub(r"[^\w.-]", "", name))
+        done = os.path.join(eval_dir, "metrics.json")       # an earlier run's evaluation of this very checkpoint
+        if os.path.exists(done) and os.path.getmtime(done) > os.path.getmtime(os.path.join(run_dir, "last.pt")):
+            metrics.update(json.load(open(done)))
+        else:
+            metrics.update(evaluate.evaluate(model, ds, tokenizer, eval_dir, batch_size=1, workers=1))
     return metrics
 
 
