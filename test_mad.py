@@ -925,11 +925,11 @@ def test_one_stage_of_masked_inference_is_one_decoder_pass():
 
 
 def test_keypoint_stage_2_remasks_the_36_least_confident_positions_and_keeps_the_others(monkeypatch):
-    """3.2 / 4.1: keypoints decode in 2 stages (1.0, 0.7): stage 2 re-masks round(0.7 * 51) = 36
-    positions of each sequence, the least confident ones (stage 1's maximum probability), and feeds
-    stage 1's tokens at the other 15 back into the decoder."""
-    model = tiny_model()
-    assert model.cfg.kpt_ratios == (1.0, 0.7)
+    """3.2 / 4.1: keypoints in the paper's 2 stages (--kpt-ratios 1.0,0.7; the default is one, as the
+    authors' configs): stage 2 re-masks round(0.7 * 51) = 36 positions of each sequence, the least
+    confident ones (stage 1's maximum probability), and feeds stage 1's tokens at the other 15 back
+    into the decoder."""
+    model = tiny_model(kpt_ratios=(1.0, 0.7))
     batch = random_batch(model)
     v, lo = model.vocab, model.vocab.task_range("kpt")[0]
     calls, decode = [], model.decode
@@ -956,10 +956,10 @@ def test_keypoint_stage_2_remasks_the_36_least_confident_positions_and_keeps_the
 
 
 def test_masked_inference_averages_the_logits_of_the_stages_that_re_masked_a_position(monkeypatch):
-    """3.2 masked inference: at a re-masked position the new logits join a running average, elsewhere
-    the logits stay: every position ends with the mean of the logits of the stages that re-masked it
-    (stage 1 masks all). A stubbed decoder returns known logits at each stage."""
-    model = tiny_model()
+    """3.2 masked inference, remask_average "running": at a re-masked position the new logits join a
+    running average, elsewhere the logits stay: every position ends with the mean of the logits of the
+    stages that re-masked it (stage 1 masks all). A stubbed decoder returns known logits at each stage."""
+    model = tiny_model(remask_average="running")
     v, lo = model.vocab, model.vocab.task_range("cap")[0]
     B, n, L = 2, 3, model.cfg.caption_len
     g = torch.Generator().manual_seed(0)
@@ -979,10 +979,11 @@ def test_masked_inference_averages_the_logits_of_the_stages_that_re_masked_a_pos
 
 
 def test_halving_rule_weighs_later_stages_more(monkeypatch):
-    """Issue 15, the authors' caption ensembling (remask_average "halve"): at a re-masked position
-    the ensemble becomes (ensemble + new) / 2, so a position re-masked at all four stages ends with
-    the stages' logits weighted 1/8, 1/8, 1/4, 1/2 (the running mean gives 1/4 each)."""
-    model = tiny_model(remask_average="halve")
+    """README, masked inference: the authors' ensembling (remask_average "halve", the default): at a
+    re-masked position the ensemble becomes (ensemble + new) / 2, so a position re-masked at all four
+    stages ends with the stages' logits weighted 1/8, 1/8, 1/4, 1/2 (the running mean: 1/4 each)."""
+    model = tiny_model()
+    assert model.cfg.remask_average == "halve"
     B, n, L = 1, 2, model.cfg.caption_len
     g = torch.Generator().manual_seed(0)
     stage_logits = [torch.randn(B, n, L, model.vocab.num_text, generator=g) for _ in range(4)]
@@ -1387,7 +1388,7 @@ def test_bench_quick_mode_prints_the_tiny_rows():
     cfg = tiny_cfg()
     rows = res["latency_tiny"]
     assert [rows[r]["passes"] for r in ("MAD one stage", "MAD masked inference", "AR + KV cache")] == \
-        [4, 1 + 1 + len(cfg.kpt_ratios) + len(cfg.cap_ratios),
+        [4, 1 + 1 + 2 + len(cfg.cap_ratios),                              # keypoints: the paper's 2 stages
          5 * cfg.num_queries + cfg.mask_size ** 2 + 51 + cfg.caption_len]
     for r in rows.values():
         assert r["total"] > 0 and all(r[t] > 0 for t in ("encode", *mad.TASKS))
