@@ -956,8 +956,8 @@ def test_keypoint_stage_2_remasks_the_36_least_confident_positions_and_keeps_the
 
 
 def test_masked_inference_averages_the_logits_of_the_stages_that_re_masked_a_position(monkeypatch):
-    """3.2 masked inference, remask_average "running": at a re-masked position the new logits join a
-    running average, elsewhere the logits stay: every position ends with the mean of the logits of the
+    """3.2 masked inference (remask_average "running", the default): at a re-masked position the new
+    logits join a running average, elsewhere the logits stay: every position ends with the mean of the logits of the
     stages that re-masked it (stage 1 masks all). A stubbed decoder returns known logits at each stage."""
     model = tiny_model(remask_average="running")
     v, lo = model.vocab, model.vocab.task_range("cap")[0]
@@ -979,11 +979,10 @@ def test_masked_inference_averages_the_logits_of_the_stages_that_re_masked_a_pos
 
 
 def test_halving_rule_weighs_later_stages_more(monkeypatch):
-    """README, masked inference: the authors' ensembling (remask_average "halve", the default): at a
-    re-masked position the ensemble becomes (ensemble + new) / 2, so a position re-masked at all four
-    stages ends with the stages' logits weighted 1/8, 1/8, 1/4, 1/2 (the running mean: 1/4 each)."""
-    model = tiny_model()
-    assert model.cfg.remask_average == "halve"
+    """Issue 15, the authors' caption ensembling (remask_average "halve"): at a re-masked position
+    the ensemble becomes (ensemble + new) / 2, so a position re-masked at all four stages ends with
+    the stages' logits weighted 1/8, 1/8, 1/4, 1/2 (the running mean gives 1/4 each)."""
+    model = tiny_model(remask_average="halve")
     B, n, L = 1, 2, model.cfg.caption_len
     g = torch.Generator().manual_seed(0)
     stage_logits = [torch.randn(B, n, L, model.vocab.num_text, generator=g) for _ in range(4)]
@@ -999,7 +998,7 @@ def test_detection_score_over_all_detection_tokens_is_lower_and_keeps_boxes_and_
     """Issue 15, detection score: "classes" takes p(class) with the softmax over the classes and
     <noise>; "all" (SPEC 7) over every detection token, so coordinate tokens at the class position
     lower it. Boxes and labels are the same."""
-    model = tiny_model()
+    model = tiny_model(det_score="classes")
     batch = random_batch(model)
     with torch.no_grad():
         enc = model.encode(batch["images"], batch["pad_mask"])
