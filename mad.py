@@ -47,13 +47,13 @@ class Config:
     tasks: tuple = ("det", "seg", "kpt", "cap")   # the tasks trained and evaluated (Table 8: one alone)
     task_weights: tuple = (1.5, 2.7, 0.5, 0.3)   # det, seg, kpt, cap (supplementary C)
     decoder: str = "mad"             # mad (bi-directional, parallel) | ar (autoregressive baseline)
-    kpt_ratios: tuple = (1.0,)       # masked inference: mask ratio of each stage (keypoints: one, as the
-                                     # authors' configs; the paper's Table 2 adds 0.7: +0.2 AP, +33% time here)
+    kpt_ratios: tuple = (1.0,)       # masked inference: mask ratio of each stage (keypoints: one, as the authors'
+                                     # configs; the paper's 0.7 stage: AP +0.2 / 0.0 / -0.1 on three models here)
     cap_ratios: tuple = (1.0, 0.8, 0.6, 0.4)
     remask_average: str = "running"  # re-masked logits join a running mean | "halve": (ensemble + new) / 2, the
                                      # authors' (BLEU-4 -0.1, -0.2, -2.2 on three models here)
     det_score: str = "all"           # score = p(class) with the softmax over every detection token (SPEC) |
-                                     # "classes": over classes + <noise> only (bbox AP 0.1 lower on three models)
+                                     # "classes": over classes + <noise> only (bbox AP within 0.1 on three models)
     seg_topk: int = 100              # detections that prompt segmentation / keypoints
     sine_coords: bool = True         # coordinate token embeddings start as sine codes of their bin
     xavier: bool = True              # xavier_uniform_ init of the encoder/decoder weight matrices (authors' code)
