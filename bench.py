@@ -419,8 +419,8 @@ TABLES = {
         "separate (w/ MM)": (SEPARATE(""), dict(oracle=True), (None, 38.5, 32.1, 55.7, 30.4)),
         "joint (w/o MM)": ("parallel", dict(ONE_STAGE, oracle=True), (None, 35.9, 29.8, 51.5, 18.2)),
         "joint (w/ MM)": ("masked", dict(oracle=True), (None, 38.9, 32.3, 54.7, 29.6))},
-    # issue 15's details, on the demo's model (the paper: keypoint re-masking +0.1 AP); the last row trains
-    # the authors' fully masked caption copy with one random word shown
+    # issue 15's details, on the masked-training model (the paper: keypoint re-masking +0.1 AP); the last
+    # row trains the authors' fully masked caption copy with one random word shown
     "inference": {"captions: running mean": ("masked", dict(remask_average="running"), (None,) * 5),
                   "captions: (ensemble + new) / 2": ("masked", dict(remask_average="halve"), (None,) * 5),
                   "keypoints: 2 stages (1.0, 0.7)": ("masked", dict(kpt_ratios=(1.0, 0.7)), (None, None, None, 54.7, None)),
