@@ -837,8 +837,9 @@ def test_caption_loss_picks_each_layers_best_reference_by_mean_nll_and_perturbs_
     """3.1 / 3.2 captioning: the fully masked copy learns, per decoder layer, the reference of lowest
     MEAN cross-entropy under that layer's prediction (here: layer 0 a long reference over a short one
     of lower summed CE, layer 1 another); the partly masked copy holds every reference, its masked
-    positions <mask>, exactly one visible token replaced by a random text token."""
-    model = tiny_model(max_captions=5)
+    positions <mask>, exactly one visible token replaced by a random text token (the full copy all
+    <mask> here: cap_full_word off; its shown word is tested below)."""
+    model = tiny_model(max_captions=5, cap_full_word=False)
     v = model.vocab
     lo, hi = v.task_range("cap")
     batch = random_batch(model)
@@ -877,9 +878,10 @@ def test_caption_loss_picks_each_layers_best_reference_by_mean_nll_and_perturbs_
 
 
 def test_cap_full_word_shows_one_random_word_in_the_fully_masked_copy_and_trains_the_rest(monkeypatch):
-    """README, where we differ (--cap-full-word, the authors' code): the fully masked caption copy
-    shows exactly one random text token, which is not a training target; its other positions are.
-    Off (the default), the copy is all <mask> and every position of its reference is a target."""
+    """README, where we differ (--cap-full-word, the default, as in the authors' code): the fully
+    masked caption copy shows exactly one random text token, which is not a training target; its
+    other positions are.
+    Off, the copy is all <mask> and every position of its reference is a target."""
     for on in (False, True):
         model = tiny_model(max_captions=3, cap_full_word=on)
         lo, hi = model.vocab.task_range("cap")
@@ -1415,7 +1417,7 @@ def test_skip_bad_images_through_train_py_with_a_data_worker(synth, tmp_path):
 def test_accumulated_micro_batches_equal_one_batch_k_times_the_size(synth, tokenizer):
     """train_step over 2 micro-batches of 2 == over one batch of 4, in float64 (in float32 the
     two summation orders differ by ~3e-5 relative; float64 shows the normalization is exact)."""
-    cfg = tiny_cfg(mask_ratio=1.0)                       # masks are then the same however the batch is split
+    cfg = tiny_cfg(mask_ratio=1.0, cap_full_word=False)  # masks are then the same however the batch is split
     ds = data.CocoMultiTask(synth, "val2017", cfg, tokenizer, train=False)
     samples = [ds[i] for i in range(4)]
     steps = []
