@@ -576,16 +576,17 @@ class MAD(nn.Module):
         prompt = self.vocab.cap_prompt.to(refs.device).expand(B, 1 + p * R, 6)
         logp = self.decode_task(prompt, inputs, enc, "cap")                   # (layers, B, 1+pR, L, V)
         target = refs - lo
-        # best reference of the fully masked copy: lowest mean cross-entropy, per layer
+        # best reference of the fully masked copy: lowest mean cross-entropy over its targets, per layer
+        shown = blank != self.vocab.mask                                       # (B, 1, L) a shown word: no target
         full = logp[:, :, :1].expand(-1, -1, R, -1, -1)                        # (layers, B, R, L, V)
         nll = -full.gather(-1, target[None, ..., None].expand(len(logp), -1, -1, -1, 1))[..., 0]
-        mean = (nll * weight).sum(-1) / weight.sum(-1).clamp(min=1)           # (layers, B, R)
-        best = mean.masked_fill(weight.sum(-1) == 0, float("inf")).argmin(-1)  # (layers, B)
+        counted = weight * ~shown
+        mean = (nll * counted).sum(-1) / counted.sum(-1).clamp(min=1)         # (layers, B, R)
+        best = mean.masked_fill(counted.sum(-1) == 0, float("inf")).argmin(-1) # (layers, B)
         idx = best[..., None, None].expand(-1, -1, 1, L)                       # (layers, B, 1, L)
         n_layers = len(logp)
         full_t = target.expand(n_layers, -1, -1, -1).gather(2, idx)
-        shown = blank != self.vocab.mask                                       # (B, 1, L) no loss at a shown word
-        full_w = weight.expand(n_layers, -1, -1, -1).gather(2, idx) * ~shown
+        full_w = counted.expand(n_layers, -1, -1, -1).gather(2, idx)
         target = torch.cat([full_t, target.repeat(1, p, 1).expand(n_layers, -1, -1, -1)], 2)   # (layers, B, 1+pR, L)
         weight = torch.cat([full_w, (weight.repeat(1, p, 1) * partial).expand(n_layers, -1, -1, -1)], 2)
         return masked_nll(logp, target, weight)

@@ -735,15 +735,19 @@ def test_loss_ignores_logits_of_unmasked_positions(task, monkeypatch):
     def fake_decode(prompt, inputs, enc, task):                              # fixed log-probs (+ a bump)
         lo, hi = model.vocab.task_range(task)
         g = torch.Generator().manual_seed(4)
+        seen["inputs"] = inputs
         logp = torch.randn(2, *inputs.shape, hi - lo, generator=g) + seen.get("bump", 0)
         return logp.log_softmax(-1)
 
     monkeypatch.setattr(mad, "random_mask", fake_random_mask)
     monkeypatch.setattr(model, "decode_task", fake_decode)
-    loss = lambda: getattr(model, f"{task}_loss")(batch, enc)[0]              # summed CE per layer
+
+    def loss():                                                               # summed CE per layer
+        torch.manual_seed(5)                                                  # the same shown / random words
+        return getattr(model, f"{task}_loss")(batch, enc)[0]
     base = loss()
-    n_full = 1 if task != "seg" else model.cfg.max_instances
-    visible = torch.cat([torch.zeros_like(seen["mask"][:, :n_full]), ~seen["mask"]], 1)   # (B, 1+n, L)
+    visible = seen["inputs"] != model.vocab.mask                              # (B, 1+n, L): the partly masked
+    assert visible.any() and (~visible).any()                                 # copy's, and the full copy's word
     lo, hi = model.vocab.task_range(task)
     seen["bump"] = torch.randn(*visible.shape, hi - lo) * 5 * visible[..., None]   # unmasked logits only
     assert torch.allclose(loss(), base, atol=1e-5)
@@ -785,7 +789,7 @@ def test_task_losses_are_the_mean_nll_of_masked_targets_per_layer_and_the_total_
     the masked positions that have a target (weight > 0); a task's loss sums its layers; the total is
     1.5 det + 2.7 seg + 0.5 kpt + 0.3 cap. Fixed log-probs and masks; the slots holding the 3
     objects are sure of them, so the detection matching is unambiguous (other slots: <noise>)."""
-    model = tiny_model()
+    model = tiny_model(cap_full_word=False)                       # every position of the full copy counts
     v = model.vocab
     batch = random_batch(model)                                    # B = 2, objects in slots 0-2
     B, Q = batch["det_seq"].shape[:2]
@@ -1589,13 +1593,13 @@ def test_readme_quick_start_then_evaluation_commands_work_in_a_fresh_copy(tmp_pa
 # Reliability: DDP, kill and resume, crashes while saving, non-finite losses (issue 6)
 
 def test_ddp_two_processes_equal_one_process_on_the_joined_batch(synth, tmp_path):
-    """One optimizer step: 2 gloo processes x 1 image == 1 process x 2 images (full masking, so
-    the random masks cannot differ; no augmentation, so no image is padded differently; the same
+    """One optimizer step: 2 gloo processes x 1 image == 1 process x 2 images (full masking and no
+    word shown in the full caption copy, so the random masks cannot differ; no augmentation, so no image is padded differently; the same
     two images, as DistributedSampler deals them). Adam's first step is lr * sign(gradient)
     whatever the gradient's scale, so the loss normalization shows in the gradients, which the
     checkpoint holds as Adam's first moment (0.1 x the all-reduced gradient; a huge --clip, since
     clipping to norm 1 would hide a uniform scale error)."""
-    flags = ["--mask-ratio", "1.0", "--batch-size", "2", "--max-steps", "1", "--no-augment",
+    flags = ["--mask-ratio", "1.0", "--no-cap-full-word", "--batch-size", "2", "--max-steps", "1", "--no-augment",
              "--lr", "1e-4", "--backbone-lr", "1e-4", "--clip", "1e9"]
     run([sys.executable, "train.py", *run_args(synth, tmp_path / "one"), *flags])
     run(torchrun(2, "train.py", *run_args(synth, tmp_path / "two"), *flags))
