@@ -494,6 +494,9 @@ def ablation(out, tables, seeds):
     return results
 
 
+INFERENCE_FIELDS = ("kpt_ratios", "cap_ratios", "remask_average", "det_score", "seg_topk")
+
+
 def evaluate_run(run_dir, settings, out):
     """The metrics of one trained model under inference settings (cfg fields). oracle: segmentation
     and keypoints prompted by ground-truth boxes, evaluated apart from detection and captions
@@ -513,11 +516,16 @@ def evaluate_run(run_dir, settings, out):
                                 categories=ckpt["categories"], targets=False)
         name = os.path.basename(run_dir) + "".join(f"_{k}{v}" for k, v in sorted(settings.items())) + "_" + "".join(tasks)
         eval_dir = os.path.join(out, "eval", re.sub(r"[^\w.-]", "", name))
-        done = os.path.join(eval_dir, "metrics.json")       # an earlier run's evaluation of this very checkpoint
-        if os.path.exists(done) and os.path.getmtime(done) > os.path.getmtime(os.path.join(run_dir, "last.pt")):
+        # an earlier evaluation of this very checkpoint under the same inference settings, defaults included
+        inference = json.loads(json.dumps({k: getattr(model.cfg, k) for k in INFERENCE_FIELDS}))
+        done, used = os.path.join(eval_dir, "metrics.json"), os.path.join(eval_dir, "inference.json")
+        if (os.path.exists(done) and os.path.exists(used) and json.load(open(used)) == inference
+                and os.path.getmtime(done) > os.path.getmtime(os.path.join(run_dir, "last.pt"))):
             metrics.update(json.load(open(done)))
         else:
             metrics.update(evaluate.evaluate(model, ds, tokenizer, eval_dir, batch_size=1, workers=1))
+            with open(used, "w") as f:
+                json.dump(inference, f)
     return metrics
 
 
