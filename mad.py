@@ -580,7 +580,7 @@ class MAD(nn.Module):
         shown = blank != self.vocab.mask                                       # (B, 1, L) a shown word: no target
         full = logp[:, :, :1].expand(-1, -1, R, -1, -1)                        # (layers, B, R, L, V)
         nll = -full.gather(-1, target[None, ..., None].expand(len(logp), -1, -1, -1, 1))[..., 0]
-        counted = weight * ~shown
+        counted = weight * ~shown                                              # (B, R, L) the full copy's targets
         mean = (nll * counted).sum(-1) / counted.sum(-1).clamp(min=1)         # (layers, B, R)
         best = mean.masked_fill(counted.sum(-1) == 0, float("inf")).argmin(-1) # (layers, B)
         idx = best[..., None, None].expand(-1, -1, 1, L)                       # (layers, B, 1, L)

@@ -963,8 +963,9 @@ def test_keypoint_stage_2_remasks_the_36_least_confident_positions_and_keeps_the
 
 def test_masked_inference_averages_the_logits_of_the_stages_that_re_masked_a_position(monkeypatch):
     """3.2 masked inference (remask_average "running", the default): at a re-masked position the new
-    logits join a running average, elsewhere the logits stay: every position ends with the mean of the logits of the
-    stages that re-masked it (stage 1 masks all). A stubbed decoder returns known logits at each stage."""
+    logits join a running average, elsewhere the logits stay: every position ends with the mean of
+    the logits of the stages that re-masked it (stage 1 masks all). A stubbed decoder returns known
+    logits at each stage."""
     model = tiny_model(remask_average="running")
     v, lo = model.vocab, model.vocab.task_range("cap")[0]
     B, n, L = 2, 3, model.cfg.caption_len
@@ -1594,8 +1595,8 @@ def test_readme_quick_start_then_evaluation_commands_work_in_a_fresh_copy(tmp_pa
 
 def test_ddp_two_processes_equal_one_process_on_the_joined_batch(synth, tmp_path):
     """One optimizer step: 2 gloo processes x 1 image == 1 process x 2 images (full masking and no
-    word shown in the full caption copy, so the random masks cannot differ; no augmentation, so no image is padded differently; the same
-    two images, as DistributedSampler deals them). Adam's first step is lr * sign(gradient)
+    word shown in the full caption copy, so the random masks cannot differ; no augmentation, so no
+    image is padded differently; the same two images, as DistributedSampler deals them). Adam's first step is lr * sign(gradient)
     whatever the gradient's scale, so the loss normalization shows in the gradients, which the
     checkpoint holds as Adam's first moment (0.1 x the all-reduced gradient; a huge --clip, since
     clipping to norm 1 would hide a uniform scale error)."""
