@@ -1001,21 +1001,6 @@ def test_halving_rule_weighs_later_stages_more(monkeypatch):
     assert torch.allclose(prob, expected.softmax(-1), atol=1e-6)
 
 
-def test_detection_score_over_all_detection_tokens_is_lower_and_keeps_boxes_and_labels():
-    """Issue 15, detection score: "classes" takes p(class) with the softmax over the classes and
-    <noise>; "all" (SPEC 7) over every detection token, so coordinate tokens at the class position
-    lower it. Boxes and labels are the same."""
-    model = tiny_model(det_score="classes")
-    batch = random_batch(model)
-    with torch.no_grad():
-        enc = model.encode(batch["images"], batch["pad_mask"])
-        a = model.predict_detections(enc)
-        model.cfg.det_score = "all"
-        b = model.predict_detections(enc)
-    assert torch.equal(a["box_tokens"], b["box_tokens"]) and torch.equal(a["labels"], b["labels"])
-    assert (b["scores"] < a["scores"]).all()
-
-
 def test_predictions_of_an_image_do_not_depend_on_its_batch():
     """README: the random re-masking of masked inference uses a fixed seed, so a prediction does not
     depend on the batch: each image predicted alone == in a batch of 3 (float32 batch effects aside:
@@ -1323,11 +1308,17 @@ def test_parse_args_presets_schedules_and_explicit_flags():
 # =============================================================================
 # train.py: resume, accumulation, AR baseline end to end (issues 4, 5, 8)
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(synth, tmp_path):
-    train.main(run_args(synth, tmp_path / "straight", "--max-steps", "5"))
-    train.main(run_args(synth, tmp_path / "resumed", "--max-steps", "2"))
+@pytest.mark.parametrize("option", [[], ["--accum-steps", "2"], ["--amp"]], ids=["plain", "accumulation", "amp"])
+def test_resume_continues_exactly_like_an_uninterrupted_run(synth, tmp_path, option):
+    """README, exact resume: stopped mid-epoch after step 2 and resumed, a run (augmented; with
+    gradient accumulation; under bf16 autocast) ends at step 5, an epoch later, with the parameters,
+    Adam state, RNG state and learning rates of an uninterrupted run; its log has each step once,
+    with the scheduled learning rate (2 warm-up steps, x0.1 from epoch 1 at step 3)."""
+    flags = ["--warmup", "2", *option]
+    train.main(run_args(synth, tmp_path / "straight", "--max-steps", "5", *flags))
+    train.main(run_args(synth, tmp_path / "resumed", "--max-steps", "2", *flags))
     assert torch.load(tmp_path / "resumed/last.pt", weights_only=False)["step"] == 2
-    train.main(run_args(synth, tmp_path / "resumed", "--max-steps", "5", "--resume"))
+    train.main(run_args(synth, tmp_path / "resumed", "--max-steps", "5", "--resume", *flags))
     a = torch.load(tmp_path / "straight/last.pt", weights_only=False)
     b = torch.load(tmp_path / "resumed/last.pt", weights_only=False)
     assert a["step"] == b["step"] == 5 and lrs(a) == lrs(b)
@@ -1337,8 +1328,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(synth, tmp_path):
         assert torch.allclose(sa["exp_avg"], sb["exp_avg"], atol=1e-9)
         assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], atol=1e-12)
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])          # ... and the RNG: a next resume continues too
-    steps = [json.loads(l)["step"] for l in open(tmp_path / "resumed/log.jsonl")]
-    assert steps == [1, 2, 3, 4, 5]
+    log = [json.loads(l) for l in open(tmp_path / "resumed/log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    assert np.allclose([r["lr"] for r in log], [2.5e-4, 5e-4, 5e-4, 5e-5, 5e-5], rtol=1e-9)   # tiny: lr 5e-4
 
 
 def test_amp_on_the_cpu_trains_under_bf16_autocast(synth, tmp_path, monkeypatch):
@@ -1625,12 +1617,50 @@ def test_ddp_two_processes_equal_one_process_on_the_joined_batch(synth, tmp_path
     assert (diff > 1e-5).float().mean() < 1e-3 and diff.max() <= 2e-4 + 1e-6
 
 
-def test_ddp_training_runs_and_replicas_stay_identical(synth, tmp_path):
-    """A few steps on 2 processes with the normal random masks: the run checks at every
-    checkpoint that both processes hold the same parameters (train.py raises otherwise)."""
-    p = run(torchrun(2, "train.py", *run_args(synth, tmp_path / "ddp"), "--max-steps", "4", "--save-every", "2"))
-    assert "2 process(es) x 4 images" in p.stdout
-    assert [json.loads(l)["step"] for l in open(tmp_path / "ddp/log.jsonl")] == [1, 2, 3, 4]
+RECORD_ORDER = """
+import json, os, sys
+sys.path.insert(0, {here!r})
+import data, train
+getitem, set_epoch = data.CocoMultiTask.__getitem__, data.CocoMultiTask.set_epoch
+log = open(os.path.join({out!r}, "order_rank%s.jsonl" % os.environ.get("RANK", "0")), "a")
+def recording_getitem(self, index):
+    log.write(json.dumps([self.epoch, index]) + "\\n"); log.flush()
+    return getitem(self, index)
+data.CocoMultiTask.__getitem__ = recording_getitem
+train.main(sys.argv[1:])
+"""
+
+
+def recorded_steps(out, rank, per_step):
+    """[(epoch, [dataset indices of one optimizer step]), ...] that a rank of a recorded run read."""
+    rows = [json.loads(l) for l in open(out / f"order_rank{rank}.jsonl")]
+    return [(rows[k][0], [i for _, i in rows[k:k + per_step]]) for k in range(0, len(rows), per_step)]
+
+
+def test_data_order_is_a_seeded_permutation_per_epoch_dealt_over_ranks_and_replicas_stay_identical(synth, tmp_path):
+    """The data order: each epoch reads a permutation of the images seeded by (seed, epoch), global
+    step s taking its images s*B .. (s+1)*B - 1; with 2 processes each takes every other one of
+    those (the same images per step); a new epoch gives a new order. The 2-process run also checks
+    at each checkpoint that both processes hold the same parameters (train.py raises otherwise)."""
+    flags = ["--batch-size", "6", "--max-steps", "8", "--save-every", "2", "--seed", "3"]    # 24 images: 4 steps an epoch
+    for name, launch in (("one", [sys.executable]), ("two", torchrun(2))):
+        out = tmp_path / name
+        out.mkdir()
+        script = tmp_path / f"record_{name}.py"
+        script.write_text(RECORD_ORDER.format(here=HERE, out=str(out)))
+        p = run([*launch, str(script), *run_args(synth, out, *flags)])
+    assert "2 process(es) x 3 images" in p.stdout
+    assert [json.loads(l)["step"] for l in open(tmp_path / "two/log.jsonl")] == list(range(1, 9))
+    one = recorded_steps(tmp_path / "one", 0, 6)
+    two = [recorded_steps(tmp_path / "two", r, 3) for r in (0, 1)]
+    assert len(one) == len(two[0]) == len(two[1]) == 8
+    for s in range(8):
+        epoch = s // 4
+        perm = torch.randperm(24, generator=torch.Generator().manual_seed(3 + epoch)).tolist()
+        assert one[s] == (epoch, perm[6 * (s % 4): 6 * (s % 4) + 6]), s
+        for r in (0, 1):
+            assert two[r][s] == (epoch, perm[6 * (s % 4) + r: 6 * (s % 4) + 6: 2]), (s, r)
+    assert one[0][1] != one[4][1]
 
 
 KILL_AFTER_CHECKPOINT_2 = """
@@ -1733,3 +1763,790 @@ def test_non_finite_loss_stops_naming_step_and_task_and_keeps_the_last_checkpoin
     ckpt = torch.load(out / "last.pt", weights_only=False)
     assert ckpt["step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+# =============================================================================
+# Golden values: every function that turns numbers into numbers, on small inputs where a plausible
+# wrong implementation gives another answer; expected values by hand or by an independent reference
+
+def test_quantize_floors_into_bins_clamps_and_dequantize_returns_bin_centres():
+    """3.1 coordinate tokens: token = coord + floor(v * bins) clamped to [0, bins]; back to the bin
+    centre (t + 0.5) / bins, clamped to [0, 1] (10 bins, by hand)."""
+    v = Vocab(5, 10, 7)
+    x = torch.tensor([0.0, 0.05, 0.099, 0.1, 0.55, 0.999, 1.0, -0.3, 1.7])
+    assert (v.quantize(x) - v.coord).tolist() == [0, 0, 0, 1, 5, 9, 10, 0, 10]
+    t = v.coord + torch.tensor([0, 3, 9, 10])
+    assert torch.allclose(v.dequantize(t), torch.tensor([0.05, 0.35, 0.95, 1.0]))
+
+
+@pytest.mark.parametrize("bins", [7, 128, 500])
+def test_dequantize_of_quantize_is_within_half_a_bin(bins):
+    """3.1 (property): for every coordinate in [0, 1], dequantize(quantize(v)) lies within half a bin of v."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    v = Vocab(3, bins, 0)
+
+    @hypothesis.settings(max_examples=200, deadline=None)
+    @hypothesis.given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=20))
+    def check(values):
+        x = torch.tensor(values, dtype=torch.float64)
+        assert ((v.dequantize(v.quantize(x)).double() - x).abs() <= 0.5 / bins + 1e-6).all()
+    check()
+
+
+def test_vocabulary_layout_by_hand():
+    """3.1 one shared vocabulary: 17 specials, then classes, <noise>, bins + 1 coordinates, <vis>,
+    <invis>, <fg>, <bg>, the text pieces; each task's range holds exactly its tokens."""
+    v = Vocab(num_classes=5, num_bins=10, num_text=7)
+    assert v.det_prompt.tolist() == [0, 1, 2, 3, 4, 5] and (v.seg, v.kpt) == (6, 7)
+    assert v.cap_prompt.tolist() == [8, 9, 10, 11, 12, 13] and (v.mask, v.start, v.end) == (14, 15, 16)
+    assert (v.cls, v.noise, v.coord, v.vis, v.invis, v.fg, v.bg, v.text, v.size) == (17, 22, 23, 34, 35, 36, 37, 38, 45)
+    assert {t: v.task_range(t) for t in mad.TASKS} == {"det": (17, 34), "seg": (36, 38), "kpt": (23, 36), "cap": (38, 45)}
+
+
+def test_caption_tokenizer_truncates_to_length_and_decode_stops_at_the_first_eos_or_pad(tokenizer):
+    """3.1 captions: lower-cased pieces, truncated to L - 1 pieces, then eos and pad; decoding stops at
+    the first eos or pad, whichever comes first (sentencepiece's own encode/decode as the reference)."""
+    tok = tokenizer
+    long = " ".join(["a red circle"] * 20)
+    rows = tok.encode(["A Red Circle", long], 8)
+    short = tok.sp.encode("a red circle")
+    assert rows[0].tolist() == short + [tok.eos] + [tok.pad] * (7 - len(short))
+    assert rows[1].tolist() == tok.sp.encode(long)[:7] + [tok.eos]
+    a, b, c = tok.sp.encode("a red circle")[:3]
+    assert tok.decode([a, b, tok.pad, c, tok.eos, c]) == tok.sp.decode([a, b])
+    assert tok.decode([a, tok.eos, b, tok.pad, c]) == tok.sp.decode([a])
+    assert tok.decode([a, b, c]) == tok.sp.decode([a, b, c])
+
+
+def test_resize_size_fits_the_shorter_side_unless_the_longer_exceeds_the_maximum():
+    """Supplementary A resize: shorter side to `short`, unless the longer side would pass max_size."""
+    assert data.resize_size(640, 480, 800, 1333) == (1067, 800)
+    assert data.resize_size(480, 640, 800, 1333) == (800, 1067)
+    assert data.resize_size(1000, 200, 800, 1333) == (1333, 267)          # the longer side caps it
+    assert data.resize_size(100, 100, 128, 128) == (128, 128)
+
+
+def keypoint_flip_by_name():
+    """Index each keypoint takes after a horizontal flip, from the COCO names (left <-> right)."""
+    names = data.KEYPOINTS
+    swap = lambda n: n.replace("left", "@").replace("right", "left").replace("@", "right")
+    return [names.index(swap(n)) for n in names]
+
+
+def reference_map(t, x, y):
+    """Original pixels -> augmented ones from t's crop, output size and flip (not from t's a, b)."""
+    cx, cy, cw, ch = t["crop"]
+    (ow, oh), flip = t["out_size"], t["flip"]
+    x, y = (x - cx) * ow / cw, (y - cy) * oh / ch
+    return (ow - x if flip else x), y
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_boxes_and_keypoints_through_a_crop_away_from_the_origin_a_resize_and_a_flip(flip):
+    """Augmentation geometry (supplementary A): a crop at (30, 20) of a 200 x 100 image, resized by
+    1/2, flipped or not: boxes map, clip to the crop and stay ordered, a box outside is dropped;
+    keypoints map, those cut away by the crop become unlabelled, and a flip swaps every left/right
+    pair (by name). Values by hand."""
+    t = data.affine(200, 100, (30.0, 20.0, 100.0, 60.0), (50, 30), flip)
+    boxes = torch.tensor([[40., 30., 80., 70.], [120., 70., 160., 100.], [0., 0., 20., 10.]])
+    out, keep = data.transform_boxes(boxes, t)
+    assert keep.tolist() == [True, True, False]
+    expected = [[5., 5., 25., 25.], [45., 25., 50., 30.]]
+    if flip:
+        expected = [[25., 5., 45., 25.], [0., 25., 5., 30.]]
+    assert torch.allclose(out, torch.tensor(expected))
+    i = torch.arange(17, dtype=torch.float32)
+    kpts = torch.stack([40 + 3 * i, 25 + 2 * i, torch.full((17,), 2.0)], -1)[None]   # distinct positions
+    kpts[0, 16, :2] = torch.tensor([10.0, 50.0])                                       # left of the crop
+    kpts[0, 3, 2] = 1                                                                  # labelled, occluded
+    kpts[0, 5, 2] = 0                                                                  # unlabelled
+    got = data.transform_keypoints(kpts, t)[0]
+    src = keypoint_flip_by_name() if flip else list(range(17))
+    for j in range(17):
+        x, y, vis = kpts[0, src[j]].tolist()
+        ex, ey = reference_map(t, x, y)
+        inside = 0 <= ex <= 50 and 0 <= ey <= 30
+        assert got[j, 2] == (vis if inside else 0), j
+        if inside:
+            assert torch.allclose(got[j, :2], torch.tensor([ex, ey])), j
+    assert got[src.index(16), 2] == 0 and got[src.index(3), 2] == 1
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_mask_targets_through_a_crop_away_from_the_origin_and_a_flip_by_hand(flip):
+    """3.1 segmentation target: the mask inside the box, resampled to M x M from the original mask.
+    A 40 x 40 px box on a 200 x 120 image, an L of whole 5-px bins (left 3 columns, bottom 2 rows),
+    crop at (30, 10), resize by 1/2, flip or not: the 8 x 8 grid is the L, mirrored when flipped.
+    A second box cut by the crop keeps the part inside it: its left 10 px are cut away."""
+    H, W = 120, 200
+    mask = np.zeros((H, W), np.uint8)
+    mask[20:60, 40:55] = 1                                   # left 15 px of box (40, 20, 80, 60)
+    mask[50:60, 40:80] = 1                                   # bottom 10 px
+    rle = pycocotools_mask().encode(np.asfortranarray(mask))
+    t = data.affine(W, H, (30.0, 10.0, 120.0, 100.0), (60, 50), flip)
+    box, _ = data.transform_boxes(torch.tensor([[40., 20., 80., 60.]]), t)
+    grid = data.mask_in_boxes([rle], box, H, W, t, 8)[0]
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[:, :3] = True
+    expected[6:, :] = True
+    assert torch.equal(grid, expected.flip(-1) if flip else expected)
+    # a box (20, 20, 60, 60) whose left 10 px lie left of the crop: the target covers x 30..60 only
+    cut = np.zeros((H, W), np.uint8)
+    cut[20:60, 45:60] = 1                                    # the right half of what the crop keeps
+    box, keep = data.transform_boxes(torch.tensor([[20., 20., 60., 60.]]), t)
+    grid = data.mask_in_boxes([pycocotools_mask().encode(np.asfortranarray(cut))], box, H, W, t, 6)[0]
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    expected[:, 3:] = True
+    assert keep.all() and torch.equal(grid, expected.flip(-1) if flip else expected)
+
+
+def pycocotools_mask():
+    import pycocotools.mask
+    return pycocotools.mask
+
+
+def sampled_transforms(cfg, n, W=200, H=120, augment=True):
+    ds = object.__new__(data.CocoMultiTask)
+    ds.cfg, ds.augment = cfg, augment
+    return [ds.sample_transform(W, H, random.Random(k)) for k in range(n)]
+
+
+def test_multiscale_augmentation_draws_every_shorter_side_flips_and_crops_half_the_time():
+    """Supplementary A, ResNet / Swin: shorter side in 480..800 step 32 (800 included), longer side
+    <= 1333, a horizontal flip half the time, a DETR crop (384..600 after resizing the short side to
+    400/500/600) half the time, always inside the image; all lengths scaled by image_size / 800."""
+    cfg = tiny_cfg(image_size=800, max_size=1333)
+    ts = sampled_transforms(cfg, 400)
+    shorts = {min(t["out_size"]) for t in ts if max(t["out_size"]) < 1333}
+    assert shorts == set(range(480, 801, 32))
+    assert all(max(t["out_size"]) <= 1333 for t in ts)
+    flips = sum(t["flip"] for t in ts)
+    crops = [t for t in ts if t["crop"] != (0.0, 0.0, 200.0, 120.0)]
+    assert 150 < flips < 250 and 150 < len(crops) < 250
+    for t in crops:
+        x, y, w, h = t["crop"]
+        assert x >= 0 and y >= 0 and x + w <= 200 + 1e-6 and y + h <= 120 + 1e-6
+        assert abs(t["out_size"][0] / w - t["out_size"][1] / h) < 0.02 * t["out_size"][0] / w   # no distortion
+    half = sampled_transforms(tiny_cfg(image_size=400, max_size=1333), 200)   # image_size 400: every length / 2
+    assert {min(t["out_size"]) for t in half} == set(range(240, 401, 16))
+
+
+def test_lsj_augmentation_scales_by_0_3_to_2_into_a_fixed_canvas():
+    """Supplementary A, ViT: large-scale jitter; the image is scaled by s in [0.3, 2.0] x 1024 / its
+    longer side, a random crop keeps at most a 1024 canvas of it, flips half the time."""
+    cfg = tiny_cfg(backbone="vit_b", image_size=1024, max_size=1024)
+    W, H = 640, 400
+    ts = sampled_transforms(cfg, 300, W, H)
+    scales = []
+    for t in ts:
+        x, y, w, h = t["crop"]
+        s = t["out_size"][0] / w
+        scales.append(s * max(W, H) / 1024)
+        assert abs(t["out_size"][1] / h - s) < 0.01 * s and max(t["out_size"]) <= 1024
+        assert 0 <= x and 0 <= y and x + w <= W + 1e-6 and y + h <= H + 1e-6
+        assert w == pytest.approx(min(W, 1024 / s), rel=0.01) and h == pytest.approx(min(H, 1024 / s), rel=0.01)
+    assert 0.3 <= min(scales) < 0.4 and 1.9 < max(scales) <= 2.0
+    assert 100 < sum(t["flip"] for t in ts) < 200
+    assert sampled_transforms(cfg, 1, W, H, augment=False)[0]["out_size"] == (1024, 640)   # test time: resize only
+
+
+def write_coco(root, images, split="val2017"):
+    """A COCO-layout set written from a hand-made description: images = list of dict(W, H,
+    objects=[(category_id, polygon)], persons=[(polygon, keypoints (17, 3))], captions=[str])."""
+    cats = [dict(id=1, name="person", keypoints=data.KEYPOINTS, skeleton=data.SKELETON),
+            dict(id=3, name="circle"), dict(id=5, name="square")]
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    ims, inst, kps, caps, ann_id = [], [], [], [], 1
+    for k, im in enumerate(images, 1):
+        ims.append(dict(id=k, file_name=f"{k:06d}.png", width=im["W"], height=im["H"]))
+        Image.new("RGB", (im["W"], im["H"]), (100, 120, 140)).save(os.path.join(root, split, f"{k:06d}.png"))
+        for cid, poly in im.get("objects", []) + [(1, p) for p, _ in im.get("persons", [])]:
+            xs, ys = poly[0::2], poly[1::2]
+            ann = dict(id=ann_id, image_id=k, category_id=cid, iscrowd=0, segmentation=[poly], area=1.0,
+                       bbox=[min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)])
+            inst.append(ann)
+            for p, kp in im.get("persons", []):
+                if p is poly:
+                    kps.append(dict(ann, keypoints=[float(c) for c in np.asarray(kp).flatten()], num_keypoints=17))
+            ann_id += 1
+        for c in im.get("captions", []):
+            caps.append(dict(id=ann_id, image_id=k, caption=c))
+            ann_id += 1
+    for kind, anns, c in (("instances", inst, cats), ("person_keypoints", kps, cats[:1]), ("captions", caps, None)):
+        d = dict(images=ims, annotations=anns, **({"categories": c} if c else {}))
+        with open(os.path.join(root, "annotations", f"{kind}_{split}.json"), "w") as f:
+            json.dump(d, f)
+    return root
+
+
+def rect(x0, y0, x1, y1):
+    return [x0, y0, x1, y0, x1, y1, x0, y1]
+
+
+def person_keypoints(x0, y0, w, h):
+    """17 labelled keypoints at distinct positions inside a box; two unlabelled, one occluded."""
+    i = np.arange(17)
+    kp = np.stack([x0 + (i + 0.5) * w / 17, y0 + h * (0.1 + 0.8 * ((7 * i) % 17) / 17), np.full(17, 2.0)], 1)
+    kp[4] = kp[9] = 0
+    kp[2, 2] = 1
+    return kp
+
+
+GOLDEN_SET = [dict(W=200, H=120, objects=[(5, [40, 20, 55, 20, 55, 50, 80, 50, 80, 60, 40, 60]),   # an L
+                                          (3, rect(150, 70, 190, 110))],
+                   persons=[(rect(95, 10, 135, 115), person_keypoints(95, 10, 40, 105))],
+                   captions=["a square and a person", "one circle", "two shapes and one person",
+                             "a person to the right of a square"])]
+
+
+def expected_targets(ds, t, image_id):
+    """The targets of one image under the transform t, computed from the annotations, t's crop,
+    output size and flip, and the vocabulary (independently of data.py's geometry)."""
+    v, bins = ds.vocab, ds.cfg.num_bins
+    ow, oh = t["out_size"]
+    def q(val, size):                  # the bin of val / size; either one when float rounding decides
+        return {v.coord + min(max(math.floor(val / size * bins + e), 0), bins) for e in (-1e-4, 1e-4)}
+    anns = [a for a in load_json(Path(ds.root) / "annotations/instances_val2017.json")["annotations"]
+            if a["image_id"] == image_id]
+    boxes = []
+    for a in anns:
+        x, y, w, h = a["bbox"]
+        (xa, ya), (xb, yb) = reference_map(t, x, y), reference_map(t, x + w, y + h)
+        x0, x1 = sorted([min(max(xa, 0), ow), min(max(xb, 0), ow)])
+        y0, y1 = sorted([min(max(ya, 0), oh), min(max(yb, 0), oh)])
+        if x1 > x0 and y1 > y0:
+            label = [c["id"] for c in ds.categories].index(a["category_id"])
+            boxes.append(([x0, y0, x1, y1], label, a))
+    return boxes, q
+
+
+@pytest.mark.parametrize("mode", ["multiscale", "lsj"])
+def test_every_task_target_follows_each_augmentation(tmp_path, tokenizer, mode, monkeypatch):
+    """3.1 targets after augmentation (flip, crop, multi-scale resize, LSJ): for 16 draws, detection
+    tokens are the mapped boxes quantized by the augmented width and height, every object once;
+    segmentation prompts name the boxes and their masks follow the mapped mask (90% of cells
+    against a nearest-pixel reference: edges differ); keypoints are the mapped labelled keypoints,
+    left and right swapped by a flip, cut-away ones unlabelled with weight-0 coordinates."""
+    root = write_coco(str(tmp_path / "set"), GOLDEN_SET)
+    cfg = tiny_cfg(image_size=160, max_size=266, num_bins=100, max_instances=3, mask_size=8,
+                   backbone="vit_b" if mode == "lsj" else "tiny")
+    ds = data.CocoMultiTask(root, "val2017", cfg, tokenizer, train=True)
+    v, seen, sample = ds.vocab, [], ds.sample_transform
+    monkeypatch.setattr(ds, "sample_transform", lambda *a: seen.append(sample(*a)) or seen[-1])
+    src_img = np.zeros((120, 200), np.uint8)
+    for a in load_json(Path(root) / "annotations/instances_val2017.json")["annotations"]:
+        src_img |= data.decode_segmentation(a["segmentation"], 120, 200)
+    agree = cells = 0
+    for epoch in range(16):
+        ds.set_epoch(epoch)
+        _, tg = ds[0]
+        t = seen[-1]
+        ow, oh = t["out_size"]
+        assert tuple(tg["size"].tolist()) == (oh, ow)
+        boxes, q = expected_targets(ds, t, 1)
+        got = sorted(tg["boxes"].tolist())
+        assert len(got) == len(boxes) and np.allclose(got, sorted(b for b, _, _ in boxes), atol=1e-3)
+        want = {v.cls + label: [q(b[0], ow), q(b[1], oh), q(b[2], ow), q(b[3], oh)] for b, label, _ in boxes}
+        gt = {row[4]: row[:4] for row in tg["det_gt"].tolist()}          # the labels are distinct here
+        assert gt.keys() == want.keys() and all(c in s for k in gt for c, s in zip(gt[k], want[k]))
+        for row in tg["det_gt"]:                           # each object in exactly one slot
+            assert (tg["det_seq"] == row).all(1).sum() == 1
+        for r in range(int(tg["seg_weight"].any(1).sum())):
+            prompt = tg["seg_prompt"][r].tolist()
+            assert prompt[0] == v.seg and prompt[1:5] == gt[prompt[5]]
+            x0, y0, x1, y1 = [float(c) for c in tg["boxes"][[w[:4] for w in tg["det_gt"].tolist()].index(prompt[1:5])]]
+            grid = (tg["seg_seq"][r] == v.fg).view(8, 8)
+            for i in range(8):
+                for j in range(8):
+                    u, w_ = x0 + (j + 0.5) * (x1 - x0) / 8, y0 + (i + 0.5) * (y1 - y0) / 8
+                    cx, cy, cw, ch = t["crop"]
+                    xo = cx + (ow - u if t["flip"] else u) * cw / ow
+                    yo = cy + w_ * ch / oh
+                    agree += bool(src_img[min(int(yo), 119), min(int(xo), 199)]) == bool(grid[i, j])
+                    cells += 1
+        kp = torch.tensor(GOLDEN_SET[0]["persons"][0][1], dtype=torch.float32)
+        src = keypoint_flip_by_name() if t["flip"] else list(range(17))
+        rows = tg["kpt_weight"].view(-1, 17, 3).any(-1).any(-1)
+        person = [b for b, label, a in boxes if a["category_id"] == 1]
+        assert int(rows.sum()) == len(person)
+        if person:
+            seq, weight = tg["kpt_seq"].view(-1, 17, 3)[0], tg["kpt_weight"].view(-1, 17, 3)[0]
+            for j in range(17):
+                x, y, vis = kp[src[j]].tolist()
+                ex, ey = reference_map(t, x, y)
+                labelled = vis > 0 and 0 <= ex <= ow and 0 <= ey <= oh
+                assert weight[j].tolist() == ([1, 1, 1] if labelled else [0, 0, 1]), (epoch, j)
+                assert seq[j, 2] == (v.vis if labelled else v.invis)
+                if labelled:
+                    assert int(seq[j, 0]) in q(ex, ow) and int(seq[j, 1]) in q(ey, oh), (epoch, j)
+    assert len({s["flip"] for s in seen}) == 2 and cells > 500 and agree / cells > 0.9, agree / cells
+
+
+def bare_dataset(cfg, num_classes=5, person=0, tasks=mad.TASKS, tokenizer=None):
+    """A CocoMultiTask without files, for its target builders alone."""
+    ds = object.__new__(data.CocoMultiTask)
+    ds.cfg, ds.tasks, ds.train, ds.tokenizer = cfg, tasks, True, tokenizer
+    ds.vocab = Vocab(num_classes, cfg.num_bins, tokenizer.vocab_size if tokenizer else 0, person=person)
+    return ds
+
+
+def test_detection_sequence_puts_each_object_in_one_random_slot_and_noise_objects_elsewhere():
+    """3.1 detection: Q slots; at most Q objects, each in exactly one slot, at random slots; every
+    other slot a noise object: a random box inside the image with x0 <= x1, y0 <= y1 and a random
+    real class. Coordinates are normalized by the width (x) and the height (y): 200 x 100 here."""
+    cfg = tiny_cfg(num_queries=10, num_bins=100)
+    ds = bare_dataset(cfg)
+    v = ds.vocab
+    boxes = torch.tensor([[10. * k, 5. * k, 10. * k + 20, 5. * k + 40] for k in range(12)])
+    labels = torch.arange(12) % 5
+    slots_used, widths = set(), []
+    for seed in range(20):
+        t = ds.detection_targets(boxes, labels, 200, 100, torch.Generator().manual_seed(seed))
+        gt, seq = t["det_gt"], t["det_seq"]
+        assert gt.shape == (10, 5) and len({tuple(r) for r in gt.tolist()}) == 10           # 10 of the 12
+        expected = {(math.floor(10 * k / 200 * 100), math.floor(5 * k / 100 * 100),
+                     math.floor((10 * k + 20) / 200 * 100), math.floor((5 * k + 40) / 100 * 100), k % 5)
+                    for k in range(12)}
+        assert {(*(r[:4] - v.coord).tolist(), int(r[4] - v.cls)) for r in gt} <= expected
+        assert torch.equal(gt[:, :4], v.quantize(t["boxes"] / torch.tensor([200., 100., 200., 100.])))
+        is_gt = (seq[:, None] == gt[None]).all(-1).any(-1)
+        assert is_gt.sum() == 10 and all((seq == r).all(1).sum() == 1 for r in gt)
+        few = ds.detection_targets(boxes[:3], labels[:3], 200, 100, torch.Generator().manual_seed(seed))
+        noise = ~(few["det_seq"][:, None] == few["det_gt"][None]).all(-1).any(-1)
+        slots_used |= set((~noise).nonzero()[:, 0].tolist())
+        ns = few["det_seq"][noise]
+        assert noise.sum() == 7 and (ns[:, 0] <= ns[:, 2]).all() and (ns[:, 1] <= ns[:, 3]).all()
+        assert ((ns[:, :4] >= v.coord) & (ns[:, :4] <= v.coord + 100)).all()
+        assert ((ns[:, 4] >= v.cls) & (ns[:, 4] < v.noise)).all()
+        widths += (ns[:, 2] - ns[:, 0]).tolist()
+    assert len(slots_used) == 10                                   # objects land in every slot over the seeds
+    assert 15 < sum(widths) / len(widths) < 50                     # noise boxes: corner + a uniform size, clipped
+
+
+def test_keypoint_targets_labelled_persons_first_unlabelled_keypoints_random_in_the_box_with_weight_0():
+    """3.1 keypoints: up to S persons, those with a labelled keypoint first; prompt [<kpt>, box, person];
+    a labelled keypoint (v = 1 or 2) gives its coordinates and <vis>; an unlabelled one <invis> and
+    coordinates inside the box with weight 0; a person with no labelled keypoint weighs 0."""
+    cfg = tiny_cfg(max_instances=3, num_bins=100)
+    ds = bare_dataset(cfg, person=2)
+    v = ds.vocab
+    boxes = torch.tensor([[0., 0., 50., 100.], [100., 0., 150., 50.], [60., 10., 90., 90.], [20., 20., 40., 40.]])
+    kpts = torch.zeros(4, 17, 3)
+    kpts[1, :, 0], kpts[1, :, 1], kpts[1, :, 2] = torch.linspace(101, 149, 17), torch.linspace(1, 49, 17), 2
+    kpts[1, 3, 2], kpts[1, 7, 2] = 1, 0                            # occluded (labelled), unlabelled
+    kpts[2, 5] = torch.tensor([70., 40., 2.])                     # one labelled keypoint only
+    for seed in range(6):
+        t = ds.keypoint_targets(boxes, kpts, 200, 100, torch.Generator().manual_seed(seed))
+        prompt, seq, weight = t["kpt_prompt"], t["kpt_seq"].view(3, 17, 3), t["kpt_weight"].view(3, 17, 3)
+        assert (prompt[:, 0] == v.kpt).all() and (prompt[:, 5] == v.cls + 2).all()
+        first = {tuple((prompt[r, 1:5] - v.coord).tolist()) for r in (0, 1)}
+        assert first == {(50, 0, 75, 50), (30, 10, 45, 90)}                # persons 1 and 2, in either order
+        assert not weight[2].any()                                         # person 0 or 3: none labelled
+        for r in (0, 1):
+            k = 1 if prompt[r, 1] - v.coord == 50 else 2
+            lab = kpts[k, :, 2] > 0
+            assert weight[r, :, 2].all() and torch.equal(weight[r, :, 0] > 0, lab) and torch.equal(weight[r, :, 1] > 0, lab)
+            assert torch.equal(seq[r, :, 2], torch.where(lab, v.vis, v.invis))
+            x = torch.floor(kpts[k, :, 0] / 200 * 100).long() + v.coord
+            y = torch.floor(kpts[k, :, 1] / 100 * 100).long() + v.coord
+            assert torch.equal(seq[r, lab, 0], x[lab]) and torch.equal(seq[r, lab, 1], y[lab])
+            b = (boxes[k] / torch.tensor([200., 100., 200., 100.]) * 100).floor().long() + v.coord
+            assert ((seq[r, ~lab, 0] >= b[0]) & (seq[r, ~lab, 0] <= b[2])).all()
+            assert ((seq[r, ~lab, 1] >= b[1]) & (seq[r, ~lab, 1] <= b[3])).all()
+
+
+def test_caption_targets_sample_references_in_training_take_the_first_in_evaluation(tokenizer):
+    """3.1 captioning: up to R references per image, encoded with eos and padding (every position
+    of a reference is a target, padding included); training samples R of them at random,
+    evaluation takes the first R; a missing reference weighs 0."""
+    cfg = tiny_cfg(max_captions=3, caption_len=8)
+    ds = bare_dataset(cfg, tokenizer=tokenizer)
+    v = ds.vocab
+    caps = ["a red circle", "a blue square", "one person", "two shapes"]
+    enc = lambda c: (tokenizer.encode([c], 8)[0] + v.text).tolist()
+    ds.train = False
+    t = ds.caption_targets(caps, random.Random(0))
+    assert t["cap_seq"].tolist() == [enc(c) for c in caps[:3]] and t["cap_weight"].eq(1).all()
+    ds.train = True
+    drawn = set()
+    for seed in range(8):
+        t = ds.caption_targets(caps, random.Random(seed))
+        rows = t["cap_seq"].tolist()
+        assert len({tuple(r) for r in rows}) == 3 and all(r in [enc(c) for c in caps] for r in rows)
+        drawn |= {tuple(r) for r in rows}
+    assert len(drawn) == 4
+    t = ds.caption_targets(caps[:2], random.Random(0))
+    assert t["cap_weight"].sum(1).tolist() == [8, 8, 0]
+
+
+def test_collate_pads_each_image_to_the_batch_multiple_and_trims_all_padding_rows():
+    """Batching: images of different, non-square sizes padded (bottom/right) to the batch's largest
+    size rounded up to a multiple of 32, pad_mask True on padding; segmentation/keypoint rows that
+    are padding in every image are trimmed (at least one row stays); object lists stay lists."""
+    S, M = 4, 2
+    def sample(h, w, seg_rows, kpt_rows, n):
+        im = torch.arange(3 * h * w, dtype=torch.float32).view(3, h, w)
+        t = dict(image_id=n, size=torch.tensor([h, w]), orig_size=torch.tensor([h, w]),
+                 boxes=torch.rand(n, 4), det_gt=torch.ones(n, 5, dtype=torch.long),
+                 seg_prompt=torch.arange(S * 6).view(S, 6), seg_seq=torch.zeros(S, M * M, dtype=torch.long),
+                 seg_weight=(torch.arange(S) < seg_rows).float()[:, None].expand(S, M * M).clone(),
+                 kpt_prompt=torch.zeros(S, 6, dtype=torch.long), kpt_seq=torch.zeros(S, 51, dtype=torch.long),
+                 kpt_weight=(torch.arange(S) < kpt_rows).float()[:, None].expand(S, 51).clone())
+        return im, t
+    samples = [sample(50, 70, 2, 0, 3), sample(64, 33, 1, 0, 1), sample(20, 100, 0, 0, 0)]
+    b = data.collate(samples)
+    assert b["images"].shape == (3, 3, 64, 128) and b["pad_mask"].shape == (3, 64, 128)
+    for k, (im, t) in enumerate(samples):
+        h, w = im.shape[1:]
+        assert torch.equal(b["images"][k, :, :h, :w], im) and (b["images"][k, :, h:] == 0).all() and (b["images"][k, :, :, w:] == 0).all()
+        assert not b["pad_mask"][k, :h, :w].any() and b["pad_mask"][k, h:].all() and b["pad_mask"][k, :, w:].all()
+    assert b["seg_seq"].shape == (3, 2, M * M) and torch.equal(b["seg_prompt"][0], samples[0][1]["seg_prompt"][:2])
+    assert b["kpt_seq"].shape == (3, 1, 51) and b["kpt_weight"].sum() == 0
+    assert [len(g) for g in b["det_gt"]] == [3, 1, 0] and b["image_id"].tolist() == [3, 1, 0]
+    assert data.collate(samples, multiple=128)["images"].shape[-2:] == (128, 128)
+
+
+def test_post_processing_turns_known_logits_into_boxes_scores_masks_keypoints_and_coco_results(monkeypatch):
+    """4.1 inference and the COCO results: from known logits (3 slots, 10 bins, a 60 x 90 original
+    image): corners ordered x0 <= x1 and y0 <= y1, bin centres scaled by the original width and
+    height, the class = the best real class, its score = its probability over every detection token
+    (so a likely <noise> lowers it), ranked by score; masks = p(<fg>) resampled into the box;
+    keypoints from the person detections only, p(visible) over <vis>/<invis>; COCO results in xywh
+    with the sparse category ids, keypoints scored by their detection. Expected values by hand."""
+    model = tiny_model(num_queries=3, num_bins=10, mask_size=4)
+    v, C = model.vocab, model.vocab.num_classes                       # 5 classes, person = 0
+    slots = [((7, 2, 3, 8), {0: 5.0, C: 1.0}), ((1, 1, 4, 4), {C: 6.0, 2: 3.0}), ((5, 6, 9, 9), {3: 4.0})]
+    det = torch.zeros(1, 1, 15, C + 1 + 11)
+    for s, (bins, cls) in enumerate(slots):
+        for j, b in enumerate(bins):
+            det[0, 0, 5 * s + j, C + 1 + b] = 8.0
+        for c, logit in cls.items():
+            det[0, 0, 5 * s + 4, c] = logit
+    seg = torch.zeros(1, 3, 16, 2)
+    seg[..., 0] = torch.tensor([4.0, 4.0, -4.0, -4.0]).repeat(4)           # p(<fg>) high in the left half
+    kpt = torch.zeros(1, 3, 51, 13)
+    kpt[0, :, 0::3, 3], kpt[0, :, 1::3, 6] = 9.0, 9.0                      # x bin 3, y bin 6
+    kpt[0, :, 2::3, 11] = 2.0                                              # <vis> 2, <invis> 0
+    cap = torch.zeros(1, 1, model.cfg.caption_len, v.num_text)
+    cap[0, 0, torch.arange(model.cfg.caption_len), torch.arange(model.cfg.caption_len) % 7 + 3] = 5.0
+    logits = dict(det=det, seg=seg, kpt=kpt, cap=cap)
+    monkeypatch.setattr(model, "logits", lambda h, task: logits[task][:, : h.shape[1]].expand(*h.shape[:3], -1))
+    images = torch.zeros(1, 3, 64, 96)
+    pad = torch.zeros(1, 64, 96, dtype=torch.bool)
+    with torch.no_grad():
+        p = model.predict(images, pad, torch.tensor([[64, 96]]), torch.tensor([[60, 90]]))[0]
+    z = lambda cls: sum(math.exp(l) for l in cls.values()) + (C + 1 + 11 - len(cls))   # softmax denominators
+    score = [math.exp(cls.get(c, 0.0)) / z(cls) for _, cls in slots for c in [max(range(C), key=lambda c: cls.get(c, 0.0))]]
+    order = sorted(range(3), key=lambda s: -score[s])
+    assert order == [0, 2, 1]
+    assert p["labels"].tolist() == [0, 3, 2] and np.allclose(p["scores"].tolist(), [score[s] for s in order], atol=1e-6)
+    px = lambda b, size: (b + 0.5) / 10 * size
+    boxes = [[px(min(b[0], b[2]), 90), px(min(b[1], b[3]), 60), px(max(b[0], b[2]), 90), px(max(b[1], b[3]), 60)]
+             for b, _ in (slots[s] for s in order)]
+    assert np.allclose(p["boxes"].tolist(), boxes, atol=1e-4)
+    for k, (x0, y0, x1, y1) in enumerate(boxes):                           # the left half of each box
+        cols = torch.arange(90) + 0.5
+        inside_rows = ((torch.arange(60) + 0.5 >= y0) & (torch.arange(60) + 0.5 < y1))
+        left = (cols >= x0 + 1) & (cols < (x0 + x1) / 2 - 1)
+        right = (cols > (x0 + x1) / 2 + 1) | (cols < x0) | (cols >= x1)
+        assert p["masks"][k][inside_rows][:, left].all() and not p["masks"][k][:, right].any(), k
+        assert not p["masks"][k][~inside_rows].any()
+    assert p["kpt_index"].tolist() == [0] and p["keypoints"].shape == (1, 17, 3)
+    assert np.allclose(p["keypoints"][0, :, 0], px(3, 90)) and np.allclose(p["keypoints"][0, :, 1], px(6, 60))
+    assert np.allclose(p["keypoints"][0, :, 2], math.exp(2) / (math.exp(2) + 1), atol=1e-6)
+    assert p["caption_ids"].tolist() == [i % 7 + 3 for i in range(model.cfg.caption_len)]
+    cats = [dict(id=i, name=str(i)) for i in (1, 3, 5, 8, 11)]
+    res = evaluate.to_coco_results([p], [42], cats)
+    assert [r["category_id"] for r in res["bbox"]] == [1, 8, 5] and all(r["image_id"] == 42 for r in res["bbox"])
+    assert np.allclose([r["bbox"] for r in res["bbox"]], [[a, b, c - a, d - b] for a, b, c, d in boxes], atol=1e-4)
+    assert np.allclose([r["score"] for r in res["bbox"]], [score[s] for s in order], atol=1e-6)
+    assert len(res["keypoints"]) == 1 and res["keypoints"][0]["category_id"] == 1
+    assert res["keypoints"][0]["score"] == pytest.approx(score[0], abs=1e-6)
+    assert np.allclose(res["keypoints"][0]["keypoints"][:6], [px(3, 90), px(6, 60), math.exp(2) / (math.exp(2) + 1)] * 2, atol=1e-5)
+    decoded = evaluate.rle_to_masks([r["segmentation"] for r in res["segm"]], 60, 90)
+    assert torch.equal(decoded, p["masks"]) and [r["category_id"] for r in res["segm"]] == [1, 8, 5]
+
+
+def test_detection_score_classes_takes_the_softmax_over_classes_and_noise_only(monkeypatch):
+    """--det-score classes: p(class) with the softmax over the real classes and <noise> only, so the
+    coordinate tokens at the class position do not lower it (by hand, one slot)."""
+    model = tiny_model(num_queries=1, num_bins=10, det_score="classes")
+    C = model.vocab.num_classes
+    det = torch.zeros(1, 1, 5, C + 1 + 11)
+    det[0, 0, 4, 1], det[0, 0, 4, C], det[0, 0, 4, C + 3] = 3.0, 1.0, 7.0   # class 1, <noise>, a coordinate
+    monkeypatch.setattr(model, "logits", lambda h, task: det)
+    enc = model.encode(torch.zeros(1, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.bool))
+    with torch.no_grad():
+        d = model.predict_detections(enc)
+    assert d["labels"].tolist() == [[1]]
+    assert d["scores"].item() == pytest.approx(math.exp(3) / (math.exp(3) + math.exp(1) + C - 1), rel=1e-5)
+    model.cfg.det_score = "all"
+    with torch.no_grad():
+        d = model.predict_detections(enc)
+    assert d["scores"].item() == pytest.approx(math.exp(3) / (math.exp(3) + math.exp(1) + math.exp(7) + C - 1 + 10), rel=1e-5)
+
+
+def test_coco_ap_equals_cocoeval_on_a_hand_built_case_restricted_to_the_evaluated_images(tmp_path):
+    """Evaluation: coco_ap is COCOeval's AP, AP50, AP75 (in percent) over the evaluated images only
+    (an annotated image that was not evaluated does not count as missed), for boxes and keypoints;
+    no results give 0."""
+    gt = dict(images=[dict(id=i, width=100, height=80) for i in (1, 2, 3)],
+              categories=[dict(id=1, name="person", keypoints=data.KEYPOINTS, skeleton=data.SKELETON), dict(id=7, name="box")],
+              annotations=[])
+    def add(image_id, cat, box, kp=None):
+        a = dict(id=len(gt["annotations"]) + 1, image_id=image_id, category_id=cat, bbox=box, iscrowd=0,
+                 area=box[2] * box[3], segmentation=[rect(box[0], box[1], box[0] + box[2], box[1] + box[3])])
+        if kp is not None:
+            a.update(keypoints=kp, num_keypoints=17)
+        gt["annotations"].append(a)
+    kp = lambda x, y: [c for i in range(17) for c in (x + i, y + (i * 7) % 17, 2)]
+    add(1, 7, [10, 10, 30, 20]); add(1, 1, [50, 10, 30, 60], kp(55, 20)); add(2, 7, [0, 0, 40, 40]); add(3, 7, [5, 5, 20, 20])
+    path, kp_path = tmp_path / "gt.json", tmp_path / "gt_keypoints.json"
+    path.write_text(json.dumps(gt))
+    kp_path.write_text(json.dumps(dict(gt, annotations=[a for a in gt["annotations"] if "keypoints" in a])))
+    results = dict(bbox=[dict(image_id=1, category_id=7, bbox=[12, 10, 30, 20], score=0.9),      # IoU 0.87
+                         dict(image_id=1, category_id=7, bbox=[60, 50, 20, 20], score=0.8),      # a false positive
+                         dict(image_id=1, category_id=1, bbox=[50, 12, 30, 56], score=0.7),
+                         dict(image_id=2, category_id=7, bbox=[8, 8, 40, 40], score=0.6)],      # IoU 0.52
+                   keypoints=[dict(image_id=1, category_id=1, keypoints=kp(56, 21), score=0.7)])
+    for iou_type, file in (("bbox", path), ("keypoints", kp_path)):
+        coco = evaluate.quiet(COCO, str(file))
+        ev = COCOeval(coco, evaluate.quiet(coco.loadRes, results[iou_type]), iou_type)
+        ev.params.imgIds = [1, 2]
+        for step in (ev.evaluate, ev.accumulate, ev.summarize):
+            evaluate.quiet(step)
+        got = evaluate.coco_ap(str(file), results[iou_type], iou_type, [2, 1])
+        assert np.allclose(got, [100 * s for s in ev.stats[:3]], atol=1e-9) and 0 < got[0] < 100, (iou_type, got)
+    everything = evaluate.coco_ap(str(path), results["bbox"], "bbox", [1, 2, 3])
+    assert everything[0] < evaluate.coco_ap(str(path), results["bbox"], "bbox", [1, 2])[0]
+    assert evaluate.coco_ap(str(path), [], "bbox", [1, 2]) == (0.0, 0.0, 0.0)
+
+
+def test_bleu4_clips_each_ngram_by_its_most_frequent_reference_and_takes_the_closest_length():
+    """BLEU-4 (the COCO caption scorer's) with several references, by hand: an n-gram's count is clipped
+    by its count in the reference that has it most often (not the sum, not one reference), and the
+    brevity penalty takes the reference length closest to the caption's (not the shortest or longest)."""
+    refs = ["a b c d e f g h i j k l", "x a b a b y z", "c d a"]           # 12, 7 and 3 words
+    # "a b c d a b": 1-grams 6/6, 2-grams 5/5 (ab twice: the 2nd reference), 3-grams 3/4 (abc, bcd, cda),
+    # 4-grams 1/3 (abcd); 6 words, closest reference 7: brevity penalty exp(1 - 7/6)
+    assert evaluate.bleu4({1: "a b c d a b"}, {1: refs}) == \
+        pytest.approx((1 * 1 * 3 / 4 * 1 / 3) ** 0.25 * math.exp(1 - 7 / 6), rel=1e-9)
+    # "a a a b" against two references with two a's each: a clipped to 2 (3/4), aa to 1 (2/3), aab 1/2, aaab 0/1;
+    # longer than both references: no brevity penalty
+    tiny, small = 1e-15, 1e-9
+    assert evaluate.bleu4({1: "a a a b"}, {1: ["a a b", "b a a"]}) == \
+        pytest.approx(((3 + tiny) / (4 + small) * (2 + tiny) / (3 + small) * (1 + tiny) / (2 + small) * tiny / (1 + small)) ** 0.25,
+                      rel=1e-9)
+
+
+def test_learning_rate_schedule_at_chosen_steps():
+    """Schedules: linear warm-up (step + 1) / warmup; the paper's x0.1 from epoch lr_drop on; or a
+    cosine from the end of the warm-up to 0 at the last step. Values by hand."""
+    step = train.TrainConfig(warmup=4, lr_drop=2, lr_schedule="step")
+    assert [train.lr_factor(s, 20, 5, step) for s in (0, 1, 2, 3, 4, 9, 10, 19)] == [0.25, 0.5, 0.75, 1, 1, 1, 0.1, 0.1]
+    cos = train.TrainConfig(warmup=4, lr_schedule="cosine")
+    got = [train.lr_factor(s, 14, 5, cos) for s in (3, 4, 6, 9, 14)]
+    assert np.allclose(got, [1.0, 1.0, 0.5 * (1 + math.cos(math.pi * 2 / 10)), 0.5, 0.0])
+    assert train.lr_factor(0, 10, 5, train.TrainConfig(warmup=0, lr_drop=0)) == 0.1    # a drop at epoch 0
+
+
+def test_ar_baseline_trains_on_its_targets_shifted_right_by_one_with_the_objects_first(monkeypatch):
+    """Table 2 / supplementary B, the autoregressive baseline: detection sequences put the objects
+    first (in slot order), then the noise objects, whose class target is <noise> and boxes weigh 0;
+    the decoder input is [prompt, <start>, targets[:-1]] with a causal decoder, and the loss is each
+    layer's mean -log p(next token) (fixed log-probs, by hand)."""
+    model = tiny_model("ar", num_queries=4)
+    v = model.vocab
+    batch = random_batch(model, B=1, n_gt=0)
+    seq = batch["det_seq"][0].clone()                                          # (4, 5)
+    batch["det_gt"] = [seq[[3, 0]].clone()]                                   # objects in slots 3 and 0
+    seen = {}
+    g = torch.Generator().manual_seed(0)
+
+    def decode(tokens, enc, all_layers=False, **kw):
+        seen.setdefault("tokens", {})[tokens.shape[-1]] = tokens
+        return torch.zeros(2, *tokens.shape, model.cfg.d_model)
+    def logits(h, task):
+        lo, hi = v.task_range(task)
+        seen[task] = torch.randn(*h.shape[:-1], hi - lo, generator=g)
+        return seen[task]
+    monkeypatch.setattr(model, "decode", decode)
+    monkeypatch.setattr(model, "logits", logits)
+    sums, counts = model.ar_loss(batch, None, "det")
+    target = torch.cat([seq[0], seq[3], seq[1], seq[2]]).clone()
+    target[14], target[19] = v.noise, v.noise                                  # noise objects' classes
+    weight = torch.ones(20)
+    weight[10:14] = weight[15:19] = 0                                          # ... their boxes
+    tokens = seen["tokens"][6 + 20][0, 0]
+    assert tokens[:6].tolist() == v.det_prompt.tolist() and tokens[6] == v.start
+    assert torch.equal(tokens[7:], target[:-1])
+    lo = v.task_range("det")[0]
+    for layer in range(2):
+        nll = -seen["det"][layer, 0, 0].log_softmax(-1).gather(-1, (target - lo)[:, None])[:, 0]
+        assert sums[layer].item() == pytest.approx((nll * weight).sum().item(), rel=1e-6)
+        assert counts[layer] == weight.sum()
+    batch["cap_weight"][:, 1:] = 0
+    sums, counts = model.ar_loss(batch, None, "cap")
+    refs = batch["cap_seq"][0]
+    tokens = seen["tokens"][6 + model.cfg.caption_len][0]
+    assert (tokens[:, 6] == v.start).all() and torch.equal(tokens[:, 7:], refs[:, :-1])
+    assert counts[0] == model.cfg.caption_len
+
+
+def test_matching_cost_is_the_mean_nll_of_an_objects_five_tokens_per_layer_with_visible_tokens_forced():
+    """3.2 Hungarian matching, per layer: cost(slot, object) = mean over its 5 tokens of -log p, so
+    a slot sure of the class but far off in its box loses to one close in the box; at a visible
+    position the prediction is the visible token (0 if it is the object's, else a large cost).
+    Layer 0 and layer 1 predict differently and are matched differently."""
+    v = Vocab(3, 20, 0)
+    lo = v.task_range("det")[0]
+    V = v.task_range("det")[1] - lo
+    obj = torch.tensor([[v.coord + 2, v.coord + 4, v.coord + 6, v.coord + 8, v.cls + 1]])
+    logp = torch.full((2, 1, 1, 10, V), -5.0)                                  # 2 layers, 2 slots
+    # layer 0: slot 0 sure of the class (-0.1) but 4 box tokens at -4; slot 1 box at -1, class at -4
+    logp[0, 0, 0, 4, obj[0, 4] - lo] = -0.1
+    logp[0, 0, 0, :4].scatter_(-1, (obj[0, :4] - lo)[:, None], -4.0)
+    logp[0, 0, 0, 5:9].scatter_(-1, (obj[0, :4] - lo)[:, None], -1.0)
+    logp[0, 0, 0, 9, obj[0, 4] - lo] = -4.0
+    logp[1] = logp[0].view(1, 1, 2, 5, V).flip(2).view(1, 1, 10, V)          # layer 1: the slots swapped
+    masked = torch.ones(1, 1, 10, dtype=torch.bool)
+    target, weight = mad.match_detections(logp, torch.full((1, 1, 10), v.mask), masked, [obj], v)
+    matched = weight.view(2, 2, 5)[..., 0] == 1                                # (layers, slots)
+    assert matched.tolist() == [[False, True], [True, False]]                 # mean: 3.22 > 1.6 in layer 0
+    # a visible wrong token forces the cost: slot 1 shows another x0 at a visible position
+    inputs = torch.full((1, 1, 10), v.mask)
+    inputs[0, 0, 5], masked[0, 0, 5] = v.coord + 3, False
+    target, weight = mad.match_detections(logp, inputs, masked, [obj], v)
+    assert (weight.view(2, 2, 5)[..., 0] == 1).tolist() == [[True, False], [True, False]]
+    inputs[0, 0, 5] = obj[0, 0]                                                # the object's own token: cost 0
+    logp[1, 0, 0, 5:10] = -3.0
+    target, weight = mad.match_detections(logp, inputs, masked, [obj], v)
+    assert (weight.view(2, 2, 5)[..., 0] == 1).tolist() == [[False, True], [True, False]]
+    assert (target.view(2, 2, 5)[weight.view(2, 2, 5)[..., 0] == 1] == obj - lo).all()
+
+
+def test_masked_nll_sums_the_weighted_cross_entropy_per_layer_and_counts_the_weights():
+    """Eq. 1's parts: per layer, the sum of -log p(target) x weight, and the sum of the weights."""
+    logp = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]],
+                                   [[0.2, 0.2, 0.6], [0.7, 0.2, 0.1]]]))           # (layers 2, L 2, V 3)
+    target = torch.tensor([2, 1])
+    weight = torch.tensor([1.0, 0.5])
+    sums, counts = mad.masked_nll(logp, target, weight)
+    assert np.allclose(sums.tolist(), [-math.log(0.25) - 0.5 * math.log(0.8), -math.log(0.6) - 0.5 * math.log(0.2)])
+    assert counts.tolist() == [1.5, 1.5]
+
+
+def test_sine_positions_are_normalized_to_the_unpadded_image():
+    """3.3 image positions (as DETR): y and x are cumulative counts over the unpadded pixels scaled to
+    (0, 2 pi], encoded as sin and cos at frequencies 10000^(4k/d); the valid region of a padded image
+    gets the codes of the same image unpadded (2 x 3 tokens padded to 3 x 5 here; d = 8, by hand)."""
+    pad = torch.ones(1, 3, 5, dtype=torch.bool)
+    pad[:, :2, :3] = False
+    got = mad.sine_positions(pad, 8).view(3, 5, 8)
+    alone = mad.sine_positions(torch.zeros(1, 2, 3, dtype=torch.bool), 8).view(2, 3, 8)
+    assert torch.allclose(got[:2, :3], alone, atol=1e-6)
+    for i in range(2):
+        for j in range(3):
+            y, x = 2 * math.pi * (i + 1) / 2, 2 * math.pi * (j + 1) / 3
+            want = [math.sin(y), math.sin(y / 100), math.cos(y), math.cos(y / 100),
+                    math.sin(x), math.sin(x / 100), math.cos(x), math.cos(x / 100)]
+            assert np.allclose(alone[i, j].tolist(), want, atol=1e-5), (i, j)
+
+
+def test_attention_adds_positions_to_queries_and_keys_only_and_ignores_padded_memory():
+    """3.3 (as DETR): positions go to the queries and keys, never to the values; cross-attention
+    attends to the unpadded image tokens only. With every query and key projection zeroed, attention
+    is uniform: a layer's output then cannot depend on the positions, and cross-attention returns the
+    mean of the values of the unpadded memory tokens (by hand)."""
+    torch.manual_seed(0)
+    d = 16
+    layer = mad.DecoderLayer(d, 2, 32, 0.0).eval()
+    enc_layer = mad.EncoderLayer(d, 2, 32, 0.0).eval()
+    with torch.no_grad():
+        for attn in (layer.self_attn, layer.cross_attn, enc_layer.attn):
+            for lin in (attn.q, attn.k):
+                lin.weight.zero_(); lin.bias.zero_()
+    x, memory = torch.randn(2, 5, d), torch.randn(1, 7, d)
+    attend = torch.ones(1, 1, 1, 7, dtype=torch.bool)
+    attend[..., 5:] = False                                                   # the last 2 tokens are padding
+    with torch.no_grad():
+        a = layer(x, torch.randn(5, d), memory, memory + torch.randn(1, 7, d), attend)
+        b = layer(x, torch.randn(5, d), memory, memory + torch.randn(1, 7, d), attend)
+        assert torch.allclose(a, b, atol=1e-5)
+        e1 = enc_layer(memory, torch.randn(1, 7, d), attend)
+        e2 = enc_layer(memory, torch.randn(1, 7, d), attend)
+        assert torch.allclose(e1, e2, atol=1e-5)
+        changed = memory.clone()
+        changed[:, 5:] += 100.0                                               # padding tokens: no effect
+        assert torch.allclose(layer(x, torch.zeros(5, d), changed, changed, attend), layer(x, torch.zeros(5, d), memory, memory, attend), atol=1e-5)
+        cross = layer.cross_attn(torch.randn(1, 10, d), memory, memory, attend)
+        mean_value = layer.cross_attn.out(layer.cross_attn.v(memory[:, :5]).mean(1))
+        assert torch.allclose(cross, mean_value.expand(1, 10, d), atol=1e-5)
+
+
+def test_token_head_scores_cosine_similarity_times_the_learned_temperature_over_the_task_tokens():
+    """3.3 token head: the logit of a token is exp(s) x cos(MLP(h), its embedding), over the task's own
+    tokens only: a token whose embedding points along MLP(h) scores exactly exp(s), the most any can,
+    and scaling MLP(h) changes nothing."""
+    model = tiny_model()
+    v = model.vocab
+    h = torch.randn(3, model.cfg.d_model)
+    with torch.no_grad():
+        z = model.head(h)
+        lo, hi = v.task_range("kpt")
+        model.embed.weight[lo + 4] = z[1] * 3.0                               # along the head's output for h[1]
+        out = model.logits(h, "kpt")
+        scale = model.logit_scale.exp()
+        assert out.shape == (3, hi - lo) and (out.abs() <= scale + 1e-4).all()
+        assert out[1, 4] == pytest.approx(scale.item(), rel=1e-5) and out[1].argmax() == 4
+        model.head[-1].weight.mul_(7.0); model.head[-1].bias.mul_(7.0)
+        assert torch.allclose(model.logits(h, "kpt"), out, atol=1e-4)
+        model.logit_scale.fill_(math.log(2.0))
+        assert torch.allclose(model.logits(h, "kpt"), out / scale * 2.0, atol=1e-4)
+
+
+def test_gradient_clipping_limits_the_update_to_the_clip_norm(synth, tokenizer):
+    """Training: gradients are clipped to a total norm of `clip` (0.1 in the paper presets) over all
+    parameters: with SGD at lr 1 the update is the clipped gradient, whose norm is exactly the clip."""
+    cfg = tiny_cfg()
+    ds = data.CocoMultiTask(synth, "val2017", cfg, tokenizer, train=False)
+    batch = data.collate([ds[i] for i in range(2)])
+    torch.manual_seed(0)
+    model = MAD(cfg, ds.vocab)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    train.train_step(model, model, [batch], ds.tasks, opt, torch.amp.GradScaler("cpu", enabled=False),
+                     contextlib.nullcontext(), clip=0.01)
+    update = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    assert update.norm().item() == pytest.approx(0.01, rel=1e-3)
+
+
+def test_allowed_tokens_per_position_and_greedy_ar_decoding_feeds_back_the_best_allowed_token(monkeypatch):
+    """Inference restricts each position to the tokens that can stand there (detection: coordinates,
+    and a class or <noise> at every 5th; keypoints: coordinates, and <vis>/<invis> at every 3rd); the
+    autoregressive baseline feeds back the best allowed token of each step, at its sequence position."""
+    model = tiny_model("ar", num_queries=2)
+    v, C = model.vocab, model.vocab.num_classes
+    lo, hi = v.task_range("det")
+    logits = torch.zeros(10, hi - lo)
+    logits[:, 0] = 5.0                                                     # class 0 everywhere ...
+    logits[:, C + 1 + 7] = 3.0                                             # ... and coordinate bin 7 second
+    out = model.allowed(logits, "det")
+    best = out.argmax(-1).tolist()
+    assert best == [C + 1 + 7] * 4 + [0] + [C + 1 + 7] * 4 + [0]
+    assert torch.isinf(out[4, C + 1:]).all() and torch.isinf(out[0, : C + 1]).all()
+    k = model.allowed(torch.zeros(6, v.task_range("kpt")[1] - v.task_range("kpt")[0]), "kpt")
+    nb = v.num_bins + 1
+    assert torch.isinf(k[[0, 1, 3, 4], nb:]).all() and torch.isinf(k[[2, 5], :nb]).all() and torch.isfinite(k[2, nb:]).all()
+    inputs, offsets = [], []
+    def decode(tokens, enc, caches=None, offset=0):
+        inputs.append(tokens.clone()); offsets.append(offset)
+        return torch.zeros(*tokens.shape, model.cfg.d_model)
+    monkeypatch.setattr(model, "decode", decode)
+    monkeypatch.setattr(model, "logits", lambda h, task: logits[:1].expand(*h.shape[:-1], -1))
+    model.generate(v.det_prompt.expand(1, 1, 6), 10, None, "det")
+    assert offsets == [0] + [6 + t for t in range(1, 10)]
+    fed = torch.cat([inputs[0][..., 7:]] + [x[..., -1:] for x in inputs[1:]], -1)[0, 0]
+    assert inputs[0][0, 0, 6] == v.start and (fed - lo).tolist() == best[:9]
