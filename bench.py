@@ -56,26 +56,28 @@ def matmul_peak(n=2048, reps=10):
 def build(preset, decoder="mad", num_classes=80, num_text=1000):
     torch.manual_seed(0)
     cfg = Config(**{**PRESETS[preset], "decoder": decoder})
-    return MAD(cfg, Vocab(num_classes, cfg.num_bins, num_text, person=0)).eval()
+    return mad.build(cfg, Vocab(num_classes, cfg.num_bins, num_text, person=0)).eval()
 
 
 def image_batch(cfg, B=1, device="cpu"):
-    """Images at the preset's test size: tiny 128 x 128, r50 800 x 1333 (padded to 32)."""
+    """Images at the preset's test size: tiny 128 x 128, r50 800 x 1333 (padded to 32), with their
+    padding mask and original sizes (predict's inputs)."""
     H, W = cfg.image_size, cfg.max_size
     Hp, Wp = -(-H // 32) * 32, -(-W // 32) * 32
     pad = torch.ones(B, Hp, Wp, dtype=torch.bool)
     pad[:, :H, :W] = False
-    return torch.randn(B, 3, Hp, Wp).to(device), pad.to(device), torch.tensor([[H, W]] * B), torch.tensor([[H, W]] * B)
+    return torch.randn(B, 3, Hp, Wp).to(device), pad.to(device), torch.tensor([[H, W]] * B)
 
 
 class TaskTimer:
     """Times model.predict, and per task model.encode and model.decode_sequences, and counts
-    sequential decoder passes. On a GPU each part is synchronized (split=True), which serializes
-    the queue, so the total is also timed without them (split=False)."""
+    sequential decoder passes (decode, or the baseline's cached decode_step). On a GPU each part is
+    synchronized (split=True), which serializes the queue, so the total is also timed without them
+    (split=False)."""
 
     def __init__(self, model, device="cpu"):
         self.model, self.device, self.times, self.passes, self.split = model, device, {}, 0, True
-        encode, decode_sequences, decode = model.encode, model.decode_sequences, model.decode
+        encode, decode_sequences = model.encode, model.decode_sequences
 
         def part(name, fn, *a, **k):
             if not self.split:
@@ -87,13 +89,17 @@ class TaskTimer:
             self.times[name] = self.times.get(name, 0) + time.perf_counter() - t
             return out
 
-        def counted_decode(*a, **k):
-            self.passes += 1
-            return decode(*a, **k)
+        def counted(fn):
+            def call(*a, **k):
+                self.passes += 1
+                return fn(*a, **k)
+            return call
         model.encode = lambda *a, **k: part("encode", encode, *a, **k)
-        model.decode_sequences = lambda prompt, L, enc, task, *a, **k: part(task, decode_sequences, prompt, L, enc, task,
-                                                                             *a, **k)
-        model.decode = counted_decode
+        model.decode_sequences = lambda prompt, L, memory, task, *a, **k: part(task, decode_sequences, prompt, L, memory,
+                                                                                task, *a, **k)
+        for name in ("decode", "decode_step"):
+            if hasattr(model, name):
+                setattr(model, name, counted(getattr(model, name)))
 
     def run(self, *inputs):
         """Times predict (results left on the device), then moving its results to the CPU."""
@@ -114,31 +120,30 @@ ROWS = [("MAD one stage", dict(kpt_ratios=(1.0,), cap_ratios=(1.0,))), ("MAD mas
 
 def inference_latency(preset, reps, device="cpu", dtype=None, compile=False):
     """Batch-1 latency per task and total: MAD one stage, MAD masked inference, AR + KV cache
-    (one set of weights: only cfg.decoder and the stage ratios change; with `compile` all three
-    run through torch.compile). Best of `reps` runs (AR: one)."""
-    model = build(preset).to(device)
-    if compile:
-        model.compile_parts()
-    inputs = image_batch(model.cfg, 1, device)
-    timer = TaskTimer(model, device)
+    (one set of weights: the AR baseline loads MAD's; only the decoder and the stage ratios change;
+    with `compile` all three run through torch.compile). Best of `reps` runs (AR: one)."""
+    import train
+    weights = build(preset).state_dict()
     gpu = str(device).startswith("cuda")
     rows = {}
     with torch.inference_mode(), torch.autocast(str(device).split(":")[0], dtype=dtype, enabled=dtype is not None):
-        timer.run(*inputs)                                                     # warm-up
-        for name, over in ROWS:
-            saved = {k: getattr(model.cfg, k) for k in over}
-            for k, v in over.items():
-                setattr(model.cfg, k, v)
-            if gpu:
-                timer.run(*inputs)                                             # this row's warm-up (compilation)
+        for k, (name, over) in enumerate(ROWS):
+            model = build(preset, over.get("decoder", "mad"))
+            model.load_state_dict(weights)
+            model = model.to(device)
+            for key, v in over.items():
+                setattr(model.cfg, key, v)
+            if compile:
+                train.compile_model(model)
+            inputs = image_batch(model.cfg, 1, device)
+            timer = TaskTimer(model, device)
+            if gpu or k == 0:
+                timer.run(*inputs)                                             # warm-up (compilation)
             n = reps if "AR" not in name else 1
             rows[name] = min((timer.run(*inputs) for _ in range(n)), key=lambda r: r["total"])
             if gpu:
                 timer.split = False
                 rows[name].update(min((timer.run(*inputs) for _ in range(n)), key=lambda r: r["total"]))
-                timer.split = True
-            for k, v in saved.items():
-                setattr(model.cfg, k, v)
     return rows
 
 
@@ -151,7 +156,7 @@ def decoder_vs_torch(reps):
     layer = torch.nn.TransformerDecoderLayer(cfg.d_model, cfg.heads, cfg.ffn, 0.0, batch_first=True)
     theirs = torch.nn.TransformerDecoder(layer, cfg.dec_layers, norm=torch.nn.LayerNorm(cfg.d_model)).eval()
     memory = torch.randn(1, 25 * 42, cfg.d_model)
-    enc = (memory, memory, torch.ones(1, 1, 1, 25 * 42, dtype=torch.bool))
+    enc = mad.Memory(memory, memory, torch.ones(1, 1, 1, 25 * 42, dtype=torch.bool))
     rows = {}
     with torch.inference_mode():
         for name, n, L in [("det 1x506", 1, 506), ("seg 100x262", 100, 262)]:
@@ -188,7 +193,7 @@ def model_flop_utilization(preset, peak, reps):
     out = dict(infer_gflop=f / 1e9, infer_pct_peak=100 * f / t / peak)
     model.train()
     batch = random_train_batch(model, 2, *inputs[2][0].tolist())
-    step = lambda: model(batch)[0].backward()
+    step = lambda: model.loss(batch)[0].backward()
     f, t = flops_of(step), timed(step, reps)
     return dict(out, train_gflop=f / 1e9, train_pct_peak=100 * f / t / peak)
 
@@ -207,7 +212,7 @@ def train_child(preset, B, H, W, steps):
     batch = random_train_batch(model, B, H, W)
 
     def step():
-        loss, _ = model(batch)
+        loss, _ = model.loss(batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -229,7 +234,7 @@ def bf16_autocast_on_cpu(reps):
 
     def step(dtype):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-            loss, _ = model(batch)
+            loss, _ = model.loss(batch)
         loss.backward()
     fp32, bf16 = timed(lambda: step(None), reps), timed(lambda: step(torch.bfloat16), reps)
     return dict(fp32_s=fp32, bf16_s=bf16, ratio_bf16_to_fp32=bf16 / fp32)
@@ -257,7 +262,7 @@ def backbones():
     rows = {}
     for preset in ("r50", "swin_b", "vit_b"):
         model = build(preset)
-        images, pad, _, _ = image_batch(model.cfg)
+        images, pad, _ = image_batch(model.cfg)
         with torch.inference_mode():
             t = timed(lambda: model.encode(images, pad), 1)
         rows[preset] = dict(params_m=sum(p.numel() for p in model.parameters()) / 1e6,
@@ -287,16 +292,17 @@ def training_step_on_gpu(preset, B, H, W, dtype, compile, steps):
     """One training step (forward, backward, fused AdamW) on a random batch: images/s, the share
     of the step the GPU is busy (kernel time in torch.profiler over the step's wall time), and the
     peak GPU memory."""
+    import train
     model = build(preset).cuda().train()
     if compile:
-        model.compile_parts()
+        train.compile_model(model)
     opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=True)
     batch = {k: [t.cuda() for t in v] if isinstance(v, list) else v.cuda()
              for k, v in random_train_batch(model, B, H, W).items()}
 
     def step():
         with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
-            loss, _ = model(batch)
+            loss, _ = model.loss(batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -502,7 +508,8 @@ def evaluate_run(run_dir, settings, out):
     and keypoints prompted by ground-truth boxes, evaluated apart from detection and captions
     (evaluate.py prompts them so when a model has no detection task)."""
     import train
-    model, ckpt, tokenizer = evaluate.load_checkpoint(os.path.join(run_dir, "last.pt"))
+    ckpt = mad.load_checkpoint(os.path.join(run_dir, "last.pt"))
+    model, tokenizer = mad.model_from_checkpoint(ckpt)
     settings = dict(settings)
     oracle = settings.pop("oracle", False)
     for k, v in settings.items():

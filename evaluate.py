@@ -16,7 +16,6 @@ import math
 import os
 import re
 import time
-import zipfile
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -29,33 +28,6 @@ from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmenta
 
 import data
 import mad
-from mad import MAD, CaptionTokenizer, Config, Vocab
-
-
-# -----------------------------------------------------------------------------
-# Checkpoint -> model
-
-def load_checkpoint(path, device="cpu"):
-    """(model in eval mode, checkpoint dict, caption tokenizer or None); clear errors for a
-    missing, truncated or foreign file."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise SystemExit(f"{path}: cannot read the checkpoint (truncated or not a torch file?): {e}") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "vocab", "categories"} <= set(ckpt):
-        raise SystemExit(f"{path}: not a MAD checkpoint (needs model, config, vocab, categories)")
-    cfg = config_from_dict(ckpt["config"])
-    model = MAD(cfg, Vocab(**ckpt["vocab"]))
-    model.load_state_dict(ckpt["model"])
-    tokenizer = CaptionTokenizer(ckpt["spm"]) if ckpt.get("spm") else None
-    return model.to(device).eval(), ckpt, tokenizer
-
-
-def config_from_dict(d):
-    """Config from a checkpoint's dict (JSON-ish round trips turn tuples into lists)."""
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 # -----------------------------------------------------------------------------
@@ -172,20 +144,6 @@ def shard(n, rank, world):
     return list(range(rank, n, world))
 
 
-def gather_predictions(local):
-    """{image_id: prediction} of every rank, merged on rank 0 (others get None)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return local
-    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(local, parts, dst=0)
-    if dist.get_rank() != 0:
-        return None
-    merged = {}
-    for part in parts:
-        merged.update(part)
-    return merged
-
-
 @torch.inference_mode()
 def run_predictions(model, dataset, tokenizer, indices, batch_size, workers, device, progress=True, world=1):
     """{image_id: prediction dict} for the dataset items at `indices`, and seconds of model time.
@@ -197,7 +155,7 @@ def run_predictions(model, dataset, tokenizer, indices, batch_size, workers, dev
     oracle = prompted_by_ground_truth(dataset.tasks)
     for batch in loader:
         t = time.perf_counter()
-        out = model.predict(batch["images"].to(device), batch["pad_mask"].to(device), batch["size"], batch["orig_size"],
+        out = model.predict(batch["images"].to(device), batch["pad_mask"].to(device), batch["orig_size"],
                             tasks=dataset.tasks, tokenizer=tokenizer,
                             boxes=[ground_truth_boxes(dataset, i) for i in batch["image_id"].tolist()] if oracle else None)
         out = [to_cpu(p) for p in out]                                        # (waits for the device)
@@ -237,14 +195,15 @@ def evaluate(model, dataset, tokenizer, out_dir, batch_size=1, workers=0, max_im
     local, seconds = run_predictions(model, dataset, tokenizer, shard(n, rank, world), batch_size, workers, device,
                                      progress=rank == 0, world=world)
     model.train(was_training)
-    preds = gather_predictions(local)
-    times = gather_predictions({rank: seconds})
+    parts = mad.gather((local, seconds))                   # every rank's {image_id: prediction}
     if rank != 0:
         return None
+    preds = {i: p for part, _ in parts for i, p in part.items()}
+    times = [s for _, s in parts]
     image_ids = sorted(preds)
     res = to_coco_results([preds[i] for i in image_ids], image_ids, dataset.categories)
     os.makedirs(out_dir, exist_ok=True)
-    metrics = dict(num_images=len(image_ids), ms_per_image=1e3 * sum(times.values()) / max(len(image_ids), 1))
+    metrics = dict(num_images=len(image_ids), ms_per_image=1e3 * sum(times) / max(len(image_ids), 1))
     if prompted_by_ground_truth(dataset.tasks):
         metrics["prompts"] = "ground-truth boxes (oracle: no detection task)"
         print("no detection task: segmentation / keypoints are prompted by ground-truth boxes (an oracle)")
@@ -330,8 +289,8 @@ def predict_images(model, tokenizer, categories, paths, out_dir, batch_size, dev
             chunk = paths[i:i + batch_size]
             samples = [data.load_inference_image(p, cfg) for p in chunk]
             batch = data.collate([(im, dict(size=size, orig_size=orig)) for im, orig, size in samples])
-            preds = model.predict(batch["images"].to(device), batch["pad_mask"].to(device), batch["size"],
-                                  batch["orig_size"], tokenizer=tokenizer, tasks=tasks)
+            preds = model.predict(batch["images"].to(device), batch["pad_mask"].to(device), batch["orig_size"],
+                                  tokenizer=tokenizer, tasks=tasks)
             preds = [to_cpu(p) for p in preds]
             for path, p in zip(chunk, preds):
                 picture = os.path.basename(path) + ".png"             # photo.jpg and photo.png stay apart
@@ -380,15 +339,12 @@ def main():
     args = p.parse_args()
 
     distributed = "RANK" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)               # NCCL's collectives use the current device
+    _, _, args.device = mad.init_processes(args.device)
     args.batch_size = args.batch_size or (8 if args.device.startswith("cuda") else 1)
     if args.device.startswith("cuda"):
         mad.cuda_settings()
-    model, ckpt, tokenizer = load_checkpoint(args.ckpt, args.device)
+    ckpt = mad.load_checkpoint(args.ckpt)
+    model, tokenizer = mad.model_from_checkpoint(ckpt, args.device)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
     if args.images:
         predict_images(model, tokenizer, ckpt["categories"], image_paths(args.images), out,

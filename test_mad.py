@@ -216,7 +216,7 @@ def test_non_square_images_keep_x_and_y_apart_in_targets_and_post_processing(tmp
     """3.1: coordinates are normalized by the image's width (x) and height (y) before they are
     quantized, and post-processing scales x by the original width and y by the height: on a
     non-square image every box and keypoint target decodes to within one bin of its annotation,
-    in the resized image (dataset) and in the original one (MAD.to_pixels)."""
+    in the resized image (dataset) and in the original one (mad.to_pixels)."""
     root = tmp_path / "set"
     data.make_synthetic_coco(str(root), 1, 6, aspect=aspect)
     cfg = tiny_cfg()
@@ -233,7 +233,7 @@ def test_non_square_images_keep_x_and_y_apart_in_targets_and_post_processing(tmp
         xy = v.dequantize(t["det_gt"][:, :4]).view(-1, 2, 2) * torch.tensor([w, h])
         assert ((xy - t["boxes"].view(-1, 2, 2)).abs() <= resized_bin).all()
         # ... and through post-processing to original pixels, against the annotated boxes
-        px = model.to_pixels(t["det_gt"][None, :, :4], t["orig_size"][None])[0].view(-1, 2, 2)
+        px = mad.to_pixels(t["det_gt"][None, :, :4], t["orig_size"][None], v)[0].view(-1, 2, 2)
         annotated = torch.tensor([[x, y, x + bw, y + bh] for a in coco["instances"]["annotations"]
                                   if a["image_id"] == t["image_id"] for x, y, bw, bh in [a["bbox"]]]).view(-1, 2, 2)
         assert len(px) == len(annotated) > 0
@@ -257,7 +257,7 @@ def test_non_square_images_keep_x_and_y_apart_in_targets_and_post_processing(tmp
             tokens = seq[p, labelled, :2]                                        # (k, 2) x, y tokens
             assert ((v.dequantize(tokens) * torch.tensor([w, h]) - kp[labelled, :2] * torch.tensor([w / W, h / H])).abs()
                     <= resized_bin).all()
-            px = model.to_pixels(tokens.flatten()[None, None], t["orig_size"][None]).view(-1, 2)
+            px = mad.to_pixels(tokens.flatten()[None, None], t["orig_size"][None], v).view(-1, 2)
             assert ((px - kp[labelled, :2]).abs() <= orig_bin).all()
             n_keypoints += int(labelled.sum())
     assert n_boxes > 5 and n_keypoints > 10
@@ -470,7 +470,7 @@ def test_person_with_all_keypoints_unlabelled_trains_no_keypoints(synth, tokeniz
     batch = data.collate([ds[i] for i in range(len(ds))])
     assert not batch["kpt_weight"].any() and batch["kpt_seq"].shape[1] == 1
     model = MAD(ds.cfg, ds.vocab)
-    loss, parts = model(batch)
+    loss, parts = model.loss(batch)
     assert torch.isfinite(loss) and parts["kpt"] == 0
 
 
@@ -537,7 +537,7 @@ def tiny_model(decoder="mad", **over):
     torch.manual_seed(0)
     cfg = Config(**{**PRESETS["tiny"], "dropout": 0.0, "decoder": decoder, **over})
     vocab = Vocab(num_classes=5, num_bins=cfg.num_bins, num_text=40, person=0)
-    return MAD(cfg, vocab).eval()
+    return mad.build(cfg, vocab).eval()
 
 
 def random_batch(model, B=2, size=128, n_gt=3):
@@ -672,7 +672,7 @@ def test_masking_strategies_mask_the_documented_counts(strategy):
     runs with the extra copy."""
     model = tiny_model(mask_strategy=strategy)
     seqs = torch.randint(model.vocab.coord, model.vocab.vis, (4, 6, 57))
-    inputs, masked = model.masked_copies(seqs)
+    inputs, masked, src = mad.masked_copies(seqs, model.cfg, model.vocab.mask)
     copies = 3 if strategy == "multiple" else 2
     assert inputs.shape == masked.shape == (4, copies * 6, 57) and masked[:, :6].all()
     assert torch.equal(inputs[~masked], seqs.repeat(1, copies, 1)[~masked]) and (inputs[masked] == model.vocab.mask).all()
@@ -683,7 +683,8 @@ def test_masking_strategies_mask_the_documented_counts(strategy):
         assert ((counts >= round(0.6 * 57)) & (counts <= round(0.8 * 57))).all() and len(counts.unique()) > 3
     else:
         assert (counts[:, :6] == round(0.6 * 57)).all() and (counts[:, 6:] == round(0.8 * 57)).all()
-    loss, parts = model.train()(random_batch(model))
+    assert torch.equal(src, torch.arange(6).repeat(copies))
+    loss, parts = model.train().loss(random_batch(model))
     assert torch.isfinite(loss) and set(parts) == set(mad.TASKS)
 
 
@@ -740,11 +741,11 @@ def test_loss_ignores_logits_of_unmasked_positions(task, monkeypatch):
         return logp.log_softmax(-1)
 
     monkeypatch.setattr(mad, "random_mask", fake_random_mask)
-    monkeypatch.setattr(model, "decode_task", fake_decode)
+    monkeypatch.setattr(model, "log_probs", fake_decode)
 
     def loss():                                                               # summed CE per layer
         torch.manual_seed(5)                                                  # the same shown / random words
-        return getattr(model, f"{task}_loss")(batch, enc)[0]
+        return mad.LOSSES[task](model, batch, enc)[0]
     base = loss()
     visible = seen["inputs"] != model.vocab.mask                              # (B, 1+n, L): the partly masked
     assert visible.any() and (~visible).any()                                 # copy's, and the full copy's word
@@ -756,7 +757,7 @@ def test_loss_ignores_logits_of_unmasked_positions(task, monkeypatch):
 
 
 def fixed_masks_and_log_probs(model, monkeypatch, bump):
-    """Patches mad.random_mask (exactly round(ratio * L) positions, seeded) and model.decode_task
+    """Patches mad.random_mask (exactly round(ratio * L) positions, seeded) and model.log_probs
     (seeded 2-layer log-probs, then bump(task, logits) in place); returns the dicts of what each
     task got: its partial mask, its decoder inputs, its log-probs."""
     g = torch.Generator().manual_seed(0)
@@ -774,7 +775,7 @@ def fixed_masks_and_log_probs(model, monkeypatch, bump):
         seen["logp"][task] = logits.log_softmax(-1)
         return seen["logp"][task]
     monkeypatch.setattr(mad, "random_mask", fixed_mask)
-    monkeypatch.setattr(model, "decode_task", fixed_log_probs)
+    monkeypatch.setattr(model, "log_probs", fixed_log_probs)
     return seen
 
 
@@ -809,7 +810,7 @@ def test_task_losses_are_the_mean_nll_of_masked_targets_per_layer_and_the_total_
             for layer, r in enumerate(full_ref):
                 logits[layer, :, 0].scatter_(-1, batch["cap_seq"][:, r, :, None] - lo, 10.0)
     seen = fixed_masks_and_log_probs(model, monkeypatch, bump)
-    total, parts = model(batch)
+    total, parts = model.loss(batch)
 
     expected = {}
     for task in ("seg", "kpt"):                                    # copies: fully masked, then partly
@@ -860,7 +861,7 @@ def test_caption_loss_picks_each_layers_best_reference_by_mean_nll_and_perturbs_
         logits[1, :, 0].scatter_add_(-1, batch["cap_seq"][:, 1, :, None] - lo, torch.full((B, L, 1), 4.0))
     seen = fixed_masks_and_log_probs(model, monkeypatch, bump)
     torch.manual_seed(0)                                       # (a seed where no random token equals the one it replaces)
-    sums, counts = model.cap_loss(batch, None)
+    sums, counts = mad.caption_loss(model, batch, None)
 
     refs, has = batch["cap_seq"] - lo, batch["cap_weight"] > 0
     logp, partial = seen["logp"]["cap"], seen["mask"]["cap"]
@@ -892,7 +893,7 @@ def test_cap_full_word_shows_one_random_word_in_the_fully_masked_copy_and_trains
         batch = random_batch(model)
         batch["cap_weight"][:] = 1                                             # every position a real token
         seen = fixed_masks_and_log_probs(model, monkeypatch, lambda task, logits: None)
-        sums, counts = model.cap_loss(batch, None)
+        sums, counts = mad.caption_loss(model, batch, None)
         full, partial = seen["inputs"]["cap"][:, 0], seen["mask"]["cap"]      # (B, L), (B, R, L)
         shown = full != model.vocab.mask
         assert (shown.sum(-1) == (1 if on else 0)).all()
@@ -925,9 +926,9 @@ def test_one_stage_of_masked_inference_is_one_decoder_pass():
         for task, L, prompt in [("det", 5 * model.cfg.num_queries, v.det_prompt.expand(2, 1, 6)),
                                 ("kpt", 51, batch["kpt_prompt"]), ("cap", model.cfg.caption_len, v.cap_prompt.expand(2, 1, 6))]:
             h = model.decode(torch.cat([prompt, torch.full((*prompt.shape[:2], L), v.mask)], -1), enc)[..., 6:, :]
-            expected = model.allowed(model.logits(h, task), task).softmax(-1)
+            expected = model.logits(h, task)
             for by_confidence in (False, True):
-                assert torch.allclose(model.refine(prompt, L, enc, task, (1.0,), by_confidence), expected, atol=1e-6), task
+                assert torch.allclose(mad.refine(model, prompt, L, enc, task, (1.0,), by_confidence), expected, atol=1e-6), task
 
 
 def test_keypoint_stage_2_remasks_the_36_least_confident_positions_and_keeps_the_others(monkeypatch):
@@ -948,10 +949,10 @@ def test_keypoint_stage_2_remasks_the_36_least_confident_positions_and_keeps_the
     prompt = batch["kpt_prompt"]                                                # (2, 4, 6)
     with torch.no_grad():
         enc = model.encode(batch["images"], batch["pad_mask"])
-        model.refine(prompt, 51, enc, "kpt", model.cfg.kpt_ratios, by_confidence=True)
+        mad.refine(model, prompt, 51, enc, "kpt", model.cfg.kpt_ratios, by_confidence=True)
         assert len(calls) == 2
         (first, h1), (second, _) = calls
-        conf, tokens = model.allowed(model.logits(h1[..., 6:, :], "kpt"), "kpt").softmax(-1).max(-1)
+        conf, tokens = mad.allowed(model.logits(h1[..., 6:, :], "kpt"), "kpt", v).softmax(-1).max(-1)
     assert (first[..., 6:] == v.mask).all() and torch.equal(second[..., :6], prompt)
     remasked = second[..., 6:] == v.mask
     assert (remasked.sum(-1) == 36).all()
@@ -974,7 +975,7 @@ def test_masked_inference_averages_the_logits_of_the_stages_that_re_masked_a_pos
     inputs = []
     monkeypatch.setattr(model, "decode", lambda tokens, enc: inputs.append(tokens) or torch.zeros(*tokens.shape, 1))
     monkeypatch.setattr(model, "logits", lambda h, task: stage_logits[len(inputs) - 1])
-    prob = model.refine(v.cap_prompt.expand(B, n, 6), L, None, "cap", (1.0, 0.8, 0.6))
+    logits = mad.refine(model, v.cap_prompt.expand(B, n, 6), L, None, "cap", (1.0, 0.8, 0.6))
     remasked = torch.stack([x[..., 6:] == v.mask for x in inputs])               # (stages, B, n, L)
     assert (remasked.sum(-1) == torch.tensor([20, 16, 12])[:, None, None]).all()
     count = remasked.sum(0)
@@ -982,7 +983,7 @@ def test_masked_inference_averages_the_logits_of_the_stages_that_re_masked_a_pos
     mean = lambda k: sum(l * m[..., None] for l, m in zip(stage_logits[:k], remasked)) / remasked[:k].sum(0)[..., None]
     for k in (1, 2):                                    # the tokens fed back are the argmax of the average so far
         assert torch.equal(inputs[k][..., 6:][~remasked[k]], (mean(k).argmax(-1) + lo)[~remasked[k]])
-    assert torch.allclose(prob, mean(3).softmax(-1), atol=1e-6)
+    assert torch.allclose(logits, mean(3), atol=1e-5)
 
 
 def test_halving_rule_weighs_later_stages_more(monkeypatch):
@@ -996,9 +997,9 @@ def test_halving_rule_weighs_later_stages_more(monkeypatch):
     calls = []
     monkeypatch.setattr(model, "decode", lambda tokens, enc: calls.append(1) or torch.zeros(*tokens.shape, 1))
     monkeypatch.setattr(model, "logits", lambda h, task: stage_logits[len(calls) - 1])
-    prob = model.refine(model.vocab.cap_prompt.expand(B, n, 6), L, None, "cap", (1.0, 1.0, 1.0, 1.0))
+    logits = mad.refine(model, model.vocab.cap_prompt.expand(B, n, 6), L, None, "cap", (1.0, 1.0, 1.0, 1.0))
     expected = sum(w * l for w, l in zip((1 / 8, 1 / 8, 1 / 4, 1 / 2), stage_logits))
-    assert torch.allclose(prob, expected.softmax(-1), atol=1e-6)
+    assert torch.allclose(logits, expected, atol=1e-5)
 
 
 def test_predictions_of_an_image_do_not_depend_on_its_batch():
@@ -1007,7 +1008,7 @@ def test_predictions_of_an_image_do_not_depend_on_its_batch():
     scores and p(visible) agree to 1e-5)."""
     model = tiny_model()
     batch = random_batch(model, B=3)
-    args = lambda s: (batch["images"][s], batch["pad_mask"][s], batch["size"][s], batch["orig_size"][s])
+    args = lambda s: (batch["images"][s], batch["pad_mask"][s], batch["orig_size"][s])
     with torch.no_grad():
         top = model.predict(*args(slice(None)), tasks=("det",))[0]["labels"][0]
         model.vocab.person = int(top)                          # untrained: "person" is a class it predicts
@@ -1026,11 +1027,11 @@ def test_one_training_step_and_prediction_shapes_for_both_decoders():
     for decoder in ("mad", "ar"):
         model = tiny_model(decoder).train()
         batch = random_batch(model)
-        loss, parts = model(batch)
+        loss, parts = model.loss(batch)
         loss.backward()
         assert set(parts) == set(mad.TASKS) and torch.isfinite(loss)
         assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad), decoder
-        out = model.eval().predict(batch["images"], batch["pad_mask"], batch["size"], batch["orig_size"])
+        out = model.eval().predict(batch["images"], batch["pad_mask"], batch["orig_size"])
         check_prediction(out, model, batch)
 
 
@@ -1059,11 +1060,11 @@ def test_r50_default_training_step_and_predict_at_800x1333():
     batch["pad_mask"] = torch.zeros(1, 800, 1344, dtype=torch.bool)
     batch["pad_mask"][:, :, 1333:] = True
     batch["size"], batch["orig_size"] = torch.tensor([[800, 1333]]), torch.tensor([[480, 800]])
-    loss, _ = model.train()(batch)
+    loss, _ = model.train().loss(batch)
     loss.backward()
     assert torch.isfinite(loss)
     assert model.backbone[0].weight.grad is None                             # frozen stem
-    out = model.eval().predict(batch["images"], batch["pad_mask"], batch["size"], batch["orig_size"])
+    out = model.eval().predict(batch["images"], batch["pad_mask"], batch["orig_size"])
     check_prediction(out, model, batch)
 
 
@@ -1113,7 +1114,7 @@ def test_backbone_stride_32_map_and_local_weights_round_trip(name, channels, tmp
     torch.save(backbone.state_dict(), tmp_path / "w.pt")
     torch.manual_seed(1)
     other, _ = mad.BACKBONES[name]()
-    mad.load_backbone_weights(other, name, str(tmp_path / "w.pt"))
+    train.load_backbone_weights(other, name, str(tmp_path / "w.pt"))
     with torch.no_grad():
         assert torch.equal(other.eval()(x), y)
 
@@ -1137,7 +1138,7 @@ def test_vit_b_attends_within_windows_except_in_its_global_blocks_and_loads_torc
     assert torch.equal(local[0][0, 14:, 14:], local[1][0, 14:, 14:])          # another window does not
     assert not torch.allclose(full[0][0, 14:, 14:], full[1][0, 14:, 14:])     # through a global block it does
     torch.save(torchvision.models.vit_b_16().state_dict(), tmp_path / "vit.pt")
-    mad.load_backbone_weights(vit, "vit_b", str(tmp_path / "vit.pt"))
+    train.load_backbone_weights(vit, "vit_b", str(tmp_path / "vit.pt"))
     assert torch.equal(vit.encoder.layers[5].mlp[0].weight, torch.load(tmp_path / "vit.pt")["encoder.layers.encoder_layer_5.mlp.0.weight"])
     swin, ours = torchvision.models.swin_b().state_dict(), mad.SwinB().state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in swin.items() if not k.startswith("head.")}
@@ -1157,10 +1158,10 @@ def test_offline_pretrained_gives_a_clear_message(monkeypatch):
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     backbone, _ = mad.BACKBONES["r50"]()
     with pytest.raises(SystemExit, match="--backbone-weights PATH"):
-        mad.load_backbone_weights(backbone, "r50")
+        train.load_backbone_weights(backbone, "r50")
     assert len(calls) == 1 and "resnet50" in calls[0]
     with pytest.raises(SystemExit, match="cannot read a state dict"):
-        mad.load_backbone_weights(backbone, "r50", "/nonexistent/weights.pt")
+        train.load_backbone_weights(backbone, "r50", "/nonexistent/weights.pt")
 
 
 def test_torchvision_resnet50_state_dict_loads_every_r50_backbone_tensor(tmp_path):
@@ -1176,7 +1177,7 @@ def test_torchvision_resnet50_state_dict_loads_every_r50_backbone_tensor(tmp_pat
         == str(tmp_path / "r50.pt")
     torch.manual_seed(0)
     backbone, _ = mad.BACKBONES["r50"]()
-    mad.load_backbone_weights(backbone, "r50", str(tmp_path / "r50.pt"))
+    train.load_backbone_weights(backbone, "r50", str(tmp_path / "r50.pt"))
     own = backbone.state_dict()
     assert set(own) == {k for k in saved if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
     for k in own:
@@ -1192,7 +1193,7 @@ def test_training_step_with_each_backbone(name):
     cfg = Config(**{**PRESETS[name], "num_queries": 20, "dropout": 0.0})
     model = MAD(cfg, Vocab(num_classes=80, num_bins=cfg.num_bins, num_text=100, person=0)).train()
     batch = random_batch(model, B=1, size=160)
-    loss, parts = model(batch)
+    loss, parts = model.loss(batch)
     loss.backward()
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.backbone.parameters() if p.requires_grad]
@@ -1252,7 +1253,7 @@ def save_random_checkpoint(path, ds, tokenizer, **over):
     torch.manual_seed(0)
     cfg = tiny_cfg(**over)
     model = MAD(cfg, ds.vocab)
-    train.save_checkpoint(str(path), dict(model=model.state_dict(), config=__import__("dataclasses").asdict(cfg),
+    mad.save_checkpoint(str(path), dict(model=model.state_dict(), config=__import__("dataclasses").asdict(cfg),
                                           vocab=ds.vocab.state_dict(), spm=tokenizer.model_bytes,
                                           categories=ds.categories, train=dict(data=ds.root)))
     return model.eval()
@@ -1261,10 +1262,11 @@ def save_random_checkpoint(path, ds, tokenizer, **over):
 def test_checkpoint_round_trip_gives_identical_predictions(synth, tokenizer, tmp_path):
     ds = data.CocoMultiTask(synth, "val2017", tiny_cfg(), tokenizer, train=False)
     model = save_random_checkpoint(tmp_path / "c.pt", ds, tokenizer)
-    loaded, ckpt, tok = evaluate.load_checkpoint(str(tmp_path / "c.pt"))
+    ckpt = mad.load_checkpoint(str(tmp_path / "c.pt"))
+    loaded, tok = mad.model_from_checkpoint(ckpt)
     assert ckpt["categories"] == ds.categories and tok.model_bytes == tokenizer.model_bytes
     batch = data.collate([ds[i] for i in range(3)])
-    args = (batch["images"], batch["pad_mask"], batch["size"], batch["orig_size"])
+    args = (batch["images"], batch["pad_mask"], batch["orig_size"])
     with torch.no_grad():
         a, b = model.predict(*args, tokenizer=tokenizer), loaded.predict(*args, tokenizer=tok)
     for x, y in zip(a, b):
@@ -1278,12 +1280,12 @@ def test_truncated_foreign_and_missing_checkpoints_give_clear_errors(synth, toke
     blob = (tmp_path / "c.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(SystemExit, match="cut.pt: cannot read the checkpoint"):
-        evaluate.load_checkpoint(str(tmp_path / "cut.pt"))
+        mad.load_checkpoint(str(tmp_path / "cut.pt"))
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="other.pt: not a MAD checkpoint"):
-        evaluate.load_checkpoint(str(tmp_path / "other.pt"))
+        mad.load_checkpoint(str(tmp_path / "other.pt"))
     with pytest.raises(SystemExit, match="checkpoint not found"):
-        evaluate.load_checkpoint(str(tmp_path / "none.pt"))
+        mad.load_checkpoint(str(tmp_path / "none.pt"))
 
 
 def test_evaluating_on_a_dataset_with_other_categories_is_refused(synth, tokenizer, tmp_path):
@@ -1336,12 +1338,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(synth, tmp_path, opt
 def test_amp_on_the_cpu_trains_under_bf16_autocast(synth, tmp_path, monkeypatch):
     """README: --amp on the CPU trains under bf16 autocast: one step through train.py runs the model
     under it and gives a finite loss and a checkpoint."""
-    seen, task_sums = [], mad.MAD.task_sums
+    seen, forward = [], mad.MAD.forward
 
     def recording(self, batch, tasks):
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
-        return task_sums(self, batch, tasks)
-    monkeypatch.setattr(mad.MAD, "task_sums", recording)
+        return forward(self, batch, tasks)
+    monkeypatch.setattr(mad.MAD, "forward", recording)
     train.main(run_args(synth, tmp_path / "amp", "--amp", "--max-steps", "1"))
     assert seen == [(True, torch.bfloat16)]
     log = [json.loads(l) for l in open(tmp_path / "amp/log.jsonl")]
@@ -1442,12 +1444,12 @@ def test_accumulation_counts_the_positions_its_random_masks_actually_use(synth, 
     micro_batches = [data.collate([ds[i] for i in range(k, k + 3)]) for k in (0, 3, 6)]
     torch.manual_seed(0)
     model = MAD(cfg, ds.vocab)
-    calls, task_sums = [], model.task_sums
+    calls, forward = [], model.forward
     def recording(batch, tasks):
-        sums, counts = task_sums(batch, tasks)
+        sums, counts = forward(batch, tasks)
         calls.append((torch.is_grad_enabled(), {t: c.clone() for t, c in counts.items()}))
         return sums, counts
-    model.task_sums = recording
+    model.forward = recording
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     rng = torch.get_rng_state()
     train.train_step(model, model, micro_batches, ds.tasks, opt, torch.amp.GradScaler("cpu", enabled=False),
@@ -1458,7 +1460,8 @@ def test_accumulation_counts_the_positions_its_random_masks_actually_use(synth, 
             assert torch.equal(counted[t], used[t]), t
     # the check can fail: micro-batch 2 under micro-batch 1's masks counts different positions
     torch.set_rng_state(rng)
-    other = model.count_positions(micro_batches[1], ds.tasks)
+    with torch.no_grad():
+        other = model(micro_batches[1], ds.tasks)[1]
     assert any(not torch.equal(other[t], calls[4][1][t]) for t in ds.tasks)
 
 
@@ -1467,8 +1470,8 @@ def test_single_task_runs_train_and_evaluate_only_their_task(synth, tmp_path, mo
     prompted by the ground-truth boxes (an oracle: it has no detector), one mask per object; a
     caption-only model trains and evaluates only captions."""
     decoded = []
-    decode_task = mad.MAD.decode_task
-    monkeypatch.setattr(mad.MAD, "decode_task", lambda self, p, i, e, task: decoded.append(task) or decode_task(self, p, i, e, task))
+    log_probs = mad.MAD.log_probs
+    monkeypatch.setattr(mad.MAD, "log_probs", lambda self, p, i, e, task: decoded.append(task) or log_probs(self, p, i, e, task))
     train.main(run_args(synth, tmp_path / "seg", "--tasks", "seg", "--max-steps", "2"))
     assert set(decoded) == {"seg"} and set(json.loads(open(tmp_path / "seg/log.jsonl").readline())) >= {"loss", "seg"}
     assert not {"det", "kpt", "cap"} & set(json.loads(open(tmp_path / "seg/log.jsonl").readline()))
@@ -1557,7 +1560,8 @@ def test_tiny_model_learns_all_four_tasks_on_eight_images(tmp_path):
     data.make_synthetic_coco(root, 8, 1, seed=5)
     train.main(run_args(root, tmp_path / "run", "--no-augment", "--max-steps", "250", "--epochs", "250",
                         "--lr-drop", "250"))
-    model, ckpt, tok = evaluate.load_checkpoint(str(tmp_path / "run/last.pt"))
+    ckpt = mad.load_checkpoint(str(tmp_path / "run/last.pt"))
+    model, tok = mad.model_from_checkpoint(ckpt)
     ds = data.CocoMultiTask(root, "train2017", model.cfg, tok, train=False, categories=ckpt["categories"])
     m = evaluate.evaluate(model, ds, tok, str(tmp_path / "eval"), batch_size=8)
     assert m["bbox_AP50"] >= OVERFIT["bbox_AP50"] and m["segm_AP50"] >= OVERFIT["segm_AP50"], m
@@ -1666,13 +1670,13 @@ def test_data_order_is_a_seeded_permutation_per_epoch_dealt_over_ranks_and_repli
 KILL_AFTER_CHECKPOINT_2 = """
 import os, signal, sys
 sys.path.insert(0, {here!r})
-import train
-save_checkpoint = train.save_checkpoint
+import mad, train
+save_checkpoint = mad.save_checkpoint
 def save_then_die(path, state):
     save_checkpoint(path, state)
     if state["step"] == 2:
         os.kill(os.getpid(), signal.SIGKILL)                    # right after step 2's checkpoint is on disk
-train.save_checkpoint = save_then_die
+mad.save_checkpoint = save_then_die
 train.main(sys.argv[1:])
 """
 
@@ -1703,15 +1707,15 @@ NAN_AT_STEP_3 = """
 import os, sys
 sys.path.insert(0, {here!r})
 import mad, train
-decode_task, calls = mad.MAD.decode_task, [0]
+log_probs, calls = mad.MAD.log_probs, [0]
 def poisoned(self, prompt, inputs, enc, task):
-    logp = decode_task(self, prompt, inputs, enc, task)
+    logp = log_probs(self, prompt, inputs, enc, task)
     if task == "det" and logp.requires_grad:                   # the training passes only
         calls[0] += 1
         if calls[0] == 3 and os.environ.get("RANK", "1") == "1":
             logp = logp * float("nan")                         # NaN detection log-probs on rank 1 only
     return logp
-mad.MAD.decode_task = poisoned
+mad.MAD.log_probs = poisoned
 train.main(sys.argv[1:])
 """
 
@@ -1735,14 +1739,14 @@ def test_nan_detection_logits_stop_every_rank_cleanly_through_the_matcher(synth,
 
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
-    train.save_checkpoint(path, dict(step=1, w=torch.ones(3)))
+    mad.save_checkpoint(path, dict(step=1, w=torch.ones(3)))
 
     def dies_halfway(obj, f):
         f.write(b"PK\x03\x04 half a zip file")
         raise KeyboardInterrupt("killed while saving")
     monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, dict(step=2, w=torch.zeros(3)))
+        mad.save_checkpoint(path, dict(step=2, w=torch.zeros(3)))
     monkeypatch.undo()
     ckpt = torch.load(path, weights_only=False)
     assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
@@ -1750,13 +1754,13 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
 
 def test_non_finite_loss_stops_naming_step_and_task_and_keeps_the_last_checkpoint(synth, tmp_path, monkeypatch):
     calls = {"n": 0}
-    seg_loss = mad.MAD.seg_loss
+    seg_loss = mad.LOSSES["seg"]
 
-    def poisoned(self, batch, enc):
+    def poisoned(model, batch, enc):
         calls["n"] += 1
-        sums, counts = seg_loss(self, batch, enc)
+        sums, counts = seg_loss(model, batch, enc)
         return (sums * float("nan") if calls["n"] == 3 else sums), counts
-    monkeypatch.setattr(mad.MAD, "seg_loss", poisoned)
+    monkeypatch.setitem(mad.LOSSES, "seg", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(SystemExit, match=r"non-finite loss at step 3 \(epoch 0\): seg=nan"):
         train.main(run_args(synth, out, "--max-steps", "5", "--save-every", "1"))
@@ -2236,7 +2240,7 @@ def test_post_processing_turns_known_logits_into_boxes_scores_masks_keypoints_an
     images = torch.zeros(1, 3, 64, 96)
     pad = torch.zeros(1, 64, 96, dtype=torch.bool)
     with torch.no_grad():
-        p = model.predict(images, pad, torch.tensor([[64, 96]]), torch.tensor([[60, 90]]))[0]
+        p = model.predict(images, pad, torch.tensor([[60, 90]]))[0]
     z = lambda cls: sum(math.exp(l) for l in cls.values()) + (C + 1 + 11 - len(cls))   # softmax denominators
     score = [math.exp(cls.get(c, 0.0)) / z(cls) for _, cls in slots for c in [max(range(C), key=lambda c: cls.get(c, 0.0))]]
     order = sorted(range(3), key=lambda s: -score[s])
@@ -2279,12 +2283,12 @@ def test_detection_score_classes_takes_the_softmax_over_classes_and_noise_only(m
     monkeypatch.setattr(model, "logits", lambda h, task: det)
     enc = model.encode(torch.zeros(1, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.bool))
     with torch.no_grad():
-        d = model.predict_detections(enc)
+        d = mad.detect(model, enc)
     assert d["labels"].tolist() == [[1]]
     assert d["scores"].item() == pytest.approx(math.exp(3) / (math.exp(3) + math.exp(1) + C - 1), rel=1e-5)
     model.cfg.det_score = "all"
     with torch.no_grad():
-        d = model.predict_detections(enc)
+        d = mad.detect(model, enc)
     assert d["scores"].item() == pytest.approx(math.exp(3) / (math.exp(3) + math.exp(1) + math.exp(7) + C - 1 + 10), rel=1e-5)
 
 
@@ -2374,7 +2378,7 @@ def test_ar_baseline_trains_on_its_targets_shifted_right_by_one_with_the_objects
         return seen[task]
     monkeypatch.setattr(model, "decode", decode)
     monkeypatch.setattr(model, "logits", logits)
-    sums, counts = model.ar_loss(batch, None, "det")
+    sums, counts = (x["det"] for x in model(batch, ("det",)))
     target = torch.cat([seq[0], seq[3], seq[1], seq[2]]).clone()
     target[14], target[19] = v.noise, v.noise                                  # noise objects' classes
     weight = torch.ones(20)
@@ -2388,7 +2392,7 @@ def test_ar_baseline_trains_on_its_targets_shifted_right_by_one_with_the_objects
         assert sums[layer].item() == pytest.approx((nll * weight).sum().item(), rel=1e-6)
         assert counts[layer] == weight.sum()
     batch["cap_weight"][:, 1:] = 0
-    sums, counts = model.ar_loss(batch, None, "cap")
+    sums, counts = (x["cap"] for x in model(batch, ("cap",)))
     refs = batch["cap_seq"][0]
     tokens = seen["tokens"][6 + model.cfg.caption_len][0]
     assert (tokens[:, 6] == v.start).all() and torch.equal(tokens[:, 7:], refs[:, :-1])
@@ -2472,15 +2476,16 @@ def test_attention_adds_positions_to_queries_and_keys_only_and_ignores_padded_me
     attend = torch.ones(1, 1, 1, 7, dtype=torch.bool)
     attend[..., 5:] = False                                                   # the last 2 tokens are padding
     with torch.no_grad():
-        a = layer(x, torch.randn(5, d), memory, memory + torch.randn(1, 7, d), attend)
-        b = layer(x, torch.randn(5, d), memory, memory + torch.randn(1, 7, d), attend)
+        a = layer(x, torch.randn(5, d), mad.Memory(memory, memory + torch.randn(1, 7, d), attend))
+        b = layer(x, torch.randn(5, d), mad.Memory(memory, memory + torch.randn(1, 7, d), attend))
         assert torch.allclose(a, b, atol=1e-5)
         e1 = enc_layer(memory, torch.randn(1, 7, d), attend)
         e2 = enc_layer(memory, torch.randn(1, 7, d), attend)
         assert torch.allclose(e1, e2, atol=1e-5)
         changed = memory.clone()
         changed[:, 5:] += 100.0                                               # padding tokens: no effect
-        assert torch.allclose(layer(x, torch.zeros(5, d), changed, changed, attend), layer(x, torch.zeros(5, d), memory, memory, attend), atol=1e-5)
+        assert torch.allclose(layer(x, torch.zeros(5, d), mad.Memory(changed, changed, attend)),
+                              layer(x, torch.zeros(5, d), mad.Memory(memory, memory, attend)), atol=1e-5)
         cross = layer.cross_attn(torch.randn(1, 10, d), memory, memory, attend)
         mean_value = layer.cross_attn.out(layer.cross_attn.v(memory[:, :5]).mean(1))
         assert torch.allclose(cross, mean_value.expand(1, 10, d), atol=1e-5)
@@ -2533,18 +2538,18 @@ def test_allowed_tokens_per_position_and_greedy_ar_decoding_feeds_back_the_best_
     logits = torch.zeros(10, hi - lo)
     logits[:, 0] = 5.0                                                     # class 0 everywhere ...
     logits[:, C + 1 + 7] = 3.0                                             # ... and coordinate bin 7 second
-    out = model.allowed(logits, "det")
+    out = mad.allowed(logits, "det", v)
     best = out.argmax(-1).tolist()
     assert best == [C + 1 + 7] * 4 + [0] + [C + 1 + 7] * 4 + [0]
     assert torch.isinf(out[4, C + 1:]).all() and torch.isinf(out[0, : C + 1]).all()
-    k = model.allowed(torch.zeros(6, v.task_range("kpt")[1] - v.task_range("kpt")[0]), "kpt")
+    k = mad.allowed(torch.zeros(6, v.task_range("kpt")[1] - v.task_range("kpt")[0]), "kpt", v)
     nb = v.num_bins + 1
     assert torch.isinf(k[[0, 1, 3, 4], nb:]).all() and torch.isinf(k[[2, 5], :nb]).all() and torch.isfinite(k[2, nb:]).all()
     inputs, offsets = [], []
-    def decode(tokens, enc, caches=None, offset=0):
-        inputs.append(tokens.clone()); offsets.append(offset)
+    def decode_step(tokens, enc, caches, start):
+        inputs.append(tokens.clone()); offsets.append(start)
         return torch.zeros(*tokens.shape, model.cfg.d_model)
-    monkeypatch.setattr(model, "decode", decode)
+    monkeypatch.setattr(model, "decode_step", decode_step)
     monkeypatch.setattr(model, "logits", lambda h, task: logits[:1].expand(*h.shape[:-1], -1))
     model.generate(v.det_prompt.expand(1, 1, 6), 10, None, "det")
     assert offsets == [0] + [6 + t for t in range(1, 10)]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -121,7 +122,7 @@ def prepare_data(tc, master):
         if master and not os.path.exists(os.path.join(root, "annotations", "captions_val2017.json")):
             print(f"generating the synthetic COCO set under {root} ...")
             data.make_synthetic_coco(root, SYNTHETIC["train"], SYNTHETIC["val"])
-        barrier()
+        mad.barrier()
     data.check_root(root, "train2017")
     return root
 
@@ -136,32 +137,24 @@ def caption_tokenizer(tc, root, master, ckpt):
     prefix = os.path.join(tc.out, "spm")
     if master and not os.path.exists(prefix + ".model"):
         data.train_caption_tokenizer(captions, prefix, tc.spm_vocab)
-    barrier()
+    mad.barrier()
     with open(prefix + ".model", "rb") as f:
         return mad.CaptionTokenizer(f.read())
 
 
-def save_checkpoint(path, state):
-    """Atomic: write a temporary file, fsync, rename. A crash mid-write leaves the old file intact."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def rng_state(device):
+    """Every random generator a run draws from (CUDA: this process's device only)."""
+    cuda = torch.cuda.get_rng_state(device) if str(device).startswith("cuda") else None
+    return dict(torch=torch.get_rng_state(), cuda=cuda, numpy=np.random.get_state(), python=random.getstate())
 
 
-def rng_state():
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and str(device).startswith("cuda"):
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state(cuda[torch.device(device).index or 0] if isinstance(cuda, list) else cuda, device)
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
 
 
 # -----------------------------------------------------------------------------
@@ -182,7 +175,7 @@ def plan_demo(tc, dataset, model, autocast, ckpt, master, world):
                     workers=tc.workers if tc.workers is not None else min(8, (os.cpu_count() or 2) - 1) if cuda else 1)
         minutes = tc.budget_min or (2.5 if cuda else 13.5)
         plan["max_steps"] = tc.max_steps or steps_in_budget(model, dataset, tc, plan, autocast, minutes, world)
-        plan = broadcast(plan)
+        plan = mad.broadcast(plan)
         if master:
             print(f"demo plan for {'cuda' if cuda else 'cpu'} ({torch.get_num_threads()} threads): batch "
                   f"{plan['batch_size']}, {plan['max_steps']:,} steps, {plan['workers']} workers; the same run: "
@@ -217,7 +210,7 @@ def steps_in_budget(model, dataset, tc, plan, autocast, minutes, world=1, eval_i
         probe.eval()
         for _ in range(2):                                   # warm-up, then timed
             t = timer(tc.device)
-            probe.predict(batch["images"], batch["pad_mask"], batch["size"], batch["orig_size"], dataset.tasks)
+            probe.predict(batch["images"], batch["pad_mask"], batch["orig_size"], dataset.tasks)
             eval_s = (timer(tc.device) - t) / len(batch["images"]) * eval_images
     torch.set_rng_state(rng)
     left = minutes * 60 - (time.time() - START) - eval_s - 10                   # 10 s: COCOeval, pictures
@@ -231,30 +224,7 @@ def timer(device):
 
 
 # -----------------------------------------------------------------------------
-# DDP in a few lines (nanoGPT style): torchrun sets RANK; NCCL on CUDA, gloo on CPU
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def gather(obj):
-    """Every rank's obj, as a list (a list of one without DDP)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast(obj):
-    """Rank 0's obj on every rank (obj itself without DDP)."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
+# Training
 
 def to_device(batch, device):
     return {k: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) for k, v in batch.items()}
@@ -263,14 +233,7 @@ def to_device(batch, device):
 def main(argv=None):
     cfg, tc = parse_args(argv)
     ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if tc.device.startswith("cuda") else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if tc.device.startswith("cuda"):
-            tc.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(tc.device)
-    else:
-        rank, world = 0, 1
+    rank, world, tc.device = mad.init_processes(tc.device)
     master = rank == 0
     device_type = "cuda" if tc.device.startswith("cuda") else "cpu"
     if device_type == "cuda":
@@ -281,8 +244,8 @@ def main(argv=None):
     if tc.resume:
         if not os.path.exists(ckpt_path):
             raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = evaluate.load_checkpoint(ckpt_path)[1]
-        cfg = evaluate.config_from_dict(ckpt["config"])     # the run's model settings win
+        ckpt = mad.load_checkpoint(ckpt_path)
+        cfg = mad.config_from_dict(ckpt["config"])          # the run's model settings win
 
     # data, vocabulary and model
     root = tc.data = prepare_data(tc, master)                # the checkpoint names the real root (evaluate.py)
@@ -294,9 +257,9 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(str(e)) from None
     torch.manual_seed(tc.seed)                               # identical initial weights on every rank
-    model = mad.MAD(cfg, dataset.vocab).to(tc.device)
+    model = mad.build(cfg, dataset.vocab).to(tc.device)
     if (tc.pretrained or tc.backbone_weights) and ckpt is None:
-        mad.load_backbone_weights(model.backbone, cfg.backbone, tc.backbone_weights or None)
+        load_backbone_weights(model.backbone, cfg.backbone, tc.backbone_weights or None)
     optimizer = torch.optim.AdamW(model.param_groups(tc.lr, tc.backbone_lr, tc.weight_decay),
                                   fused=device_type == "cuda")              # one kernel for the whole update
     for g in optimizer.param_groups:
@@ -319,10 +282,10 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0], tc.device)
     raw = model
     if tc.compile:
-        model.compile_parts()
+        compile_model(model)
     if ddp:
         model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
 
@@ -337,12 +300,12 @@ def main(argv=None):
               f"{total} steps; {sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M parameters")
 
     def checkpoint(epoch):
-        rngs = gather(rng_state())
-        sums = gather([float(p.detach().double().sum()) for p in raw.parameters()])
+        rngs = mad.gather(rng_state(tc.device))
+        sums = mad.gather([float(p.detach().double().sum()) for p in raw.parameters()])
         if any(s != sums[0] for s in sums):                   # DDP keeps replicas equal; check it
             raise RuntimeError(f"step {step}: the {world} processes hold different parameters")
         if master:
-            save_checkpoint(ckpt_path, dict(
+            mad.save_checkpoint(ckpt_path, dict(
                 model=raw.state_dict(), optimizer=optimizer.state_dict(),
                 scaler=scaler.state_dict(), epoch=epoch, step=step, config=dataclasses.asdict(cfg),
                 train=dataclasses.asdict(tc), vocab=dataset.vocab.state_dict(),
@@ -415,27 +378,30 @@ def lr_factor(step, total, steps_per_epoch, tc):
 def train_step(model, raw, micro_batches, tasks, optimizer, scaler, autocast, clip):
     """One optimizer step over K micro-batches (K = 1 without accumulation). Returns the mean total
     and per-task losses (CPU, averaged over ranks); when any is non-finite the update is skipped.
-    Exact accumulation: the loss of each (task, layer) is normalized by its count of positions
-    over all K micro-batches (and ranks), as one batch K times the size would be, so the counts
-    are taken first, in a no-grad pass whose random masks are replayed for the real one."""
-    K, counts = len(micro_batches), None
+    Eq. 1's normalizers are the counted positions of each (task, layer) over all ranks (their mean:
+    DDP averages the gradients) and, with accumulation, over all K micro-batches, as one batch K
+    times the size would be: those are counted first, in a no-grad pass whose random masks are
+    replayed for the real one (one extra forward per micro-batch)."""
+    K, device, normalizers = len(micro_batches), micro_batches[0]["images"].device, None
     ddp = model is not raw
-    if K > 1:                                                # (costs one extra no-grad forward per micro-batch)
+    if K > 1:
         rng, counts = [], []
         for b in micro_batches:
-            rng.append(snapshot_rng(b["images"].device))     # the RNG state each micro-batch's masks start from
-            with autocast:
-                counts.append(raw.count_positions(b, tasks))
-        counts = {t: mad.all_reduce_mean(sum(c[t] for c in counts)) / K for t in tasks}
-    sums = torch.zeros(1 + len(tasks), device=micro_batches[0]["images"].device)
+            rng.append(rng_state(device))                    # the RNG state each micro-batch's masks start from
+            with torch.no_grad(), autocast:
+                counts.append(raw(b, tasks)[1])
+        normalizers = {t: all_reduce_mean(sum(c[t] for c in counts)) / K for t in tasks}
+    sums = torch.zeros(1 + len(tasks), device=device)
     for k, batch in enumerate(micro_batches):
         if K > 1:
-            restore_rng(rng[k])
+            set_rng_state(rng[k], device)
         with (model.no_sync() if ddp and k < K - 1 else nullcontext()), autocast:
-            loss, parts = model(batch, tasks, counts)
+            nll, counts = model(batch, tasks)
+            loss, parts = mad.weighted_loss(nll, normalizers or {t: all_reduce_mean(c) for t, c in counts.items()},
+                                            raw.cfg.task_weights)
         scaler.scale(loss / K).backward()
         sums += torch.stack([loss.detach(), *(parts[t] for t in tasks)]).float() / K
-    sums = mad.all_reduce_mean(sums).cpu()                   # the same on every rank: all stop together
+    sums = all_reduce_mean(sums).cpu()                       # the same on every rank: all stop together
     if torch.isfinite(sums).all():
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(raw.parameters(), clip)
@@ -445,14 +411,57 @@ def train_step(model, raw, micro_batches, tasks, optimizer, scaler, autocast, cl
     return sums
 
 
-def snapshot_rng(device):
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+def all_reduce_mean(x):
+    """Average a tensor over DDP ranks (identity when not distributed): the loss normalizers."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x = x / dist.get_world_size()
+    return x
 
 
-def restore_rng(state):
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1])
+def compile_model(model):
+    """--compile: torch.compile the transformer encoder's layers and the decoder (and the baseline's
+    cached decoding step) in place, so parameter names and checkpoints do not change. dynamic=True:
+    multi-scale images and the per-task sequence lengths and counts share one graph. The backbone
+    stays eager (inductor's convolutions guard on the feature map's width and would recompile for
+    every image size), as do the head, the losses and the matcher."""
+    for layer in model.encoder:
+        layer.compile(dynamic=True)
+    model.decode = torch.compile(model.decode, dynamic=True)
+    if hasattr(model, "decode_step"):
+        model.decode_step = torch.compile(model.decode_step, dynamic=True)
+    return model
+
+
+IMAGENET_WEIGHTS = {"r50": "ResNet50_Weights", "swin_b": "Swin_B_Weights", "vit_b": "ViT_B_16_Weights"}
+NEW_PARTS = ("neck.",)                # backbone parts that ImageNet classifiers do not have
+
+
+def load_backbone_weights(backbone, name, path=None):
+    """ImageNet weights into `backbone`: from a local state-dict file when `path` is given, else
+    through torchvision's weights API (downloads once into the torch hub cache)."""
+    if path:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SystemExit(f"--backbone-weights {path}: cannot read a state dict ({e})") from None
+    elif name not in IMAGENET_WEIGHTS:
+        raise SystemExit(f"--pretrained: torchvision has no ImageNet weights for backbone '{name}'"
+                         + (": pass --backbone-weights PATH, a Swin-B (window 12, 384 px) state dict in torchvision's "
+                            "key layout" if name == "swin_b384" else ""))
+    else:
+        weights = getattr(torchvision.models, IMAGENET_WEIGHTS[name]).IMAGENET1K_V1
+        try:
+            state = weights.get_state_dict(progress=False)
+        except Exception as e:
+            raise SystemExit(f"--pretrained: could not fetch torchvision's {weights} ({type(e).__name__}: {e}). "
+                             f"Without a network, pass --backbone-weights PATH (a state dict of torchvision's "
+                             f"model, saved where it can be downloaded) or omit --pretrained.") from None
+    missing, _ = backbone.load_state_dict(state, strict=False)   # the classifier head is not ours
+    missing = [k for k in missing if not k.startswith(NEW_PARTS)]
+    if missing:
+        raise SystemExit(f"backbone weights for '{name}' lack {len(missing)} tensors, e.g. {missing[:3]}")
 
 
 def log(step, total, epoch, avg, tasks, optimizer, images_per_s, eta, tc):
