@@ -66,7 +66,7 @@ def image_batch(cfg, B=1, device="cpu"):
     Hp, Wp = -(-H // 32) * 32, -(-W // 32) * 32
     pad = torch.ones(B, Hp, Wp, dtype=torch.bool)
     pad[:, :H, :W] = False
-    return torch.randn(B, 3, Hp, Wp).to(device), pad.to(device), torch.tensor([[H, W]] * B)
+    return torch.randint(0, 256, (B, 3, Hp, Wp), dtype=torch.uint8).to(device), pad.to(device), torch.tensor([[H, W]] * B)
 
 
 class TaskTimer:
@@ -248,7 +248,7 @@ def target_building_vs_jpeg(reps):
         data.make_synthetic_coco(root, 4, 0, image_size=800, seed=0, aspect=1333 / 800)
         cfg = Config(**PRESETS["r50"])
         ds = evaluate.quiet(data.CocoMultiTask, root, "train2017", cfg, None, True)   # keep --json clean
-        path = os.path.join(root, "train2017", ds.images[ds.image_ids[0]]["file_name"])
+        path = os.path.join(root, "train2017", ds.ann.image(0)[0])
         jpeg = open(path, "rb").read()
         t_jpeg = timed(lambda: Image.open(io.BytesIO(jpeg)).convert("RGB").load(), reps)
         t_item = timed(lambda: ds[0], reps)

@@ -3,30 +3,33 @@
 Paper 3.1 (task tokenization) and 3.4 (task-mixed sampling): each image comes with the targets of
 all four tasks that its split has (instances -> detection + segmentation, person_keypoints ->
 keypoints, captions -> captioning), built after augmentation as tokens of mad.Vocab:
-  reading COCO (three annotation files merged per image)  ->  augmentation (flip, multi-scale,
-  crop, LSJ)  ->  target sequences  ->  collate (pad to a multiple of 32 with a pixel mask).
+  reading COCO (three annotation files, checked and merged per image, held as arrays)  ->
+  augmentation (flip, multi-scale, crop, LSJ)  ->  the task sequences  ->  collate (pad to a multiple
+  of 32 with a pixel mask). Images stay uint8 up to the model, which normalizes them.
 Also: training the SentencePiece caption model, and the synthetic COCO-format set that makes
 the whole pipeline run with no download:
 
     python data.py synth data/synthetic --train 2000 --val 200 [--size 128] [--seed 0]
 """
 import argparse
+import array
 import io
 import json
 import math
 import os
 import random
+import shutil
+import socket
 import time
 
 import numpy as np
 import pycocotools.mask as mask_utils
 import sentencepiece as spm
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
 from torchvision.ops import roi_align
 
-from mad import CaptionTokenizer, Vocab
+from mad import TASKS, Vocab
 
 KEYPOINTS = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
              "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
@@ -34,114 +37,147 @@ KEYPOINTS = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_sho
 SKELETON = [[16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8], [7, 9],
             [8, 10], [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7]]   # COCO, 1-based
 FLIP = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]   # keypoint index after a horizontal flip
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)           # ImageNet
 FILES = {"instances": ("det", "seg"), "person_keypoints": ("kpt",), "captions": ("cap",)}
+FIELDS = {"instances": ("image_id", "category_id", "bbox"), "person_keypoints": ("image_id", "category_id", "bbox"),
+          "captions": ("image_id", "caption")}
 
 
 # -----------------------------------------------------------------------------
-# Reading COCO: the three annotation files of a split, checked and merged per image
+# Reading COCO: the three annotation files of a split, checked and merged per image. COCO
+# train2017 has 860k instance annotations: they are held as numpy arrays with offsets (no Python
+# object per annotation), so that the data-loader workers, forked from this process, share them
+# without ever writing their pages.
 
-def load_coco_json(path, kind):
-    """Read one COCO annotation file; errors name the file and what is wrong with it."""
+def read_coco_json(path, kind, on_annotation):
+    """Parse one COCO annotation file, handing each annotation dict to on_annotation as soon as it
+    is read (it is not kept). Returns the file's images as (id, file_name, width, height) and its
+    categories. Errors name the file and what is wrong with it."""
+    def hook(d):
+        if "image_id" in d:                                        # an annotation
+            missing = [k for k in FIELDS[kind] if k not in d]
+            if missing:
+                raise ValueError(f"{path}: annotation {d.get('id', '?')} has no field '{missing[0]}'")
+            on_annotation(d)
+            return None
+        if "file_name" in d and "id" in d:                          # an image
+            return d["id"], d["file_name"], d.get("width"), d.get("height")
+        return d
     try:
         with open(path) as f:
-            d = json.load(f)
+            doc = json.load(f, object_hook=hook)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON ({e})") from None
     need = ("images", "annotations") + (("categories",) if kind != "captions" else ())
-    missing = [k for k in need if not isinstance(d, dict) or not isinstance(d.get(k), list)]
+    missing = [k for k in need if not isinstance(doc, dict) or not isinstance(doc.get(k), list)]
     if missing:
         raise ValueError(f"{path}: not a COCO {kind} file: no list '{missing[0]}'")
-    for a in d["annotations"]:
-        fields = ("image_id", "caption") if kind == "captions" else ("image_id", "category_id", "bbox")
-        for k in fields:
-            if k not in a:
-                raise ValueError(f"{path}: annotation {a.get('id', '?')} has no field '{k}'")
-    return d
+    bad = [im for im in doc["images"] if not isinstance(im, tuple) or not all(isinstance(x, int) for x in (im[0], im[2], im[3]))]
+    if bad:
+        raise ValueError(f"{path}: image entry {bad[0]!r} lacks an integer id, width or height, or its file_name")
+    return doc["images"], doc.get("categories", [])
 
 
-class CocoMultiTask(torch.utils.data.Dataset):
-    """COCO-layout dataset returning (image (3, h, w), target dict of token sequences).
+class Columns:
+    """Growing columns of numbers (array.array: no Python object per value), then numpy arrays."""
 
-    root/{split}/*.jpg and root/annotations/{instances,person_keypoints,captions}_{split}.json;
-    a missing annotation file disables its tasks (one printed line). Target keys (global token
-    ids of vocab; Q = num_queries, S = max_instances, M = mask_size, R = max_captions, L = caption_len):
-      image_id int, orig_size (2,) original (H, W), size (2,) after augmentation (h, w)
-      boxes (n, 4) xyxy augmented pixels, labels (n,)           non-crowd objects, n <= Q
-      det_seq (Q, 5) [x0, y0, x1, y1, class] objects in random slots, noise objects elsewhere
-      det_gt (n, 5) the objects' tokens, in the order of boxes
-      seg_prompt (S, 6) [<seg>, box, class], seg_seq (S, M*M) <fg>/<bg>, seg_weight (S, M*M)
-      kpt_prompt (S, 6) [<kpt>, box, person], kpt_seq (S, 51) (x, y, vis) x 17, kpt_weight (S, 51)
-      cap_seq (R, L) text tokens, cap_weight (R, L)
-    With targets=False (evaluation) only image_id, orig_size and size are built.
-    Weights are 0 for padding and for tasks the image or split lacks. Instances with weight come
-    first, so collate can trim all-padding rows. Augmentation depends only on (seed, epoch, index).
-    """
+    def __init__(self, **types):
+        self.cols = {k: array.array(t) for k, t in types.items()}
 
-    def __init__(self, root, split, cfg, tokenizer, train, categories=None, skip_bad_images=False, seed=0,
-                 augment=None, targets=True):
-        self.root, self.split, self.cfg, self.tokenizer, self.train = root, split, cfg, tokenizer, train
-        self.augment = train if augment is None else augment       # off: the fixed eval resize
-        self.targets = targets                                     # off: image, sizes and id only (evaluation)
-        self.skip_bad_images, self.seed, self.epoch, self.skipped = skip_bad_images, seed, 0, set()
-        self.coco_files, files = {}, {}
+    def __getattr__(self, name):
+        return self.__dict__["cols"][name]
+
+    def numpy(self):
+        return {k: np.frombuffer(c, dtype=c.typecode) for k, c in self.cols.items()}
+
+
+class CocoAnnotations:
+    """The annotations of a split: root/annotations/{instances,person_keypoints,captions}_{split}.json,
+    any of which may be missing (its tasks are then off; one printed line). Non-crowd objects with a
+    box inside the image, persons with a labelled keypoint, and captions, per image; crowd, empty and
+    out-of-image boxes are counted in `dropped`. Categories are sorted by COCO id (contiguous index
+    i <-> categories[i]['id']); a checkpoint's categories must be the dataset's own."""
+
+    def __init__(self, root, split, captions=True, categories=None):
+        self.root, self.split, self.files = root, split, {}
+        obj = Columns(ann="q", image="q", cat="q", crowd="b", box="d", polys="i", poly_len="i", coords="d", rle="i")
+        per = Columns(ann="q", image="q", cat="q", crowd="b", box="d", kpts="f")
+        cap = Columns(ann="q", image="q", start="q")
+        text, rles, images, cats = bytearray(), [], {}, {}
+
+        def add_object(a):
+            add_box(obj, a)
+            seg = a.get("segmentation")
+            polygons = seg if isinstance(seg, list) else []
+            obj.polys.append(len(polygons))
+            for p in polygons:
+                obj.coords.extend(p)
+                obj.poly_len.append(len(p))
+            obj.rle.append(len(rles) if isinstance(seg, dict) else -1)
+            if isinstance(seg, dict):
+                rles.append(seg)
+
+        def add_person(a):
+            add_box(per, a)
+            kp = a.get("keypoints", [0] * 51)
+            if len(kp) != 51:
+                raise ValueError(f"{path}: annotation {a.get('id', '?')} has {len(kp)} keypoint values, expected 17 x 3")
+            per.kpts.extend(kp)
+
+        def add_caption(a):
+            cap.ann.append(a.get("id", -1))
+            cap.image.append(a["image_id"])
+            cap.start.append(len(text))
+            text.extend(str(a["caption"]).encode())
+
+        add = dict(instances=add_object, person_keypoints=add_person, captions=add_caption)
         for kind, tasks in FILES.items():
             path = os.path.join(root, "annotations", f"{kind}_{split}.json")
             if not os.path.exists(path):
                 print(f"{path} not found: {'/'.join(tasks)} disabled for {split}")
                 continue
-            if kind == "captions" and tokenizer is None:
+            if kind == "captions" and not captions:
                 print(f"no caption tokenizer: cap disabled for {split}")
                 continue
-            files[kind] = load_coco_json(path, kind)
-            self.coco_files.update({t: path for t in tasks})
-        if not files:
+            ims, file_cats = read_coco_json(path, kind, add[kind])
+            for im in ims:
+                images.setdefault(im[0], im)
+            cats.setdefault("instances" if kind == "instances" else kind, file_cats)
+            self.files[kind] = path
+        if not self.files:
             raise FileNotFoundError(f"no annotation files for split '{split}' under {root}/annotations")
-        self.tasks = tuple(t for t in ("det", "seg", "kpt", "cap") if t in self.coco_files and t in cfg.tasks)
-        self.categories = self.read_categories(files, categories)
-        cat_index = {c["id"]: i for i, c in enumerate(self.categories)}
-        person = [i for i, c in enumerate(self.categories) if c["name"] == "person"]
-        self.vocab = Vocab(len(self.categories), cfg.num_bins, tokenizer.vocab_size if tokenizer else 0,
-                           person=person[0] if person else -1)
+        self.categories = self.read_categories(cats, categories)
+        self.person = next((i for i, c in enumerate(self.categories) if c["name"] == "person"), -1)
 
-        self.images = {}
-        for d in files.values():
-            for im in d["images"]:
-                self.images[im["id"]] = im
-        self.objects = {i: [] for i in self.images}     # instances: boxes, labels, segmentations
-        self.persons = {i: [] for i in self.images}     # person_keypoints: boxes, keypoints
-        self.captions = {i: [] for i in self.images}
-        self.dropped = 0                                # crowd, degenerate and out-of-image boxes
-        for kind, d in files.items():
-            path = os.path.join(root, "annotations", f"{kind}_{split}.json")
-            for a in d["annotations"]:
-                if a["image_id"] not in self.images:
-                    raise ValueError(f"{path}: annotation {a.get('id', '?')} refers to image_id "
-                                     f"{a['image_id']}, which is not in 'images'")
-                if kind == "captions":
-                    self.captions[a["image_id"]].append(a["caption"])
-                    continue
-                if a["category_id"] not in cat_index:
-                    raise ValueError(f"{path}: annotation {a.get('id', '?')} has category_id "
-                                     f"{a['category_id']}, which is not in 'categories'")
-                box = self.clip_box(a["bbox"], self.images[a["image_id"]])
-                if a.get("iscrowd", 0) or box is None:
-                    self.dropped += 1
-                    continue
-                if kind == "instances":
-                    self.objects[a["image_id"]].append((box, cat_index[a["category_id"]], a.get("segmentation")))
-                elif any(v > 0 for v in a.get("keypoints", [0] * 51)[2::3]):
-                    self.persons[a["image_id"]].append((box, np.array(a["keypoints"], np.float32).reshape(17, 3)))
+        order = sorted(images)                                    # the images, by id
+        self.image_ids = np.array(order, dtype=np.int64)
+        self.width = np.array([images[i][2] for i in order], dtype=np.int64)
+        self.height = np.array([images[i][3] for i in order], dtype=np.int64)
+        self.file_names = np.array([images[i][1].encode() for i in order], dtype=bytes)
+        del images
+        self.dropped = 0
+        o, cols = self.merge("instances", obj.numpy()), obj.numpy()
+        self.obj_start, self.obj_box, self.obj_label = o["start"], o["box"], o["label"]
+        first = np.concatenate([[0], np.cumsum(cols["polys"])])
+        self.obj_poly = np.stack([first[:-1], first[1:]], 1)[o["keep"]]          # (n, 2): its polygons' range
+        self.poly_start = np.concatenate([[0], np.cumsum(cols["poly_len"])])      # polygon k: coords[poly_start[k]:..]
+        self.coords, self.obj_rle, self.rles = cols["coords"], cols["rle"][o["keep"]], rles
+        p = self.merge("person_keypoints", per.numpy(), keypoints=True)
+        self.person_start, self.person_box = p["start"], p["box"]
+        self.person_kpts = per.numpy()["kpts"].reshape(-1, 17, 3)[p["keep"]]
         if self.dropped:
             print(f"{split}: {self.dropped} crowd, empty or out-of-image boxes dropped")
-        self.image_ids = sorted(self.images)
+        c = cap.numpy()
+        rows = self.rows(c["image"], c["ann"], "captions")
+        order = np.argsort(rows, kind="stable")
+        ends = np.append(c["start"][1:], len(text))[: len(c["start"])].astype(np.int64)   # each caption's end
+        self.cap_start = np.searchsorted(rows[order], np.arange(len(self.image_ids) + 1))
+        self.cap_span = np.stack([c["start"], ends], 1)[order]
+        self.text = np.frombuffer(bytes(text), dtype=np.uint8)
+        self.tasks = tuple(t for kind in self.files for t in FILES[kind])
 
-    def read_categories(self, files, categories):
-        """Categories sorted by COCO id (contiguous index i <-> categories[i]['id']); a checkpoint's
-        categories must be the dataset's own."""
-        src = files.get("instances") or files.get("person_keypoints")
-        own = sorted(({"id": c["id"], "name": c["name"]} for c in src["categories"]) if src else [],
-                     key=lambda c: c["id"])
+    def read_categories(self, cats, categories):
+        src = cats.get("instances") or cats.get("person_keypoints") or []
+        own = sorted(({"id": c["id"], "name": c["name"]} for c in src), key=lambda c: c["id"])
         if categories is None:
             return own
         given = [{"id": c["id"], "name": c["name"]} for c in categories]
@@ -151,18 +187,116 @@ class CocoMultiTask(torch.utils.data.Dataset):
                              f"({len(own)} vs {len(given)}; e.g. {diff}): this model cannot be evaluated on it")
         return given
 
-    @staticmethod
-    def clip_box(bbox, image):
-        """COCO [x, y, w, h] -> xyxy clipped to the image, or None when nothing is left."""
-        if len(bbox) != 4:
-            return None
-        x, y, w, h = bbox
-        x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + w, image["width"]), min(y + h, image["height"])
-        return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+    def rows(self, image_ids, ann_ids, kind):
+        """The image row of each annotation; an annotation of an image not in 'images' is an error."""
+        rows = np.searchsorted(self.image_ids, image_ids)
+        bad = (rows >= len(self.image_ids)) | (self.image_ids[np.minimum(rows, len(self.image_ids) - 1)] != image_ids)
+        if bad.any():
+            k = int(bad.argmax())
+            raise ValueError(f"{self.files[kind]}: annotation {ann_ids[k]} refers to image_id {image_ids[k]}, "
+                             f"which is not in 'images'")
+        return rows
+
+    def merge(self, kind, cols, keypoints=False):
+        """Boxes clipped to their image, the annotations kept (non-crowd, a box left; persons: a labelled
+        keypoint), grouped by image in file order: start (images + 1,) offsets, box (n, 4), label, keep."""
+        rows = self.rows(cols["image"], cols["ann"], kind)
+        ids = np.array([c["id"] for c in self.categories], dtype=np.int64)       # sorted: index i <-> ids[i]
+        label = np.searchsorted(ids, cols["cat"])
+        unknown = (label >= len(ids)) | (ids[np.minimum(label, len(ids) - 1)] != cols["cat"]) if len(ids) else cols["cat"] == cols["cat"]
+        if unknown.any():
+            k = int(unknown.argmax())
+            raise ValueError(f"{self.files[kind]}: annotation {cols['ann'][k]} has category_id {cols['cat'][k]}, "
+                             f"which is not in 'categories'")
+        x, y, w, h = cols["box"].reshape(-1, 4).T
+        W, H = self.width[rows], self.height[rows]
+        box = np.stack([np.maximum(x, 0), np.maximum(y, 0), np.minimum(x + w, W), np.minimum(y + h, H)], 1)
+        valid = (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1]) & (cols["crowd"] == 0)    # NaN compares False
+        self.dropped += int((~valid).sum())
+        keep = valid
+        if keypoints:
+            keep = valid & (cols["kpts"].reshape(-1, 17, 3)[:, :, 2] > 0).any(1)
+        keep = np.flatnonzero(keep)
+        keep = keep[np.argsort(rows[keep], kind="stable")]
+        start = np.searchsorted(rows[keep], np.arange(len(self.image_ids) + 1))
+        return dict(start=start, box=box[keep], label=label[keep], keep=keep)
 
     def __len__(self):
         return len(self.image_ids)
+
+    def image(self, i):
+        """(file name, width, height) of image row i."""
+        return self.file_names[i].decode(), int(self.width[i]), int(self.height[i])
+
+    def objects(self, i):
+        """Image row i's objects: boxes (n, 4) xyxy pixels, labels (n,), segmentations (polygons as
+        float64 arrays, or an RLE dict; None without one)."""
+        a, b = self.obj_start[i], self.obj_start[i + 1]
+        segs = []
+        for (p0, p1), r in zip(self.obj_poly[a:b], self.obj_rle[a:b]):
+            polys = [self.coords[self.poly_start[k]:self.poly_start[k + 1]] for k in range(p0, p1)]
+            segs.append(self.rles[r] if r >= 0 else polys or None)
+        return self.obj_box[a:b], self.obj_label[a:b], segs
+
+    def persons(self, i):
+        """Image row i's persons: boxes (p, 4) and keypoints (p, 17, 3)."""
+        a, b = self.person_start[i], self.person_start[i + 1]
+        return self.person_box[a:b], self.person_kpts[a:b]
+
+    def captions(self, i):
+        a, b = self.cap_start[i], self.cap_start[i + 1]
+        return [self.text[s:e].tobytes().decode() for s, e in self.cap_span[a:b]]
+
+    def row(self, image_id):
+        return int(np.searchsorted(self.image_ids, image_id))
+
+
+def add_box(cols, a):
+    cols.ann.append(a.get("id", -1))
+    cols.image.append(a["image_id"])
+    cols.cat.append(a["category_id"])
+    cols.crowd.append(1 if a.get("iscrowd", 0) else 0)
+    bbox = a["bbox"]
+    cols.box.extend(bbox if len(bbox) == 4 else (math.nan,) * 4)
+
+
+# -----------------------------------------------------------------------------
+# 3.1 / 3.4 The dataset: every image with the targets of all the tasks it has (task-mixed sampling)
+
+class CocoMultiTask(torch.utils.data.Dataset):
+    """COCO-layout dataset returning (image (3, h, w) uint8, target dict of token sequences).
+
+    root/{split}/*.jpg and root/annotations/{instances,person_keypoints,captions}_{split}.json
+    (CocoAnnotations). Target keys (global token ids of vocab; Q = num_queries, S = max_instances,
+    M = mask_size, R = max_captions, L = caption_len):
+      image_id int, orig_size (2,) original (H, W), size (2,) after augmentation (h, w)
+      boxes (n, 4) xyxy augmented pixels, labels (n,)           non-crowd objects, n <= Q
+      det_seq (Q, 5) [x0, y0, x1, y1, class] objects in random slots, noise objects elsewhere
+      det_gt (n, 5) the objects' tokens, in the order of boxes
+      seg_prompt (S, 6) [<seg>, box, class], seg_seq (S, M*M) <fg>/<bg>, seg_weight (S, M*M)
+      kpt_prompt (S, 6) [<kpt>, box, person], kpt_seq (S, 51) (x, y, vis) x 17, kpt_weight (S, 51)
+      cap_seq (R, L) text tokens, cap_weight (R, L)
+    With targets=False (evaluation) only image_id, orig_size and size are built.
+    Weights are 0 for padding and for tasks the image or split lacks. Instances with weight come
+    first, so collate can trim all-padding rows. Augmentation (train, unless augment=False: the
+    fixed evaluation resize) depends only on (seed, epoch, index).
+    """
+
+    def __init__(self, root, split, cfg, tokenizer, train, categories=None, skip_bad_images=False, seed=0,
+                 augment=None, targets=True):
+        self.root, self.split, self.cfg, self.tokenizer, self.train = root, split, cfg, tokenizer, train
+        self.augment = train if augment is None else augment
+        self.targets = targets
+        self.skip_bad_images, self.seed, self.epoch, self.skipped = skip_bad_images, seed, 0, set()
+        self.ann = CocoAnnotations(root, split, captions=tokenizer is not None, categories=categories)
+        self.tasks = tuple(t for t in TASKS if t in self.ann.tasks and t in cfg.tasks)
+        self.categories = self.ann.categories
+        self.coco_files = {t: path for kind, path in self.ann.files.items() for t in FILES[kind]}
+        self.vocab = Vocab(len(self.categories), cfg.num_bins, tokenizer.vocab_size if tokenizer else 0,
+                           person=self.ann.person)
+
+    def __len__(self):
+        return len(self.ann)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -171,19 +305,20 @@ class CocoMultiTask(torch.utils.data.Dataset):
         for attempt in range(len(self)):
             i = (index + attempt) % len(self)
             try:
-                image = self.load_image(self.image_ids[i])
+                image = self.load_image(i)
             except (FileNotFoundError, ValueError) as e:
                 if not self.skip_bad_images:
                     raise
-                if self.image_ids[i] not in self.skipped:
-                    self.skipped.add(self.image_ids[i])
+                if i not in self.skipped:
+                    self.skipped.add(i)
                     print(f"skipping bad image ({e}); {len(self.skipped)} bad images skipped so far in this process")
                 continue
             return self.build(i, image)
         raise RuntimeError(f"{self.root}/{self.split}: every image is missing or unreadable")
 
-    def load_image(self, image_id):
-        path = os.path.join(self.root, self.split, self.images[image_id]["file_name"])
+    def load_image(self, i):
+        name, width, height = self.ann.image(i)
+        path = os.path.join(self.root, self.split, name)
         if not os.path.exists(path):
             raise FileNotFoundError(f"image file missing: {path}")
         try:
@@ -191,138 +326,138 @@ class CocoMultiTask(torch.utils.data.Dataset):
                 im = im.convert("RGB")           # grayscale, RGBA and palette images become RGB
         except Exception as e:
             raise ValueError(f"cannot decode image {path}: {e}") from None
-        info = self.images[image_id]
-        if im.size != (info["width"], info["height"]):
-            raise ValueError(f"{path} is {im.size[0]}x{im.size[1]}, annotations say {info['width']}x{info['height']}")
+        if im.size != (width, height):
+            raise ValueError(f"{path} is {im.size[0]}x{im.size[1]}, annotations say {width}x{height}")
         return im
 
-    # -- one sample: augmentation, then the task sequences -------------------
     def build(self, i, image):
-        image_id = self.image_ids[i]
+        """One sample: augmentation, then every task's target sequences."""
         rng = random.Random(hash((self.seed, self.epoch, i)))
         g = torch.Generator().manual_seed(rng.getrandbits(62))
         W, H = image.size
-        t = self.sample_transform(W, H, rng)
+        t = sample_transform(W, H, rng, self.cfg, self.augment)
         image = apply_to_image(image, t)
         w, h = image.size
-        target = dict(image_id=image_id, orig_size=torch.tensor([H, W]), size=torch.tensor([h, w]))
+        target = dict(image_id=int(self.ann.image_ids[i]), orig_size=torch.tensor([H, W]), size=torch.tensor([h, w]))
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)              # (3, h, w) uint8
         if not self.targets:
-            return TF.normalize(TF.to_tensor(image), MEAN, STD), target
-        objects, persons = self.objects[image_id], self.persons[image_id]
-        boxes, keep = transform_boxes(torch.tensor([o[0] for o in objects], dtype=torch.float32).view(-1, 4), t)
-        labels = torch.tensor([o[1] for o in objects], dtype=torch.long)[keep]
-        segms = [objects[k][2] for k in keep.nonzero()[:, 0].tolist()]
-        p_boxes, p_keep = transform_boxes(torch.tensor([p[0] for p in persons], dtype=torch.float32).view(-1, 4), t)
-        kpts = torch.tensor(np.array([p[1] for p in persons]), dtype=torch.float32).view(-1, 17, 3)[p_keep]
-        kpts = transform_keypoints(kpts, t)
-
-        target.update(self.detection_targets(boxes, labels, w, h, g))
-        target.update(self.segmentation_targets(target["boxes"], target["labels"], segms_of(segms, target["order"]),
-                                                H, W, t, g))
-        target.update(self.keypoint_targets(p_boxes, kpts, w, h, g))
-        target.update(self.caption_targets(self.captions[image_id], rng))
-        del target["order"]
-        return TF.normalize(TF.to_tensor(image), MEAN, STD), target
-
-    def sample_transform(self, W, H, rng):
-        """Paper supplementary A / SPEC 9. Train: flip; with p = 0.5 a DETR-style random crop; then
-        a random shorter side in 480..800 (step 32), longer side <= 1333; or LSJ for ViT. All
-        lengths scale with cfg.image_size / 800 (the tiny preset trains at 128). Eval: fixed resize."""
-        cfg = self.cfg
-        f = cfg.image_size / 800
-        crop = (0.0, 0.0, float(W), float(H))
-        if not self.augment:
-            return affine(W, H, crop, resize_size(W, H, cfg.image_size, cfg.max_size), flip=False)
-        flip = rng.random() < 0.5
-        if cfg.backbone == "vit_b":                               # large-scale jitter on a fixed canvas
-            s = rng.uniform(0.3, 2.0) * cfg.image_size / max(W, H)
-            cw, ch = min(W, cfg.image_size / s), min(H, cfg.image_size / s)
-            crop = (rng.uniform(0, W - cw), rng.uniform(0, H - ch), cw, ch)
-            return affine(W, H, crop, (max(1, round(cw * s)), max(1, round(ch * s))), flip)
-        if rng.random() < 0.5:                                    # resize to 400/500/600, crop 384..600
-            s = rng.choice([400, 500, 600]) * f / min(W, H)
-            cw = min(W, rng.uniform(384 * f, 600 * f) / s)
-            ch = min(H, rng.uniform(384 * f, 600 * f) / s)
-            crop = (rng.uniform(0, W - cw), rng.uniform(0, H - ch), cw, ch)
-        short = rng.choice(range(480, 801, 32)) * f
-        return affine(W, H, crop, resize_size(crop[2], crop[3], short, cfg.max_size), flip)
-
-    def detection_targets(self, boxes, labels, w, h, g):
-        """3.1: Q slots [x0, y0, x1, y1, class]; the objects go to random distinct slots, every
-        other slot holds a noise object (random box, random class)."""
-        v, Q = self.vocab, self.cfg.num_queries
-        order = torch.randperm(len(boxes), generator=g)[:Q]      # at most Q objects, in random order
-        boxes, labels = boxes[order], labels[order]
-        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
-        gt = torch.cat([v.quantize(boxes / scale), (labels + v.cls)[:, None]], 1)       # (n, 5)
-        corner, size = torch.rand(Q, 2, generator=g), torch.rand(Q, 2, generator=g)
-        noise_box = torch.cat([corner, (corner + size).clamp(max=1)], 1)
-        noise_cls = torch.randint(v.cls, v.noise, (Q, 1), generator=g)
-        det_seq = torch.cat([v.quantize(noise_box), noise_cls], 1)                      # (Q, 5)
-        det_seq[torch.randperm(Q, generator=g)[: len(gt)]] = gt
-        return dict(boxes=boxes, labels=labels, det_seq=det_seq, det_gt=gt, order=order)
-
-    def segmentation_targets(self, boxes, labels, segms, H, W, t, g):
-        """3.1: up to S random instances; prompt [<seg>, box, class]; target = the mask inside the box
-        resampled to M x M (RoIAlign sampling, threshold 0.5), row-major <fg>/<bg>."""
-        v, S, M = self.vocab, self.cfg.max_instances, self.cfg.mask_size
-        have = [k for k, s in enumerate(segms) if s]
-        pick = [have[k] for k in torch.randperm(len(have), generator=g)[:S].tolist()]
-        prompt = torch.full((S, 6), v.coord, dtype=torch.long)
-        prompt[:, 0], prompt[:, 5] = v.seg, v.cls
-        seq = torch.full((S, M * M), v.bg, dtype=torch.long)
-        weight = torch.zeros(S, M * M)
-        if pick and "seg" in self.tasks:
-            n = len(pick)
-            w, h = t["out_size"]
-            prompt[:n, 1:5] = v.quantize(boxes[pick] / torch.tensor([w, h, w, h], dtype=torch.float32))
-            prompt[:n, 5] = labels[pick] + v.cls
-            fg = mask_in_boxes([segms[k] for k in pick], boxes[pick], H, W, t, M)       # (n, M, M)
-            seq[:n] = torch.where(fg.flatten(1), v.fg, v.bg)
-            weight[:n] = 1
-        return dict(seg_prompt=prompt, seg_seq=seq, seg_weight=weight)
-
-    def keypoint_targets(self, boxes, kpts, w, h, g):
-        """3.1: up to S persons, those with labelled keypoints first; prompt [<kpt>, box, person];
-        17 x (x, y, <vis>|<invis>). An unlabelled keypoint gets <invis> and a random position
-        inside the box whose coordinate tokens carry weight 0."""
-        v, S = self.vocab, self.cfg.max_instances
-        prompt = torch.full((S, 6), v.coord, dtype=torch.long)
-        prompt[:, 0], prompt[:, 5] = v.kpt, v.cls + max(v.person, 0)
-        seq = torch.full((S, 17, 3), v.coord, dtype=torch.long)
-        seq[:, :, 2] = v.invis
-        weight = torch.zeros(S, 17, 3)
-        labelled = kpts[..., 2] > 0                                              # (P, 17)
-        order = torch.argsort(-(labelled.sum(1) > 0).float() - torch.rand(len(kpts), generator=g))[:S]
-        n = len(order)
-        if n and "kpt" in self.tasks:
-            b, k, lab = boxes[order], kpts[order], labelled[order]
-            scale = torch.tensor([w, h], dtype=torch.float32)
-            prompt[:n, 1:5] = v.quantize(b / scale.repeat(2))
-            prompt[:n, 5] = v.cls + v.person
-            random_xy = b[:, None, :2] + torch.rand(n, 17, 2, generator=g) * (b[:, None, 2:] - b[:, None, :2])
-            xy = torch.where(lab[..., None], k[..., :2], random_xy)
-            seq[:n, :, :2] = v.quantize(xy / scale)
-            seq[:n, :, 2] = torch.where(lab, v.vis, v.invis)
-            weight[:n, :, 2] = 1
-            weight[:n, :, :2] = lab[..., None].float()
-            weight[:n] *= lab.any(1)[:, None, None]                              # nobody labelled: weight 0
-        return dict(kpt_prompt=prompt, kpt_seq=seq.flatten(1), kpt_weight=weight.flatten(1))
-
-    def caption_targets(self, captions, rng):
-        """3.1: up to R captions, lower-cased SentencePiece pieces + eos, padded to L (pad = 0)."""
-        R, L = self.cfg.max_captions, self.cfg.caption_len
-        seq = torch.full((R, L), self.vocab.text, dtype=torch.long)
-        weight = torch.zeros(R, L)
-        if captions and "cap" in self.tasks:
-            captions = rng.sample(captions, min(R, len(captions))) if self.train else captions[:R]
-            seq[: len(captions)] = self.tokenizer.encode(captions, L) + self.vocab.text
-            weight[: len(captions)] = 1
-        return dict(cap_seq=seq, cap_weight=weight)
+            return pixels, target
+        v, cfg = self.vocab, self.cfg
+        boxes, labels, segs = self.ann.objects(i)
+        boxes, keep = transform_boxes(torch.from_numpy(boxes).float().view(-1, 4), t)
+        labels, segs = torch.from_numpy(labels)[keep], [segs[k] for k in keep.nonzero()[:, 0].tolist()]
+        p_boxes, kpts = self.ann.persons(i)
+        p_boxes, p_keep = transform_boxes(torch.from_numpy(p_boxes).float().view(-1, 4), t)
+        kpts = transform_keypoints(torch.from_numpy(kpts).view(-1, 17, 3)[p_keep], t)
+        target.update(detection_targets(boxes, labels, w, h, g, v, cfg))
+        segs = [segs[k] for k in target.pop("order").tolist()]                # in the order of target["boxes"]
+        target.update(segmentation_targets(target["boxes"], target["labels"], segs, H, W, t, g, v, cfg, "seg" in self.tasks))
+        target.update(keypoint_targets(p_boxes, kpts, w, h, g, v, cfg, "kpt" in self.tasks))
+        captions = self.ann.captions(i) if "cap" in self.tasks else []
+        target.update(caption_targets(captions, rng, self.tokenizer, v, cfg, sample=self.train))
+        return pixels, target
 
 
-def segms_of(segms, order):
-    return [segms[k] for k in order.tolist()]
+def sample_transform(W, H, rng, cfg, augment):
+    """Supplementary A. Training (augment): flip; with p = 0.5 a DETR-style random crop; then a random
+    shorter side in 480..800 (step 32), longer side <= 1333 ("multiscale"); or large-scale jitter
+    ("lsj", ViT). All lengths scale with cfg.image_size / 800 (the tiny preset trains at 128).
+    Evaluation: the fixed resize."""
+    f = cfg.image_size / 800
+    crop = (0.0, 0.0, float(W), float(H))
+    if not augment:
+        return affine(W, H, crop, resize_size(W, H, cfg.image_size, cfg.max_size), flip=False)
+    flip = rng.random() < 0.5
+    if cfg.scale_jitter == "lsj":                            # large-scale jitter on a fixed canvas
+        s = rng.uniform(0.3, 2.0) * cfg.image_size / max(W, H)
+        cw, ch = min(W, cfg.image_size / s), min(H, cfg.image_size / s)
+        crop = (rng.uniform(0, W - cw), rng.uniform(0, H - ch), cw, ch)
+        return affine(W, H, crop, (max(1, round(cw * s)), max(1, round(ch * s))), flip)
+    if rng.random() < 0.5:                                    # resize to 400/500/600, crop 384..600
+        s = rng.choice([400, 500, 600]) * f / min(W, H)
+        cw = min(W, rng.uniform(384 * f, 600 * f) / s)
+        ch = min(H, rng.uniform(384 * f, 600 * f) / s)
+        crop = (rng.uniform(0, W - cw), rng.uniform(0, H - ch), cw, ch)
+    short = rng.choice(range(480, 801, 32)) * f
+    return affine(W, H, crop, resize_size(crop[2], crop[3], short, cfg.max_size), flip)
+
+
+def detection_targets(boxes, labels, w, h, g, v, cfg):
+    """3.1: Q slots [x0, y0, x1, y1, class]; the objects go to random distinct slots, every
+    other slot holds a noise object (random box, random class)."""
+    Q = cfg.num_queries
+    order = torch.randperm(len(boxes), generator=g)[:Q]          # at most Q objects, in random order
+    boxes, labels = boxes[order], labels[order]
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    gt = torch.cat([v.quantize(boxes / scale), (labels + v.cls)[:, None]], 1)       # (n, 5)
+    corner, size = torch.rand(Q, 2, generator=g), torch.rand(Q, 2, generator=g)
+    noise_box = torch.cat([corner, (corner + size).clamp(max=1)], 1)
+    noise_cls = torch.randint(v.cls, v.noise, (Q, 1), generator=g)
+    det_seq = torch.cat([v.quantize(noise_box), noise_cls], 1)                      # (Q, 5)
+    det_seq[torch.randperm(Q, generator=g)[: len(gt)]] = gt
+    return dict(boxes=boxes, labels=labels, det_seq=det_seq, det_gt=gt, order=order)
+
+
+def segmentation_targets(boxes, labels, segms, H, W, t, g, v, cfg, on=True):
+    """3.1: up to S random instances; prompt [<seg>, box, class]; target = the mask inside the box
+    resampled to M x M (RoIAlign sampling, threshold 0.5), row-major <fg>/<bg>."""
+    S, M = cfg.max_instances, cfg.mask_size
+    have = [k for k, s in enumerate(segms) if s]
+    pick = [have[k] for k in torch.randperm(len(have), generator=g)[:S].tolist()]
+    prompt = torch.full((S, 6), v.coord, dtype=torch.long)
+    prompt[:, 0], prompt[:, 5] = v.seg, v.cls
+    seq = torch.full((S, M * M), v.bg, dtype=torch.long)
+    weight = torch.zeros(S, M * M)
+    if pick and on:
+        n = len(pick)
+        w, h = t["out_size"]
+        prompt[:n, 1:5] = v.quantize(boxes[pick] / torch.tensor([w, h, w, h], dtype=torch.float32))
+        prompt[:n, 5] = labels[pick] + v.cls
+        fg = mask_in_boxes([segms[k] for k in pick], boxes[pick], H, W, t, M)       # (n, M, M)
+        seq[:n] = torch.where(fg.flatten(1), v.fg, v.bg)
+        weight[:n] = 1
+    return dict(seg_prompt=prompt, seg_seq=seq, seg_weight=weight)
+
+
+def keypoint_targets(boxes, kpts, w, h, g, v, cfg, on=True):
+    """3.1: up to S persons, those with labelled keypoints first; prompt [<kpt>, box, person];
+    17 x (x, y, <vis>|<invis>). An unlabelled keypoint gets <invis> and a random position
+    inside the box whose coordinate tokens carry weight 0."""
+    S = cfg.max_instances
+    prompt = torch.full((S, 6), v.coord, dtype=torch.long)
+    prompt[:, 0], prompt[:, 5] = v.kpt, v.cls + max(v.person, 0)
+    seq = torch.full((S, 17, 3), v.coord, dtype=torch.long)
+    seq[:, :, 2] = v.invis
+    weight = torch.zeros(S, 17, 3)
+    labelled = kpts[..., 2] > 0                                              # (P, 17)
+    order = torch.argsort(-(labelled.sum(1) > 0).float() - torch.rand(len(kpts), generator=g))[:S]
+    n = len(order)
+    if n and on:
+        b, k, lab = boxes[order], kpts[order], labelled[order]
+        scale = torch.tensor([w, h], dtype=torch.float32)
+        prompt[:n, 1:5] = v.quantize(b / scale.repeat(2))
+        prompt[:n, 5] = v.cls + v.person
+        random_xy = b[:, None, :2] + torch.rand(n, 17, 2, generator=g) * (b[:, None, 2:] - b[:, None, :2])
+        xy = torch.where(lab[..., None], k[..., :2], random_xy)
+        seq[:n, :, :2] = v.quantize(xy / scale)
+        seq[:n, :, 2] = torch.where(lab, v.vis, v.invis)
+        weight[:n, :, 2] = 1
+        weight[:n, :, :2] = lab[..., None].float()
+        weight[:n] *= lab.any(1)[:, None, None]                              # nobody labelled: weight 0
+    return dict(kpt_prompt=prompt, kpt_seq=seq.flatten(1), kpt_weight=weight.flatten(1))
+
+
+def caption_targets(captions, rng, tokenizer, v, cfg, sample):
+    """3.1: up to R captions (sampled at random in training, the first R otherwise), lower-cased
+    SentencePiece pieces + eos, padded to L (pad = 0)."""
+    R, L = cfg.max_captions, cfg.caption_len
+    seq = torch.full((R, L), v.text, dtype=torch.long)
+    weight = torch.zeros(R, L)
+    if captions:
+        captions = rng.sample(captions, min(R, len(captions))) if sample else captions[:R]
+        seq[: len(captions)] = tokenizer.encode(captions, L) + v.text
+        weight[: len(captions)] = 1
+    return dict(cap_seq=seq, cap_weight=weight)
 
 
 # -----------------------------------------------------------------------------
@@ -408,12 +543,13 @@ def decode_segmentation(segm, H, W):
 # Batching
 
 def collate(samples, multiple=32):
-    """Pad images to a multiple of 32 (the stride; pad_mask True at padding), stack the targets, and
-    trim the segmentation/keypoint rows that are padding in every image of the batch."""
+    """Pad the uint8 images to a multiple of 32 (the stride; pad_mask True at padding), stack the
+    targets, and trim the segmentation/keypoint rows that are padding in every image of the batch."""
     images, targets = zip(*samples)
     H = -(-max(im.shape[1] for im in images) // multiple) * multiple
     W = -(-max(im.shape[2] for im in images) // multiple) * multiple
-    batch = dict(images=torch.zeros(len(images), 3, H, W), pad_mask=torch.ones(len(images), H, W, dtype=torch.bool))
+    batch = dict(images=torch.zeros(len(images), 3, H, W, dtype=images[0].dtype),
+                 pad_mask=torch.ones(len(images), H, W, dtype=torch.bool))
     for k, im in enumerate(images):
         batch["images"][k, :, : im.shape[1], : im.shape[2]] = im
         batch["pad_mask"][k, : im.shape[1], : im.shape[2]] = False
@@ -430,14 +566,14 @@ def collate(samples, multiple=32):
 
 
 def load_inference_image(path, cfg):
-    """An image of one's own, resized as at test time -> (image (3, h, w), orig_size (H, W), size (h, w))."""
+    """An image of one's own, resized as at test time -> (image (3, h, w) uint8, orig_size (H, W), size (h, w))."""
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
     except Exception as e:
         raise SystemExit(f"cannot read image {path}: {e}") from None
     w, h = resize_size(*im.size, cfg.image_size, cfg.max_size)
-    image = TF.normalize(TF.to_tensor(im.resize((w, h), Image.BILINEAR)), MEAN, STD)
+    image = torch.from_numpy(np.array(im.resize((w, h), Image.BILINEAR))).permute(2, 0, 1)
     return image, torch.tensor([im.height, im.width]), torch.tensor([h, w])
 
 
@@ -461,7 +597,7 @@ def random_batch(cfg, vocab, B, H, W, seed=0, n_gt=3):
     pad = torch.ones(B, Hp, Wp, dtype=torch.bool)
     pad[:, :H, :W] = False
     return dict(
-        images=torch.randn(B, 3, Hp, Wp, generator=g), pad_mask=pad,
+        images=torch.randint(0, 256, (B, 3, Hp, Wp), generator=g, dtype=torch.uint8), pad_mask=pad,
         det_seq=det_seq, det_gt=[det_seq[b, :n_gt].clone() for b in range(B)],
         seg_prompt=prompt(vocab.seg), seg_seq=torch.randint(vocab.fg, vocab.bg + 1, (B, S, M * M), generator=g),
         seg_weight=torch.ones(B, S, M * M),
@@ -481,7 +617,8 @@ def train_caption_tokenizer(captions_json_path, out_prefix, vocab_size):
     (BPE, not the unigram model of T5's vocabulary: on the synthetic captions' 33 words, sentencepiece
     0.2.3's unigram trainer stops at 51 nearly single-letter pieces, 18 per caption, 31% of the
     captions cut at 20 tokens; BPE learns the words: 10 pieces per caption, none cut.)"""
-    captions = [a["caption"].lower() for a in load_coco_json(captions_json_path, "captions")["annotations"]]
+    captions = []
+    read_coco_json(captions_json_path, "captions", lambda a: captions.append(str(a["caption"]).lower()))
     if not captions:
         raise ValueError(f"{captions_json_path}: no captions to train the tokenizer on")
     model = io.BytesIO()
@@ -496,8 +633,22 @@ def train_caption_tokenizer(captions_json_path, out_prefix, vocab_size):
 
 
 # -----------------------------------------------------------------------------
-# SPEC 10: the synthetic COCO set: coloured shapes and stick-figure persons with keypoints,
-# polygon masks and template captions, in the standard COCO layout.
+# The synthetic COCO set: coloured shapes and stick-figure persons with keypoints, polygon masks
+# and template captions, in the standard COCO layout
+
+def ensure_synthetic_coco(root, num_train, num_val):
+    """The synthetic set at root, generated unless it is there. Written to a temporary folder beside
+    root and renamed, so that processes (or nodes sharing a filesystem) that generate it at once
+    never see half a set: the first rename wins, the others discard their copy."""
+    if os.path.exists(os.path.join(root, "annotations", "captions_val2017.json")):
+        return
+    print(f"generating the synthetic COCO set under {root} ...", flush=True)
+    tmp = f"{root}.tmp-{socket.gethostname()}-{os.getpid()}"
+    make_synthetic_coco(tmp, num_train, num_val)
+    try:
+        os.rename(tmp, root)
+    except OSError:                      # another process was first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 SHAPES = {3: "circle", 5: "square", 8: "triangle", 11: "diamond"}       # sparse ids, like COCO's
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),

@@ -181,7 +181,8 @@ def prompted_by_ground_truth(tasks):
 def ground_truth_boxes(dataset, image_id):
     """(n, 5) [x0, y0, x1, y1 original pixels, class] of an image: the prompts of a model trained
     without detection (an oracle: its segmentation / keypoint AP assumes perfect boxes)."""
-    return torch.tensor([[*box, label] for box, label, _ in dataset.objects[image_id]], dtype=torch.float32).view(-1, 5)
+    boxes, labels, _ = dataset.ann.objects(dataset.ann.row(image_id))
+    return torch.cat([torch.from_numpy(boxes).float(), torch.from_numpy(labels)[:, None].float()], 1)
 
 
 def evaluate(model, dataset, tokenizer, out_dir, batch_size=1, workers=0, max_images=0, show=0,
@@ -216,16 +217,17 @@ def evaluate(model, dataset, tokenizer, out_dir, batch_size=1, workers=0, max_im
     if "cap" in dataset.tasks:
         with open(os.path.join(out_dir, "captions_results.json"), "w") as f:
             json.dump([dict(image_id=i, caption=c) for i, c in res["captions"].items()], f)
-        refs = {i: dataset.captions[i] for i in image_ids if dataset.captions[i]}
+        refs = {i: c for i in image_ids for c in [dataset.ann.captions(dataset.ann.row(i))] if c}
         metrics["BLEU4"] = 100 * bleu4({i: c for i, c in res["captions"].items() if i in refs}, refs) if refs else 0.0
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     print_metrics(metrics)
     for image_id in image_ids[:show]:
-        path = os.path.join(dataset.root, dataset.split, dataset.images[image_id]["file_name"])
+        name, width, height = dataset.ann.image(dataset.ann.row(image_id))
         p = dict(preds[image_id])
         if "masks_rle" in p:
-            p["masks"] = rle_to_masks(p.pop("masks_rle"), dataset.images[image_id]["height"], dataset.images[image_id]["width"])
+            p["masks"] = rle_to_masks(p.pop("masks_rle"), height, width)
+        path = os.path.join(dataset.root, dataset.split, name)
         draw(path, p, dataset.categories, score_thresh, os.path.join(out_dir, f"{image_id}.png"))
     return metrics
 
@@ -338,7 +340,6 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
 
-    distributed = "RANK" in os.environ
     _, _, args.device = mad.init_processes(args.device)
     args.batch_size = args.batch_size or (8 if args.device.startswith("cuda") else 1)
     if args.device.startswith("cuda"):
@@ -359,8 +360,7 @@ def main():
             raise SystemExit(str(e)) from None
         evaluate(model, dataset, tokenizer, out, args.batch_size, args.workers, args.max_images, args.show,
                  args.device, args.score_thresh)
-    if distributed:
-        dist.destroy_process_group()
+    mad.finish_processes()
 
 
 if __name__ == "__main__":

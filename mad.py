@@ -13,6 +13,7 @@ import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from typing import NamedTuple
 
@@ -59,13 +60,14 @@ class Config:
     xavier: bool = True              # xavier_uniform_ init of the encoder/decoder matrices (authors' code)
     image_size: int = 800            # shorter side at test time (longer side <= max_size)
     max_size: int = 1333
+    scale_jitter: str = "multiscale" # training resize: multiscale (shorter side 480..800, DETR crop) | lsj
 
 
 PRESETS = {
     "r50": dict(backbone="r50"),
     "swin_b": dict(backbone="swin_b"),
     "swin_b384": dict(backbone="swin_b384"),          # the paper's window 12; no torchvision weights
-    "vit_b": dict(backbone="vit_b", image_size=1024, max_size=1024),
+    "vit_b": dict(backbone="vit_b", image_size=1024, max_size=1024, scale_jitter="lsj"),
     # sized to train on 2 CPU cores in minutes (train.py --demo, the tests): no dropout (the CPU's
     # attention kernel has none), 8 x 8 masks, 10 slots for the synthetic images' 1-4 objects, and
     # 2 segmentation / keypoint instances and 3 captions sampled per image and step
@@ -76,6 +78,7 @@ PRESETS = {
 
 TASKS = ("det", "seg", "kpt", "cap")
 PROMPT = 6                           # every task sequence starts with 6 prompt tokens (3.1)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # the backbones' input statistics
 
 
 # -----------------------------------------------------------------------------
@@ -382,10 +385,16 @@ class MAD(nn.Module):
         self.seq_pos = nn.Parameter(torch.randn(longest, d))
         self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, d))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
 
     def encode(self, images, pad_mask):
-        """images (B, 3, H, W), pad_mask (B, H, W) True at padding -> Memory."""
-        f = self.proj(self.backbone(images))                                   # (B, d, h, w)
+        """images (B, 3, H, W) uint8 RGB, pad_mask (B, H, W) True at padding -> Memory. The images are
+        normalized here, on their device (ImageNet statistics; padding 0)."""
+        if images.dtype != torch.uint8:
+            raise TypeError(f"MAD takes uint8 images (B, 3, H, W) and normalizes them itself, not {images.dtype}")
+        x = images.float().div(255).sub(self.mean).div(self.std).masked_fill(pad_mask[:, None], 0.0)
+        f = self.proj(self.backbone(x))                                        # (B, d, h, w)
         mask = F.interpolate(pad_mask[:, None].float(), size=f.shape[-2:])[:, 0].bool()   # (B, h, w)
         pos = sine_positions(mask, f.shape[1])                                 # (B, hw, d)
         x = f.flatten(2).transpose(1, 2)                                       # (B, hw, d)
@@ -960,22 +969,47 @@ def cuda_settings():
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def init_processes(device):
-    """torchrun sets RANK: join the process group (NCCL on CUDA, gloo on the CPU) and take this
-    process's GPU. Returns (rank, world size, device)."""
+WAIT = timedelta(hours=4)             # how long processes wait on the side group (rank 0 scoring an evaluation)
+SIDE = None                           # that gloo group: Python objects and waits, apart from the gradients' group
+
+
+def init_processes(device, timeout_min=30.0):
+    """torchrun sets RANK: join the process group (NCCL on CUDA, gloo on the CPU; its collectives fail
+    after timeout_min) and take this process's GPU: LOCAL_RANK's, or the only one visible where the
+    launcher gives each process its own (CUDA_VISIBLE_DEVICES). Returns (rank, world size, device)."""
+    global SIDE
     if "RANK" not in os.environ:
         return 0, 1, device
     cuda = device.startswith("cuda")
     if cuda:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        device = f"cuda:{gpu_index(int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count())}"
         torch.cuda.set_device(device)                  # before NCCL's first collective
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min))
+    SIDE = dist.new_group(backend="gloo", timeout=max(WAIT, timedelta(minutes=timeout_min)))
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def barrier():
+def gpu_index(local_rank, visible):
+    """The GPU of a process: its LOCAL_RANK among the visible ones, or the only one it sees."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise SystemExit(f"LOCAL_RANK {local_rank}, but this process sees {visible} GPU(s): give each process one "
+                         f"(CUDA_VISIBLE_DEVICES) or start at most {visible} per node")
+    return local_rank
+
+
+def finish_processes():
+    """All processes leave together (the last evaluation may keep rank 0 for minutes)."""
     if dist.is_initialized():
-        dist.barrier()
+        barrier()
+        dist.destroy_process_group()
+
+
+def barrier():
+    """Wait for every process, on the side group (a long timeout)."""
+    if dist.is_initialized():
+        dist.barrier(group=SIDE)
 
 
 def gather(obj):
@@ -983,7 +1017,7 @@ def gather(obj):
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=SIDE)
     return out
 
 
@@ -992,6 +1026,6 @@ def broadcast(obj):
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=SIDE)
     return box[0]
 

@@ -157,7 +157,7 @@ def test_dataset_tokens_lie_in_task_ranges_and_weights_mark_real_targets(synth, 
             assert ((x >= box[0]) & (x <= box[2]) & (y >= box[1]) & (y <= box[3])).all()
         lo, hi = v.task_range("cap")
         assert ((t["cap_seq"] >= lo) & (t["cap_seq"] < hi)).all()
-        n_caps = len(ds.captions[ds.image_ids[i]])
+        n_caps = len(ds.ann.captions(i))
         assert (t["cap_weight"].any(1).sum()) == min(n_caps, cfg.max_captions)
     assert n_persons > 3 and n_unlabelled > 3
 
@@ -360,10 +360,10 @@ def test_real_coco_excerpt_loads_with_sparse_ids_polygons_keypoints_and_captions
         assert (t["det_gt"][:, 4] - ds.vocab.cls < 80).all()
     assert objects > 50 and persons > 10
     caption_images = {a["image_id"] for a in files["captions"]["annotations"]}
-    assert sum(bool(ds.captions[i]) for i in ds.image_ids) == len(caption_images)
+    assert sum(bool(ds.ann.captions(i)) for i in range(len(ds))) == len(caption_images)
     # a contiguous index maps back to the sparse COCO id
     a = files["instances"]["annotations"][0]
-    i = ds.image_ids.index(a["image_id"])
+    i = ds.ann.row(a["image_id"])
     labels = {ds.categories[int(c)]["id"] for c in (ds[i][1]["det_gt"][:, 4] - ds.vocab.cls)}
     assert a["category_id"] in labels
 
@@ -452,8 +452,8 @@ def test_degenerate_and_out_of_image_boxes_are_clipped_or_dropped_and_counted(sy
                          dict(a, id=10**6 + 3, iscrowd=1)]                     # crowd: not a target
     path.write_text(json.dumps(d))
     ds = data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=False)
-    assert ds.dropped == 3 and "3 crowd, empty or out-of-image boxes dropped" in capsys.readouterr().out
-    i = ds.image_ids.index(a["image_id"])
+    assert ds.ann.dropped == 3 and "3 crowd, empty or out-of-image boxes dropped" in capsys.readouterr().out
+    i = ds.ann.row(a["image_id"])
     boxes = ds[i][1]["boxes"]
     assert ((boxes >= 0).all() and boxes[:, 2:].max() <= 128)
     assert any(torch.allclose(b, torch.tensor([0., 0., 20., 20.])) for b in boxes)
@@ -485,7 +485,7 @@ def test_empty_unicode_and_long_captions(synth, tokenizer, tmp_path):
     ds = data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=True)
     lo, hi = ds.vocab.task_range("cap")
     for i in range(3):
-        t = ds[ds.image_ids.index(d["annotations"][i]["image_id"])][1]
+        t = ds[ds.ann.row(d["annotations"][i]["image_id"])][1]
         assert t["cap_seq"].shape == (tiny_cfg().max_captions, tiny_cfg().caption_len)
         assert ((t["cap_seq"] >= lo) & (t["cap_seq"] < hi)).all()
     assert evaluate.bleu4({1: ""}, {1: ["a red circle"]}) == pytest.approx(0.0, abs=1e-6)
@@ -1056,7 +1056,7 @@ def test_r50_default_training_step_and_predict_at_800x1333():
     model = MAD(cfg, vocab)
     assert 40e6 < sum(p.numel() for p in model.parameters()) < 50e6
     batch = random_batch(model, B=1, size=800, n_gt=7)
-    batch["images"] = torch.randn(1, 3, 800, 1344)                          # 1333 padded to 32
+    batch["images"] = torch.randint(0, 256, (1, 3, 800, 1344), dtype=torch.uint8)   # 1333 padded to 32
     batch["pad_mask"] = torch.zeros(1, 800, 1344, dtype=torch.bool)
     batch["pad_mask"][:, :, 1333:] = True
     batch["size"], batch["orig_size"] = torch.tensor([[800, 1333]]), torch.tensor([[480, 800]])
@@ -1144,10 +1144,11 @@ def test_vit_b_attends_within_windows_except_in_its_global_blocks_and_loads_torc
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in swin.items() if not k.startswith("head.")}
 
 
-def test_offline_pretrained_gives_a_clear_message(monkeypatch):
-    """README: --pretrained without a network says to pass --backbone-weights. torchvision's weights
-    API fetches through its own reference to load_state_dict_from_url: that one is patched (and
-    counted, so the test can never download ResNet-50)."""
+def test_paper_presets_load_imagenet_weights_by_default_and_offline_say_how_to_go_on(synth, tmp_path, monkeypatch):
+    """The paper presets start from ImageNet weights unless --no-pretrained: `train.py --backbone r50`
+    fetches torchvision's ResNet-50 weights; without a network the message names --backbone-weights
+    FILE and --no-pretrained. torchvision's weights API fetches through its own reference to
+    load_state_dict_from_url: that one is patched (and counted, so the test never downloads)."""
     import torchvision.models._api
     import urllib.error
     calls = []
@@ -1156,12 +1157,15 @@ def test_offline_pretrained_gives_a_clear_message(monkeypatch):
         calls.append(url)
         raise urllib.error.URLError("Name or service not known")
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
-    backbone, _ = mad.BACKBONES["r50"]()
-    with pytest.raises(SystemExit, match="--backbone-weights PATH"):
-        train.load_backbone_weights(backbone, "r50")
+    assert train.parse_args(["--backbone", "r50"])[1].pretrained and not train.parse_args(["--backbone", "tiny"])[1].pretrained
+    with pytest.raises(SystemExit, match="--backbone-weights FILE.*--no-pretrained"):
+        train.main(run_args(synth, tmp_path / "r50", "--backbone", "r50", "--max-steps", "1"))
     assert len(calls) == 1 and "resnet50" in calls[0]
+    backbone, _ = mad.BACKBONES["r50"]()
     with pytest.raises(SystemExit, match="cannot read a state dict"):
         train.load_backbone_weights(backbone, "r50", "/nonexistent/weights.pt")
+    with pytest.raises(SystemExit, match="no ImageNet weights for backbone 'swin_b384'.*--backbone-weights FILE.*--no-pretrained"):
+        train.load_backbone_weights(mad.BACKBONES["swin_b384"]()[0], "swin_b384")
 
 
 def test_torchvision_resnet50_state_dict_loads_every_r50_backbone_tensor(tmp_path):
@@ -1225,28 +1229,27 @@ def test_bleu4_equals_hand_computed_values():
 def gt_predictions(ds):
     """The split's ground truth in model.predict's output format (original pixels)."""
     preds = {}
-    for image_id in ds.image_ids:
-        im = ds.images[image_id]
-        objs = ds.objects[image_id]
-        boxes = torch.tensor([o[0] for o in objs], dtype=torch.float32).view(-1, 4)
-        masks = torch.stack([torch.from_numpy(data.decode_segmentation(o[2], im["height"], im["width"])).bool()
-                             for o in objs]) if objs else torch.zeros(0, im["height"], im["width"], dtype=torch.bool)
-        persons = ds.persons[image_id]
-        kpt_index = [next(k for k, o in enumerate(objs) if o[0] == p[0]) for p in persons]
-        kpts = torch.tensor(np.array([p[1] for p in persons]), dtype=torch.float32).view(-1, 17, 3)
-        preds[image_id] = dict(boxes=boxes, scores=torch.ones(len(objs)), labels=torch.tensor([o[1] for o in objs]),
-                               masks=masks, keypoints=kpts, kpt_index=torch.tensor(kpt_index, dtype=torch.long),
-                               caption=ds.captions[image_id][0])
+    for i, image_id in enumerate(ds.ann.image_ids.tolist()):
+        _, W, H = ds.ann.image(i)
+        boxes, labels, segs = ds.ann.objects(i)
+        masks = torch.stack([torch.from_numpy(data.decode_segmentation(s, H, W)).bool() for s in segs]) if len(segs) \
+            else torch.zeros(0, H, W, dtype=torch.bool)
+        p_boxes, kpts = ds.ann.persons(i)
+        kpt_index = [next(k for k, b in enumerate(boxes.tolist()) if b == p) for p in p_boxes.tolist()]
+        preds[image_id] = dict(boxes=torch.from_numpy(boxes).float(), scores=torch.ones(len(boxes)),
+                               labels=torch.from_numpy(labels), masks=masks, keypoints=torch.from_numpy(kpts),
+                               kpt_index=torch.tensor(kpt_index, dtype=torch.long), caption=ds.ann.captions(i)[0])
     return preds
 
 
 def test_ground_truth_as_predictions_scores_ap_100_through_the_result_writing_path(synth, tokenizer):
     ds = data.CocoMultiTask(synth, "val2017", tiny_cfg(), tokenizer, train=False)
     preds = gt_predictions(ds)
-    res = evaluate.to_coco_results([preds[i] for i in ds.image_ids], ds.image_ids, ds.categories)
+    ids = ds.ann.image_ids.tolist()
+    res = evaluate.to_coco_results([preds[i] for i in ids], ids, ds.categories)
     for task, iou_type in (("det", "bbox"), ("seg", "segm"), ("kpt", "keypoints")):
-        assert evaluate.coco_ap(ds.coco_files[task], res[iou_type], iou_type, ds.image_ids)[0] == pytest.approx(100.0)
-    assert evaluate.bleu4(res["captions"], {i: ds.captions[i] for i in ds.image_ids}) == pytest.approx(1.0)
+        assert evaluate.coco_ap(ds.coco_files[task], res[iou_type], iou_type, ids)[0] == pytest.approx(100.0)
+    assert evaluate.bleu4(res["captions"], {i: ds.ann.captions(k) for k, i in enumerate(ids)}) == pytest.approx(1.0)
 
 
 def save_random_checkpoint(path, ds, tokenizer, **over):
@@ -1297,11 +1300,11 @@ def test_evaluating_on_a_dataset_with_other_categories_is_refused(synth, tokeniz
 
 
 def test_parse_args_presets_schedules_and_explicit_flags():
-    cfg, tc = train.parse_args(["--backbone", "r50"])
+    cfg, tc, _ = train.parse_args(["--backbone", "r50"])
     assert (cfg.d_model, cfg.num_bins, tc.epochs, tc.lr_drop, tc.batch_size, tc.backbone_lr) == (256, 500, 50, 40, 16, 1e-5)
-    cfg, tc = train.parse_args(["--backbone", "vit_b"])
+    cfg, tc, _ = train.parse_args(["--backbone", "vit_b"])
     assert (cfg.image_size, tc.epochs, tc.batch_size) == (1024, 100, 32)
-    cfg, tc = train.parse_args(["--demo", "--epochs", "3", "--cap-ratios", "1,0.5", "--no-amp"])
+    cfg, tc, _ = train.parse_args(["--demo", "--epochs", "3", "--cap-ratios", "1,0.5", "--no-amp"])
     assert cfg.backbone == "tiny" and tc.data == "synthetic" and tc.epochs == 3 and cfg.cap_ratios == (1.0, 0.5)
     assert tc.amp is False and tc.demo and tc.augment is False            # the demo trains without augmentation
     assert train.parse_args(["--demo", "--augment"])[1].augment is True     # ... unless asked
@@ -1422,10 +1425,8 @@ def test_accumulated_micro_batches_equal_one_batch_k_times_the_size(synth, token
     steps = []
     for micro_batches in ([data.collate(samples)], [data.collate(samples[:2]), data.collate(samples[2:])]):
         torch.manual_seed(0)
-        model = MAD(cfg, ds.vocab).double()
+        model = MAD(cfg, ds.vocab).double()                  # (uint8 images, normalized in float64)
         init = {k: v.clone() for k, v in model.state_dict().items()}
-        for b in micro_batches:
-            b["images"] = b["images"].double()
         opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the gradient itself
         losses = train.train_step(model, model, micro_batches, ds.tasks, opt, torch.amp.GradScaler("cpu", enabled=False),
                                   contextlib.nullcontext(), clip=1e9)
@@ -1911,9 +1912,7 @@ def pycocotools_mask():
 
 
 def sampled_transforms(cfg, n, W=200, H=120, augment=True):
-    ds = object.__new__(data.CocoMultiTask)
-    ds.cfg, ds.augment = cfg, augment
-    return [ds.sample_transform(W, H, random.Random(k)) for k in range(n)]
+    return [data.sample_transform(W, H, random.Random(k), cfg, augment) for k in range(n)]
 
 
 def test_multiscale_augmentation_draws_every_shorter_side_flips_and_crops_half_the_time():
@@ -1939,7 +1938,7 @@ def test_multiscale_augmentation_draws_every_shorter_side_flips_and_crops_half_t
 def test_lsj_augmentation_scales_by_0_3_to_2_into_a_fixed_canvas():
     """Supplementary A, ViT: large-scale jitter; the image is scaled by s in [0.3, 2.0] x 1024 / its
     longer side, a random crop keeps at most a 1024 canvas of it, flips half the time."""
-    cfg = tiny_cfg(backbone="vit_b", image_size=1024, max_size=1024)
+    cfg = tiny_cfg(scale_jitter="lsj", image_size=1024, max_size=1024)
     W, H = 640, 400
     ts = sampled_transforms(cfg, 300, W, H)
     scales = []
@@ -2035,10 +2034,10 @@ def test_every_task_target_follows_each_augmentation(tmp_path, tokenizer, mode, 
     left and right swapped by a flip, cut-away ones unlabelled with weight-0 coordinates."""
     root = write_coco(str(tmp_path / "set"), GOLDEN_SET)
     cfg = tiny_cfg(image_size=160, max_size=266, num_bins=100, max_instances=3, mask_size=8,
-                   backbone="vit_b" if mode == "lsj" else "tiny")
+                   scale_jitter=mode)
     ds = data.CocoMultiTask(root, "val2017", cfg, tokenizer, train=True)
-    v, seen, sample = ds.vocab, [], ds.sample_transform
-    monkeypatch.setattr(ds, "sample_transform", lambda *a: seen.append(sample(*a)) or seen[-1])
+    v, seen, sample = ds.vocab, [], data.sample_transform
+    monkeypatch.setattr(data, "sample_transform", lambda *a: seen.append(sample(*a)) or seen[-1])
     src_img = np.zeros((120, 200), np.uint8)
     for a in load_json(Path(root) / "annotations/instances_val2017.json")["annotations"]:
         src_img |= data.decode_segmentation(a["segmentation"], 120, 200)
@@ -2088,26 +2087,17 @@ def test_every_task_target_follows_each_augmentation(tmp_path, tokenizer, mode, 
     assert len({s["flip"] for s in seen}) == 2 and cells > 500 and agree / cells > 0.9, agree / cells
 
 
-def bare_dataset(cfg, num_classes=5, person=0, tasks=mad.TASKS, tokenizer=None):
-    """A CocoMultiTask without files, for its target builders alone."""
-    ds = object.__new__(data.CocoMultiTask)
-    ds.cfg, ds.tasks, ds.train, ds.tokenizer = cfg, tasks, True, tokenizer
-    ds.vocab = Vocab(num_classes, cfg.num_bins, tokenizer.vocab_size if tokenizer else 0, person=person)
-    return ds
-
-
 def test_detection_sequence_puts_each_object_in_one_random_slot_and_noise_objects_elsewhere():
     """3.1 detection: Q slots; at most Q objects, each in exactly one slot, at random slots; every
     other slot a noise object: a random box inside the image with x0 <= x1, y0 <= y1 and a random
     real class. Coordinates are normalized by the width (x) and the height (y): 200 x 100 here."""
     cfg = tiny_cfg(num_queries=10, num_bins=100)
-    ds = bare_dataset(cfg)
-    v = ds.vocab
+    v = Vocab(5, cfg.num_bins, 0, person=0)
     boxes = torch.tensor([[10. * k, 5. * k, 10. * k + 20, 5. * k + 40] for k in range(12)])
     labels = torch.arange(12) % 5
     slots_used, widths = set(), []
     for seed in range(20):
-        t = ds.detection_targets(boxes, labels, 200, 100, torch.Generator().manual_seed(seed))
+        t = data.detection_targets(boxes, labels, 200, 100, torch.Generator().manual_seed(seed), v, cfg)
         gt, seq = t["det_gt"], t["det_seq"]
         assert gt.shape == (10, 5) and len({tuple(r) for r in gt.tolist()}) == 10           # 10 of the 12
         expected = {(math.floor(10 * k / 200 * 100), math.floor(5 * k / 100 * 100),
@@ -2117,7 +2107,7 @@ def test_detection_sequence_puts_each_object_in_one_random_slot_and_noise_object
         assert torch.equal(gt[:, :4], v.quantize(t["boxes"] / torch.tensor([200., 100., 200., 100.])))
         is_gt = (seq[:, None] == gt[None]).all(-1).any(-1)
         assert is_gt.sum() == 10 and all((seq == r).all(1).sum() == 1 for r in gt)
-        few = ds.detection_targets(boxes[:3], labels[:3], 200, 100, torch.Generator().manual_seed(seed))
+        few = data.detection_targets(boxes[:3], labels[:3], 200, 100, torch.Generator().manual_seed(seed), v, cfg)
         noise = ~(few["det_seq"][:, None] == few["det_gt"][None]).all(-1).any(-1)
         slots_used |= set((~noise).nonzero()[:, 0].tolist())
         ns = few["det_seq"][noise]
@@ -2134,15 +2124,14 @@ def test_keypoint_targets_labelled_persons_first_unlabelled_keypoints_random_in_
     a labelled keypoint (v = 1 or 2) gives its coordinates and <vis>; an unlabelled one <invis> and
     coordinates inside the box with weight 0; a person with no labelled keypoint weighs 0."""
     cfg = tiny_cfg(max_instances=3, num_bins=100)
-    ds = bare_dataset(cfg, person=2)
-    v = ds.vocab
+    v = Vocab(5, cfg.num_bins, 0, person=2)
     boxes = torch.tensor([[0., 0., 50., 100.], [100., 0., 150., 50.], [60., 10., 90., 90.], [20., 20., 40., 40.]])
     kpts = torch.zeros(4, 17, 3)
     kpts[1, :, 0], kpts[1, :, 1], kpts[1, :, 2] = torch.linspace(101, 149, 17), torch.linspace(1, 49, 17), 2
     kpts[1, 3, 2], kpts[1, 7, 2] = 1, 0                            # occluded (labelled), unlabelled
     kpts[2, 5] = torch.tensor([70., 40., 2.])                     # one labelled keypoint only
     for seed in range(6):
-        t = ds.keypoint_targets(boxes, kpts, 200, 100, torch.Generator().manual_seed(seed))
+        t = data.keypoint_targets(boxes, kpts, 200, 100, torch.Generator().manual_seed(seed), v, cfg)
         prompt, seq, weight = t["kpt_prompt"], t["kpt_seq"].view(3, 17, 3), t["kpt_weight"].view(3, 17, 3)
         assert (prompt[:, 0] == v.kpt).all() and (prompt[:, 5] == v.cls + 2).all()
         first = {tuple((prompt[r, 1:5] - v.coord).tolist()) for r in (0, 1)}
@@ -2166,22 +2155,19 @@ def test_caption_targets_sample_references_in_training_take_the_first_in_evaluat
     of a reference is a target, padding included); training samples R of them at random,
     evaluation takes the first R; a missing reference weighs 0."""
     cfg = tiny_cfg(max_captions=3, caption_len=8)
-    ds = bare_dataset(cfg, tokenizer=tokenizer)
-    v = ds.vocab
+    v = Vocab(5, cfg.num_bins, tokenizer.vocab_size, person=0)
     caps = ["a red circle", "a blue square", "one person", "two shapes"]
     enc = lambda c: (tokenizer.encode([c], 8)[0] + v.text).tolist()
-    ds.train = False
-    t = ds.caption_targets(caps, random.Random(0))
+    t = data.caption_targets(caps, random.Random(0), tokenizer, v, cfg, sample=False)
     assert t["cap_seq"].tolist() == [enc(c) for c in caps[:3]] and t["cap_weight"].eq(1).all()
-    ds.train = True
     drawn = set()
     for seed in range(8):
-        t = ds.caption_targets(caps, random.Random(seed))
+        t = data.caption_targets(caps, random.Random(seed), tokenizer, v, cfg, sample=True)
         rows = t["cap_seq"].tolist()
         assert len({tuple(r) for r in rows}) == 3 and all(r in [enc(c) for c in caps] for r in rows)
         drawn |= {tuple(r) for r in rows}
     assert len(drawn) == 4
-    t = ds.caption_targets(caps[:2], random.Random(0))
+    t = data.caption_targets(caps[:2], random.Random(0), tokenizer, v, cfg, sample=True)
     assert t["cap_weight"].sum(1).tolist() == [8, 8, 0]
 
 
@@ -2237,7 +2223,7 @@ def test_post_processing_turns_known_logits_into_boxes_scores_masks_keypoints_an
     cap[0, 0, torch.arange(model.cfg.caption_len), torch.arange(model.cfg.caption_len) % 7 + 3] = 5.0
     logits = dict(det=det, seg=seg, kpt=kpt, cap=cap)
     monkeypatch.setattr(model, "logits", lambda h, task: logits[task][:, : h.shape[1]].expand(*h.shape[:3], -1))
-    images = torch.zeros(1, 3, 64, 96)
+    images = torch.zeros(1, 3, 64, 96, dtype=torch.uint8)
     pad = torch.zeros(1, 64, 96, dtype=torch.bool)
     with torch.no_grad():
         p = model.predict(images, pad, torch.tensor([[60, 90]]))[0]
@@ -2281,7 +2267,7 @@ def test_detection_score_classes_takes_the_softmax_over_classes_and_noise_only(m
     det = torch.zeros(1, 1, 5, C + 1 + 11)
     det[0, 0, 4, 1], det[0, 0, 4, C], det[0, 0, 4, C + 3] = 3.0, 1.0, 7.0   # class 1, <noise>, a coordinate
     monkeypatch.setattr(model, "logits", lambda h, task: det)
-    enc = model.encode(torch.zeros(1, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.bool))
+    enc = model.encode(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, 32, 32, dtype=torch.bool))
     with torch.no_grad():
         d = mad.detect(model, enc)
     assert d["labels"].tolist() == [[1]]
