@@ -10,6 +10,7 @@ reported as ratios. Benchmarks print numbers; test_mad.py checks correctness. Ne
     python bench.py --device cuda --compile   # the same, every model through torch.compile (AR too)
     python bench.py --ablation      # paper Tables 2, 3, 7, 8 on the synthetic set, 2 seeds (hours on 2 cores)
     python bench.py --ablation --tables 2 --seeds 0   # one table, one seed
+    python bench.py --coco-scale    # annotations at COCO train2017's counts: load time, memory per process
 """
 import argparse
 import io
@@ -394,6 +395,90 @@ def print_table(res):
 
 
 # -----------------------------------------------------------------------------
+# COCO-scale data: annotation files at COCO train2017's counts, load time and memory
+
+COCO_SCALE = dict(images=118_287, instances=860_001, persons=262_465, captions=591_753)   # train2017's
+EXCERPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "coco_val2017_excerpt")
+
+
+def write_coco_scale(root, empty=False, counts=COCO_SCALE, files=8, size=640):
+    """root/annotations/*_train2017.json at train2017's counts, made of the real val2017 annotations in
+    testdata/ (cycled over the images), over `files` real JPEGs (synthetic scenes, size x size) that
+    the image entries share; empty: the same images, no annotations (the baseline of the memory)."""
+    import random
+    if os.path.exists(os.path.join(root, "annotations", "captions_train2017.json")):
+        return
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    os.makedirs(os.path.join(root, "train2017"), exist_ok=True)
+    rng = random.Random(0)
+    for k in range(files):
+        data.draw_scene(rng, size, size)[0].save(os.path.join(root, "train2017", f"{k:03d}.jpg"), quality=90)
+    n = counts["images"]
+    images = [dict(id=i + 1, file_name=f"{i % files:03d}.jpg", width=size, height=size) for i in range(n)]
+    source = {kind: json.load(open(os.path.join(EXCERPT, f"{kind}_val2017.json"))) for kind in data.FILES}
+    for kind, count in (("instances", counts["instances"]), ("person_keypoints", counts["persons"]),
+                        ("captions", counts["captions"])):
+        anns = source[kind]["annotations"]
+        out = [] if empty else [dict(anns[k % len(anns)], id=k + 1, image_id=k % n + 1) for k in range(count)]
+        with open(os.path.join(root, "annotations", f"{kind}_train2017.json"), "w") as f:
+            json.dump(dict(images=images, annotations=out, **({"categories": source[kind]["categories"]}
+                                                              if kind != "captions" else {})), f)
+
+
+def private_mib(pid):
+    """A process's private (unshared) memory: the pages it wrote since the fork, and its own."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return sum(int(l.split()[1]) for l in f if l.startswith(("Private_Clean", "Private_Dirty"))) / 1024
+
+
+def coco_scale_child(root, batches, workers):
+    """Load the annotations as train.py does (the r50 preset's dataset: multi-scale augmentation),
+    then read `batches` batches of 2 with `workers` data-loader workers; prints a JSON line."""
+    import multiprocessing
+    import train
+    cfg = Config(**PRESETS["r50"])
+    tok = mad.CaptionTokenizer(data.train_caption_tokenizer(os.path.join(EXCERPT, "captions_val2017.json"),
+                                                            os.path.join(root, "spm"), 200))
+    t = time.perf_counter()
+    ds = evaluate.quiet(data.CocoMultiTask, root, "train2017", cfg, tok, True)
+    load_s = time.perf_counter() - t
+    order = train.rank_order(len(ds), 0, 0, 0, 1, 0)
+    loader = torch.utils.data.DataLoader(ds, 2, sampler=order, num_workers=workers, collate_fn=train.pad_to_128)
+    growth, first = {}, {}
+    for k, _ in zip(range(batches), loader):
+        if k in (0, batches // 5, batches // 2, batches - 1):
+            mem = {p.pid: private_mib(p.pid) for p in multiprocessing.active_children()}
+            first = first or mem
+            growth[k + 1] = [round(mem[p] - first[p], 1) for p in sorted(first)]
+    print(json.dumps(dict(load_s=load_s, peak_rss_mib=peak_rss_mib(), images=len(ds), objects=len(ds.ann.obj_box),
+                          persons=len(ds.ann.person_box), captions=len(ds.ann.cap_span), worker_growth_mib=growth)))
+
+
+def coco_scale(root="data/coco_scale", batches=500, workers=4):
+    """The COCO-scale data row: load time, main process peak RSS (with and without the annotations),
+    and each worker's growth in private memory over `batches` batches."""
+    t = time.perf_counter()
+    for name, empty in (("", False), ("_empty", True)):
+        write_coco_scale(root + name, empty)
+    written = time.perf_counter() - t
+    mib = sum(os.path.getsize(os.path.join(root, "annotations", f)) for f in os.listdir(os.path.join(root, "annotations"))) / 2 ** 20
+    res = {}
+    for name in ("", "_empty"):
+        code = f"import bench; bench.coco_scale_child({root + name!r}, {batches}, {workers})"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        res[name or "full"] = json.loads(out.stdout.strip().splitlines()[-1])
+    full, empty = res["full"], res["_empty"]
+    print(f"COCO-scale annotations ({full['images']:,} images, {full['objects']:,} objects, {full['persons']:,} persons "
+          f"with keypoints, {full['captions']:,} captions kept; {mib:.0f} MiB of JSON; written in {written:.0f} s): "
+          f"load {full['load_s']:.1f} s; main process peak RSS {full['peak_rss_mib']:.0f} MiB, "
+          f"{full['peak_rss_mib'] - empty['peak_rss_mib']:.0f} MiB above the same run without annotations; "
+          f"{workers} workers' growth in private memory (MiB) after batch " +
+          "; ".join(f"{k}: {v}" for k, v in full["worker_growth_mib"].items()))
+    return res
+
+
+# -----------------------------------------------------------------------------
 # Paper Tables 2, 3, 7 and 8 on the synthetic set: every training has the same budget
 
 METRICS = ("bbox_AP", "segm_AP", "keypoints_AP", "BLEU4")
@@ -563,7 +648,10 @@ def main():
     p.add_argument("--seeds", default="0,1", help="--ablation: training seeds of every row")
     p.add_argument("--out", default="runs/ablation", help="--ablation: models and evaluations")
     p.add_argument("--reps", type=int, default=None, help="repetitions per row (default 3; --quick 1)")
+    p.add_argument("--coco-scale", action="store_true", help="annotations at COCO train2017's counts: load time, memory")
     args = p.parse_args()
+    if args.coco_scale:
+        return coco_scale()
     if args.ablation:
         return ablation(args.out, args.tables.split(","), [int(s) for s in args.seeds.split(",")])
     reps = args.reps or (1 if args.quick else 3)

@@ -984,7 +984,12 @@ def init_processes(device, timeout_min=30.0):
     if cuda:
         device = f"cuda:{gpu_index(int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count())}"
         torch.cuda.set_device(device)                  # before NCCL's first collective
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min))
+    # torchrun keeps its store across --max-restarts: a restarted attempt would find the addresses of the
+    # processes it replaces there (gloo: "connection refused"), so each attempt keys its own
+    store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(minutes=timeout_min)))
+    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=timedelta(minutes=timeout_min))
     SIDE = dist.new_group(backend="gloo", timeout=max(WAIT, timedelta(minutes=timeout_min)))
     return dist.get_rank(), dist.get_world_size(), device
 

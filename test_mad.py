@@ -51,9 +51,9 @@ def tiny_cfg(**over):
 
 
 def run_args(root, out, *extra):
-    """train.py flags of a small CPU run on the synthetic set: batch 8, 3 steps per epoch."""
-    return ["--data", root, "--backbone", "tiny", "--out", str(out), "--device", "cpu", "--batch-size", "8", "--workers", "0",
-            "--epochs", "2", "--lr-drop", "1", "--spm-vocab", "60", "--log-every", "1", *extra]
+    """train.py flags of a small CPU run on the synthetic set from random weights: batch 8, 3 steps per epoch."""
+    return ["--data", root, "--backbone", "tiny", "--no-pretrained", "--out", str(out), "--device", "cpu", "--batch-size",
+            "8", "--workers", "0", "--epochs", "2", "--lr-drop", "1", "--spm-vocab", "60", "--log-every", "1", *extra]
 
 
 def lrs(ckpt):
@@ -1356,32 +1356,6 @@ def test_amp_on_the_cpu_trains_under_bf16_autocast(synth, tmp_path, monkeypatch)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-def test_compile_trains_on_the_cpu_keeps_parameter_names_and_does_not_recompile_per_shape(synth, tmp_path,
-                                                                                         monkeypatch):
-    """GPU issue, --compile: torch.compile of the encoder and decoder also works on the CPU; the
-    checkpoint keeps plain parameter names (no _orig_mod.); multi-scale images and the varying
-    numbers of segmentation / keypoint sequences reuse the graphs: after the first shapes, no
-    recompilation (one encoder and one decoder graph, plus one encoder recompile when the first
-    image is square). 1 encoder and 1 decoder layer keep inductor's C++ compilation short."""
-    from torch._dynamo.utils import counters
-    torch._dynamo.reset()
-    counters.clear()
-    shapes, encode = [], mad.MAD.encode
-
-    def recording(self, images, pad_mask):
-        shapes.append((tuple(images.shape[-2:]), len(images)))
-        return encode(self, images, pad_mask)
-    monkeypatch.setattr(mad.MAD, "encode", recording)
-    train.main(run_args(synth, tmp_path / "c", "--compile", "--enc-layers", "1", "--dec-layers", "1",
-                        "--batch-size", "2", "--image-size", "160", "--max-size", "224", "--max-steps", "6"))
-    assert len({s for s, _ in shapes}) >= 3                                    # multi-scale: several image sizes
-    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
-    ckpt = torch.load(tmp_path / "c/last.pt", weights_only=False)
-    plain = MAD(tiny_cfg(enc_layers=1, dec_layers=1, image_size=160, max_size=224), Vocab(**ckpt["vocab"]))
-    assert ckpt["step"] == 6 and list(ckpt["model"]) == list(plain.state_dict())
-    torch._dynamo.reset()
-
-
 def test_bench_quick_mode_prints_the_tiny_rows():
     """README, bench.py --quick (seconds: tiny only, one repetition): the latency rows count the
     sequential decoder passes the paper compares (MAD: one per task, 8 with masked inference;
@@ -2541,3 +2515,319 @@ def test_allowed_tokens_per_position_and_greedy_ar_decoding_feeds_back_the_best_
     assert offsets == [0] + [6 + t for t in range(1, 10)]
     fed = torch.cat([inputs[0][..., 7:]] + [x[..., -1:] for x in inputs[1:]], -1)[0, 0]
     assert inputs[0][0, 0, 6] == v.start and (fed - lo).tolist() == best[:9]
+
+
+# =============================================================================
+# The run users start: paper presets, resume and restarts, processes and nodes, memory
+
+def test_resume_restores_the_runs_settings_and_refuses_a_flag_that_would_change_the_run(synth, tmp_path, capsys):
+    """--resume continues the run with its own settings: a flag that would change it (--lr, --batch-size,
+    a smaller --max-steps) is refused with a message naming it; workers, logging and a longer
+    --max-steps may change. The same command started again continues the run; another command on
+    the same --out is refused, so its checkpoint is never overwritten."""
+    out = tmp_path / "run"
+    train.main(run_args(synth, out, "--max-steps", "2", "--lr", "3e-4"))
+    for flags, match in ((["--lr", "1e-3"], "--lr 0.0003 there, 0.001 here"), (["--batch-size", "4"], "--batch-size 8 there, 4"),
+                         (["--max-steps", "1"], "--max-steps 2 there, 1 here")):
+        with pytest.raises(SystemExit, match=match + ".*would change the run"):
+            train.main(["--out", str(out), "--resume", *flags])
+    with pytest.raises(SystemExit, match="holds a run with other settings.*--lr 0.0003 there, 0.0005 here.*--resume"):
+        train.main(run_args(synth, out, "--max-steps", "2"))            # the default lr: another run
+    capsys.readouterr()
+    train.main(["--out", str(out), "--resume", "--workers", "1", "--log-every", "2", "--max-steps", "4"])
+    assert "resumed at step 2" in capsys.readouterr().out
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert ckpt["step"] == 4 and ckpt["train"]["lr"] == 3e-4 and ckpt["train"]["batch_size"] == 8
+    assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1, 2, 4]
+    train.main(run_args(synth, out, "--max-steps", "5", "--lr", "3e-4"))   # the same command, longer: continues
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 5
+    with pytest.raises(SystemExit, match="--resume: no checkpoint at"):
+        train.main(["--out", str(tmp_path / "nothing"), "--resume"])
+
+
+def test_automatic_precision_bf16_where_native_fp16_with_a_grad_scaler_before_and_none_on_the_cpu(monkeypatch):
+    """AMP by default on CUDA: bf16 on GPUs of compute capability 8 and later, fp16 (with a GradScaler)
+    before (a V100's or T4's bf16 is emulated); --no-amp: fp32. On the CPU fp32 unless --amp (bf16).
+    The capability is faked, so this runs without a GPU."""
+    capability = {}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["cc"])
+    for cc, want in (((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        capability["cc"] = cc
+        assert train.autocast_dtype("cuda:0", None) == want and train.autocast_dtype("cuda:0", True) == want
+        assert train.autocast_dtype("cuda:0", False) is None
+    assert train.autocast_dtype("cpu", None) is None and train.autocast_dtype("cpu", True) == torch.bfloat16
+    assert train.parse_args(["--backbone", "r50"])[1].amp is None          # auto
+
+
+def test_fp16_steps_with_a_grad_scaler_train_skip_an_overflow_and_stop_on_a_non_finite_loss(synth, tokenizer):
+    """The fp16 path (pre-Ampere GPUs), here on the CPU: under fp16 autocast with an enabled GradScaler
+    a few steps train; a step whose scaled gradients overflow is skipped (weights unchanged) and the
+    scale halves; a non-finite loss skips the update and is returned, which stops train.py."""
+    cfg = tiny_cfg()
+    ds = data.CocoMultiTask(synth, "val2017", cfg, tokenizer, train=False)
+    batch = data.collate([ds[i] for i in range(2)])
+    torch.manual_seed(0)
+    model = MAD(cfg, ds.vocab)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    fp16 = torch.autocast("cpu", dtype=torch.float16)
+    params = lambda: torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    before = params()
+    losses = [train.train_step(model, model, [batch], ds.tasks, opt, scaler, fp16, clip=1.0) for _ in range(3)]
+    assert all(torch.isfinite(l).all() for l in losses) and not torch.equal(params(), before)
+    assert scaler.get_scale() == 2.0 ** 10                                  # no overflow yet
+    scaler.update(new_scale=2.0 ** 16)                                      # the fp16 gradients overflow
+    before = params()
+    losses = train.train_step(model, model, [batch], ds.tasks, opt, scaler, fp16, clip=1.0)
+    assert torch.isfinite(losses).all() and torch.equal(params(), before) and scaler.get_scale() == 2.0 ** 15
+    for _ in range(6):                                                      # the scale halves until steps fit
+        train.train_step(model, model, [batch], ds.tasks, opt, scaler, fp16, clip=1.0)
+        if not torch.equal(params(), before):
+            break
+    assert not torch.equal(params(), before) and scaler.get_scale() < 2.0 ** 15   # training goes on
+    before, forward = params(), model.forward
+    model.forward = lambda b, tasks: (lambda s, c: ({t: v * float("inf") for t, v in s.items()}, c))(*forward(b, tasks))
+    losses = train.train_step(model, model, [batch], ds.tasks, opt, scaler, fp16, clip=1.0)
+    assert not torch.isfinite(losses).all() and torch.equal(params(), before)
+
+
+def test_one_gpu_per_process_under_cuda_visible_devices():
+    """Where the launcher gives each process its own GPU (CUDA_VISIBLE_DEVICES), a process sees one and
+    takes it, whatever its LOCAL_RANK; otherwise it takes GPU LOCAL_RANK; more processes than GPUs
+    is a clear error."""
+    assert [mad.gpu_index(r, 1) for r in (0, 3, 7)] == [0, 0, 0]
+    assert [mad.gpu_index(r, 8) for r in (0, 3, 7)] == [0, 3, 7]
+    with pytest.raises(SystemExit, match="LOCAL_RANK 8, but this process sees 8 GPU"):
+        mad.gpu_index(8, 8)
+
+
+def test_annotations_are_held_as_arrays_not_one_python_object_per_annotation(tmp_path, tokenizer):
+    """COCO-scale memory: loading 10x the annotations on the same images adds no Python objects (the
+    annotations are numpy arrays with offsets; a worker reading them writes none of their pages),
+    the dataset hands images over as uint8, and the model normalizes them itself."""
+    import gc
+    def annotated(name, copies):
+        root = tmp_path / name
+        data.make_synthetic_coco(str(root), 0, 6)
+        for kind in ("instances", "captions"):
+            d = load_json(root / f"annotations/{kind}_val2017.json")
+            d["annotations"] = [dict(a, id=10 ** 6 * k + a["id"]) for k in range(copies) for a in d["annotations"]]
+            (root / f"annotations/{kind}_val2017.json").write_text(json.dumps(d))
+        return str(root)
+    counts = []
+    for name, copies in (("one", 1), ("ten", 10)):
+        root = annotated(name, copies)
+        gc.collect()
+        n = len(gc.get_objects())
+        ds = data.CocoMultiTask(root, "val2017", tiny_cfg(), tokenizer, train=False)
+        gc.collect()
+        counts.append(len(gc.get_objects()) - n)
+        assert len(ds.ann.obj_box) > 10 * copies
+    assert counts[1] - counts[0] < 50, counts
+    image, _ = ds[0]
+    assert image.dtype == torch.uint8 and image.shape[0] == 3
+    with pytest.raises(TypeError, match="uint8"):
+        MAD(tiny_cfg(), ds.vocab).encode(image[None].float(), torch.zeros(1, *image.shape[1:], dtype=torch.bool))
+
+
+def test_each_epochs_data_workers_end_before_the_checkpoint_and_the_next_epoch(synth, tmp_path, monkeypatch):
+    """Memory over days: at each end of an epoch (where the checkpoint is written and the next epoch's
+    workers are forked) no data-loader worker of the finished epoch is alive."""
+    import multiprocessing
+    alive, save_run = [], train.save_run
+    def spy(*a, **k):
+        alive.append(len(multiprocessing.active_children()))
+        return save_run(*a, **k)
+    monkeypatch.setattr(train, "save_run", spy)
+    train.main(run_args(synth, tmp_path / "w", "--workers", "1", "--max-steps", "6"))
+    assert alive == [0, 0], alive
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_resume_with_another_number_of_processes_keeps_the_global_batch_and_the_position_in_the_data(synth, tmp_path):
+    """A run saved by 2 processes (batch 6, stopped mid-epoch at step 2) resumes with 1 and with 3:
+    each global step still reads the next 6 images of the epoch's permutation, now split 6 / 2+2+2,
+    into the next epoch; the third process, which the run did not have, trains with its own RNG."""
+    flags = ["--batch-size", "6", "--seed", "3"]                            # 24 images: 4 steps an epoch
+    run(torchrun(2, "train.py", *run_args(synth, tmp_path / "saved", *flags, "--max-steps", "2")))
+    for world in (1, 3):
+        out = tmp_path / f"resumed{world}"
+        shutil.copytree(tmp_path / "saved", out)
+        script = tmp_path / f"record{world}.py"
+        script.write_text(RECORD_ORDER.format(here=HERE, out=str(out)))
+        launch = [sys.executable] if world == 1 else torchrun(world)
+        p = run([*launch, str(script), "--out", str(out), "--resume", "--max-steps", "6"])
+        assert f"resumed at step 2" in p.stdout and f"{world} process(es) x {6 // world} images" in p.stdout
+        assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
+        steps = [recorded_steps(out, r, 6 // world) for r in range(world)]
+        for k, s in enumerate(range(2, 6)):                                 # global steps 3..6
+            epoch, pos = s // 4, 6 * (s % 4)
+            perm = torch.randperm(24, generator=torch.Generator().manual_seed(3 + epoch)).tolist()
+            for r in range(world):
+                assert steps[r][k] == (epoch, perm[pos + r: pos + 6: world]), (world, s, r)
+        assert torch.load(out / "last.pt", weights_only=False)["step"] == 6
+
+
+RESTART_AFTER_CHECKPOINT_2 = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import train
+save_run = train.save_run
+def save_then_die(*a, **k):
+    save_run(*a, **k)
+    if a[8] == 2 and os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        os.kill(os.getpid(), signal.SIGKILL)             # rank 1 dies once, after step 2's checkpoint
+train.save_run = save_then_die
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_restarted_job_continues_from_its_checkpoint_and_ends_like_an_uninterrupted_run(synth, tmp_path):
+    """torchrun --max-restarts 1 with rank 1 killed after the step-2 checkpoint (gloo): the restarted
+    processes run the same command, continue from OUT/last.pt (steps 3..6, each logged once) and end
+    with the parameters and Adam state of an uninterrupted 2-process run."""
+    flags = ["--max-steps", "6", "--save-every", "1"]
+    run(torchrun(2, "train.py", *run_args(synth, tmp_path / "straight", *flags)))
+    script = tmp_path / "restart.py"
+    script.write_text(RESTART_AFTER_CHECKPOINT_2.format(here=HERE))
+    p = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+             str(script), *run_args(synth, tmp_path / "restarted", *flags)])
+    assert "resumed at step 2" in p.stdout
+    assert [json.loads(l)["step"] for l in open(tmp_path / "restarted/log.jsonl")] == [1, 2, 3, 4, 5, 6]
+    a = torch.load(tmp_path / "straight/last.pt", weights_only=False)
+    b = torch.load(tmp_path / "restarted/last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    assert_same_params(a["model"], b["model"], atol=1e-6)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], atol=1e-9)
+
+
+SLOW_SCORING = """
+import atexit, json, os, sys, time
+sys.path.insert(0, {here!r})
+import evaluate, train
+print_metrics = evaluate.print_metrics
+def slow(m):
+    time.sleep(8)                                        # rank 0 scores for longer than the 6 s timeout
+    print_metrics(m)
+evaluate.print_metrics = slow
+atexit.register(lambda: open(os.path.join({out!r}, "exit%s" % os.environ["RANK"]), "w").write(str(time.time())))
+train.main(sys.argv[1:])
+"""
+
+
+def test_no_process_waits_in_a_collective_while_rank_0_scores_and_all_leave_together(synth, tmp_path):
+    """--pg-timeout 0.1 (6 s) and an evaluation after each of 2 epochs whose scoring on rank 0 takes
+    8 s: rank 1 waits for it outside the training's collectives (a side group with a long timeout),
+    so the run neither times out nor hangs, and both processes leave within a second or two."""
+    out = tmp_path / "slow"
+    out.mkdir()
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_SCORING.format(here=HERE, out=str(out)))
+    run(torchrun(2, str(script), *run_args(synth, out, "--pg-timeout", "0.1", "--eval-every", "1", "--max-steps", "6")))
+    assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert (out / "eval_epoch1/metrics.json").exists() and (out / "eval_epoch2/metrics.json").exists()
+    leave = [float((out / f"exit{r}").read_text()) for r in (0, 1)]
+    assert abs(leave[0] - leave[1]) < 2.5, leave
+
+
+SMALL_SYNTHETIC = """
+import sys
+sys.path.insert(0, {here!r})
+import train
+train.SYNTHETIC = dict(root="data/synthetic", train=24, val=4)
+train.main(sys.argv[1:])
+"""
+
+
+def test_two_nodes_generate_their_data_share_out_or_say_which_path_is_not_shared(tmp_path):
+    """torchrun --nnodes 2 (gloo, one process per node, on localhost): from the same checkout both
+    nodes' first processes generate the synthetic set at once without clobbering each other (atomic
+    rename) and train; from two copies with a relative --out, every process stops with a message
+    naming the path that is not shared; with an --out both see, each copy has its own data and the
+    run trains."""
+    def copy_code(name):
+        d = tmp_path / name
+        d.mkdir()
+        for f in ("mad.py", "data.py", "train.py", "evaluate.py"):
+            shutil.copy(os.path.join(HERE, f), d / f)
+        (d / "small.py").write_text(SMALL_SYNTHETIC.format(here=str(d)))
+        return d
+    def two_nodes(dirs, out):
+        port, procs = free_port(), []
+        for node, d in enumerate(dirs):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",
+                   f"--rdzv-endpoint=localhost:{port}", "small.py", "--data", "synthetic", "--backbone", "tiny",
+                   "--no-pretrained", "--out", str(out), "--device", "cpu", "--batch-size", "4", "--workers", "0",
+                   "--max-steps", "2", "--spm-vocab", "60", "--log-every", "1"]
+            procs.append(subprocess.Popen(cmd, cwd=d, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env={**os.environ, "OMP_NUM_THREADS": "1"}))
+        return [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    same = copy_code("same")
+    results = two_nodes([same, same], "runs/two")
+    for rc, stdout, stderr in results:
+        assert rc == 0, stderr[-2000:]
+    assert "2 process(es) x 2 images" in results[0][1]
+    assert (same / "data/synthetic/annotations/captions_val2017.json").exists()
+    assert not [p for p in os.listdir(same / "data") if ".tmp-" in p]            # the losing copy was removed
+    assert torch.load(same / "runs/two/last.pt", weights_only=False)["step"] == 2
+    a, b = copy_code("a"), copy_code("b")
+    for rc, stdout, stderr in two_nodes([a, b], "runs/two"):
+        assert rc != 0 and "--out runs/two is not shared by every node" in stderr, stderr[-2000:]
+    shared = tmp_path / "shared_out"
+    for rc, stdout, stderr in two_nodes([a, b], shared):
+        assert rc == 0, stderr[-2000:]
+    assert (a / "data/synthetic").is_dir() and (b / "data/synthetic").is_dir()
+    assert torch.load(shared / "last.pt", weights_only=False)["step"] == 2
+
+
+COUNT_GRAPHS = """
+import json, os, sys
+sys.path.insert(0, {here!r})
+import torch, train
+from torch._inductor.compile_fx import compile_fx
+graphs, after_step = {{}}, []
+compile = torch.compile
+def counting(fn, *a, **k):                               # every graph of a compiled part passes through its backend
+    name = type(fn.__self__).__name__ if hasattr(fn, "__self__") and isinstance(fn.__self__, torch.nn.Module) and fn.__name__ != "decode" else fn.__name__
+    def backend(gm, inputs):
+        graphs[name] = graphs.get(name, 0) + 1
+        return compile_fx(gm, inputs)
+    return compile(fn, *a, backend=backend, **k)
+torch.compile = counting
+train_step = train.train_step
+def step(*a, **k):
+    out = train_step(*a, **k)
+    after_step.append(dict(graphs))
+    return out
+train.train_step = step
+train.main(sys.argv[1:])
+json.dump(after_step, open(os.path.join({out!r}, "graphs%s.json" % os.environ["RANK"]), "w"))
+"""
+
+
+def test_compile_under_ddp_keeps_its_graphs_over_multi_scale_shapes_and_the_replicas_equal(synth, tmp_path):
+    """--compile with 2 gloo processes (DDP), multi-scale images and varying numbers of segmentation /
+    keypoint sequences: at most 3 graphs per compiled part (the encoder layer, the decoder), none
+    compiled after the first 3 steps, plain parameter names in the checkpoint, and the replicas equal
+    at every checkpoint (train.py compares them). 1 encoder and 1 decoder layer keep inductor short."""
+    out = tmp_path / "c"
+    out.mkdir()
+    script = tmp_path / "count.py"
+    script.write_text(COUNT_GRAPHS.format(here=HERE, out=str(out)))
+    run(torchrun(2, str(script), *run_args(synth, out, "--compile", "--enc-layers", "1", "--dec-layers", "1",
+                                           "--batch-size", "4", "--image-size", "160", "--max-size", "224",
+                                           "--max-steps", "6", "--save-every", "2")), timeout=900)
+    for r in (0, 1):
+        steps = json.load(open(out / f"graphs{r}.json"))
+        assert len(steps) == 6 and set(steps[-1]) == {"EncoderLayer", "decode"}, steps[-1]
+        assert all(n <= 3 for n in steps[-1].values()) and steps[2] == steps[-1], steps
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    plain = MAD(tiny_cfg(enc_layers=1, dec_layers=1, image_size=160, max_size=224), Vocab(**ckpt["vocab"]))
+    assert ckpt["step"] == 6 and list(ckpt["model"]) == list(plain.state_dict())

@@ -121,7 +121,7 @@ def parse_args(argv=None):
 # of processes keeps the global batch and the position in the data (see rank_order).
 
 FREE = ("workers", "log_every", "eval_every", "eval_images", "show", "save_every", "compile", "pg_timeout",
-        "device", "accum_steps", "skip_bad_images", "data", "budget_min", "resume")
+        "device", "accum_steps", "skip_bad_images", "data", "budget_min", "resume", "out")
 GROW = ("epochs", "max_steps")        # may grow at resume (max_steps 0: no limit)
 
 
@@ -141,7 +141,7 @@ def continue_run(ckpt, cfg, tc, given, path):
         diff = "; ".join(f"--{k.replace('_', '-')} {then[k]} there, {asked[k]} here" for k in changed)
         if tc.resume:
             raise SystemExit(f"{path}: {diff}: that would change the run. At resume only "
-                             f"{', '.join('--' + k.replace('_', '-') for k in FREE[:-1])} may change, and "
+                             f"{', '.join('--' + k.replace('_', '-') for k in FREE[:-2])} may change, and "
                              f"--epochs / --max-steps grow; start a new run with another --out")
         raise SystemExit(f"{path} holds a run with other settings ({diff}): continue it with "
                          f"`python train.py --out {tc.out} --resume`, or start this run with another --out")
