@@ -193,7 +193,7 @@ class SwinB(nn.Module):
         super().__init__()
         swin = torchvision.models.swin_transformer.SwinTransformer(
             patch_size=[4, 4], embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32],
-            window_size=[window, window], stochastic_depth_prob=0.5)        # torchvision's swin_b at window 7
+            window_size=[window, window], stochastic_depth_prob=0.2)        # drop-path 0.2, as the authors
         self.features, self.norm = swin.features, swin.norm
 
     def forward(self, x):
@@ -309,7 +309,8 @@ class FFN(nn.Sequential):
 
 
 class EncoderLayer(nn.Module):
-    """Post-norm: x = norm(x + attn(x + pos, x + pos, x)); x = norm(x + ffn(x))."""
+    """Post-norm: x = norm(x + attn(x + pos, x + pos, x)); x = norm(x + ffn(x)). Dropout (as the
+    authors' detrex layers): on the attention weights and in and after the FFN, not after attention."""
 
     def __init__(self, d, heads, ffn, dropout):
         super().__init__()
@@ -318,7 +319,7 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x, pos, mask):
         q = x + pos
-        x = self.norm1(x + self.drop(self.attn(q, q, x, mask)))
+        x = self.norm1(x + self.attn(q, q, x, mask))
         return self.norm2(x + self.drop(self.ffn(x)))
 
 
@@ -336,6 +337,7 @@ class DecoderLayer(nn.Module):
     x is (B*n, L, d). Cross-attention unfolds them into one query list per image, (B, n*L, d),
     against that image's memory (B, hw, d): no sequence gets its own copy of the memory.
     Sequence positions `pos` (L, d) go to the self-attention queries/keys and cross-attention queries.
+    Dropout as in EncoderLayer: attention weights and FFN, not the attention outputs.
     """
 
     def __init__(self, d, heads, ffn, dropout):
@@ -347,14 +349,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, pos, memory):
         q = x + pos
-        x = self.norm1(x + self.drop(self.self_attn(q, q, x)))           # bi-directional: no causal mask
+        x = self.norm1(x + self.self_attn(q, q, x))                      # bi-directional: no causal mask
         return self.cross_attention_and_ffn(x, pos, memory)
 
     def cross_attention_and_ffn(self, x, pos, memory):
         (Bn, L, d), B = x.shape, memory.tokens.shape[0]
         q = (x + pos).reshape(B, -1, d)                                      # (B, n*L, d)
         y = self.cross_attn(q, memory.keys, memory.tokens, memory.mask).reshape(Bn, L, d)   # back to (B*n, L, d)
-        x = self.norm2(x + self.drop(y))
+        x = self.norm2(x + y)
         return self.norm3(x + self.drop(self.ffn(x)))
 
 
@@ -834,7 +836,7 @@ class ARBaseline(MAD):
 
     def run_layer(self, layer, x, pos, memory, cache=None):
         q = x + pos
-        x = layer.norm1(x + layer.drop(causal_self_attention(layer.self_attn, q, x, cache)))
+        x = layer.norm1(x + causal_self_attention(layer.self_attn, q, x, cache))
         return layer.cross_attention_and_ffn(x, pos, memory)
 
     def forward(self, batch, tasks=TASKS):
