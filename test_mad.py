@@ -2277,13 +2277,41 @@ def test_learning_rate_schedule_at_chosen_steps():
     """Schedules: linear warm-up, then the x0.1 step drop or a cosine to 0 (values by hand).
 
     Schedules: linear warm-up (step + 1) / warmup; the paper's x0.1 from epoch lr_drop on; or a
-    cosine from the end of the warm-up to 0 at the last step. Values by hand."""
+    cosine from the end of the warm-up (and of a hold at the full rate) to 0 at the last step."""
     step = train.TrainConfig(warmup=4, lr_drop=2, lr_schedule="step")
     assert [train.lr_factor(s, 20, 5, step) for s in (0, 1, 2, 3, 4, 9, 10, 19)] == [0.25, 0.5, 0.75, 1, 1, 1, 0.1, 0.1]
     cos = train.TrainConfig(warmup=4, lr_schedule="cosine")
     got = [train.lr_factor(s, 14, 5, cos) for s in (3, 4, 6, 9, 14)]
     assert np.allclose(got, [1.0, 1.0, 0.5 * (1 + math.cos(math.pi * 2 / 10)), 0.5, 0.0])
+    held = train.TrainConfig(warmup=4, hold=3, lr_schedule="cosine")
+    got = [train.lr_factor(s, 17, 5, held) for s in (3, 4, 6, 7, 12, 17)]
+    assert np.allclose(got, [1.0, 1.0, 1.0, 1.0, 0.5, 0.0])
     assert train.lr_factor(0, 10, 5, train.TrainConfig(warmup=0, lr_drop=0)) == 0.1    # a drop at epoch 0
+
+
+@pytest.mark.parametrize("first,later", [(0.66, 0.43), (0.43, 0.66)], ids=["speeds_up", "slows_down"])
+def test_the_demo_revises_its_plan_and_ends_within_10_percent_of_its_budget_when_the_machine_changes_speed(first, later):
+    """--demo fits its budget: the plan timed at the start is revised once, after the warm-up and hold
+    (300 steps), from the rate of the last 90 steps. A fake clock: 60 s of data generation and timing,
+    steps of `first` seconds that change to `later` half way to the revision, a 30 s evaluation; the
+    run, evaluation included, ends within 10% of the 810 s budget (the first plan alone does not)."""
+    now = [0.0]
+    clock = train.DemoClock(810, 0.0, at=300, clock=lambda: now[0])
+    now[0], clock.eval_s = 60.0, 30.0
+    plans = []
+    for revise in (True, False):
+        now[0] = 60.0
+        tc = train.TrainConfig(max_steps=clock.steps_that_fit(0, first, margin=0.9), batch_size=8, workers=1)
+        step = 0
+        while step < tc.max_steps:
+            now[0] += first if step < 150 else later
+            step += 1
+            if revise:
+                clock.after_step(step, tc, master=False)
+        plans.append((tc.max_steps, (now[0] + clock.eval_s + 10) / 810))
+    (revised, ends), (planned, ends_unrevised) = plans
+    assert abs(ends - 1) <= 0.1 and revised != planned, plans
+    assert abs(ends_unrevised - 1) > 0.1, plans
 
 
 def test_gradient_clipping_limits_the_update_to_the_clip_norm(synth, tokenizer):

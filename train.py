@@ -44,6 +44,7 @@ class TrainConfig:
     lr_drop: int = 40                 # epoch at which the learning rate drops x0.1 (lr_schedule "step")
     lr_schedule: str = "step"         # step: x0.1 at lr_drop (paper) | cosine: to 0 at the last step
     warmup: int = 0                   # steps of linear learning-rate warm-up
+    hold: int = 0                     # cosine: steps at the full rate after the warm-up, before the decay
     batch_size: int = 16              # global: over all processes and accumulation steps
     accum_steps: int = 1              # gradient accumulation (paper batch on fewer GPUs)
     lr: float = 1e-4
@@ -84,7 +85,7 @@ SCHEDULES = {                         # (warm-up: the authors' Swin schedule war
 # the demo: tiny model at 128 px, no augmentation; batch, steps and workers are planned for the machine
 # (None: plan_demo chooses; explicit flags win)
 DEMO = dict(data="synthetic", out="runs/demo", backbone="tiny", eval_every=0, show=4, augment=False,
-            lr=1e-3, backbone_lr=1e-3, warmup=100, lr_schedule="cosine", pretrained=False,
+            lr=1e-3, backbone_lr=1e-3, warmup=100, hold=200, lr_schedule="cosine", pretrained=False,
             epochs=10 ** 6, batch_size=None, max_steps=None, workers=None)
 SYNTHETIC = dict(root="data/synthetic", train=1600, val=200)
 
@@ -314,39 +315,71 @@ def warn_small_shm(workers):
 
 
 # -----------------------------------------------------------------------------
-# The demo's plan: batch by device, data workers by cores, steps by the measured speed
+# The demo's plan: batch by device, data workers by cores, steps by the measured speed. The steps
+# are planned from a few timed steps at the start and revised once, at the end of the warm-up and
+# the hold (the learning rate does not depend on the total until there, so the printed flags
+# repeat the run exactly): a machine's first steps can be slower than its later ones.
 
 def plan_demo(tc, dataset, model, autocast, ckpt, master, world, device, started):
     """Fill the demo's unset batch_size, max_steps and workers for this machine and print the plan.
     A resumed run keeps its checkpoint's plan. Every rank times its share of a batch (the loss's
-    all-reduces run in step); rank 0's plan is the one every rank follows."""
+    all-reduces run in step); rank 0's plan is the one every rank follows. -> the DemoClock that
+    revises the steps later (None for a resumed run or explicit --max-steps)."""
     if ckpt is not None:
         plan = {k: ckpt["train"][k] for k in ("batch_size", "max_steps", "workers")}
         plan["workers"] = tc.workers if tc.workers is not None else plan["workers"]
+        clock = None
     else:
         cuda = str(device).startswith("cuda")
         plan = dict(batch_size=tc.batch_size or (32 if cuda else 8),
                     workers=tc.workers if tc.workers is not None else min(8, (os.cpu_count() or 2) - 1) if cuda else 1)
-        minutes = tc.budget_min or (2.5 if cuda else 13.5)
-        plan["max_steps"] = tc.max_steps or steps_in_budget(model, dataset, tc, plan, autocast, minutes, world,
-                                                            device, started)
+        clock = None if tc.max_steps else DemoClock(60 * (tc.budget_min or (2.5 if cuda else 13.5)), started,
+                                                    at=tc.warmup + tc.hold)
+        if clock:
+            step_s, clock.eval_s = time_pipeline(model, dataset, tc, plan, autocast, world, device)
+            plan["max_steps"] = clock.steps_that_fit(0, step_s, margin=0.9)
+        else:
+            plan["max_steps"] = tc.max_steps
         plan = mad.broadcast(plan)
         if master:
-            print(f"demo plan for {'cuda' if cuda else 'cpu'} ({torch.get_num_threads()} threads): batch "
-                  f"{plan['batch_size']}, {plan['max_steps']:,} steps, {plan['workers']} workers; the same run: "
-                  f"--batch-size {plan['batch_size']} --max-steps {plan['max_steps']} --workers {plan['workers']}",
-                  flush=True)
+            print_plan(plan, cuda)
     for k, v in plan.items():
         setattr(tc, k, v)
+    return clock
 
 
-def steps_in_budget(model, dataset, tc, plan, autocast, minutes, world, device, started,
-                    eval_images=SYNTHETIC["val"], margin=0.9):
-    """How many training steps fit into `minutes` of wall time since `started`, before the final
-    evaluation. Timed through the real pipeline on a copy of the model: the data loader with the
-    plan's workers, train_step (its per-step synchronization included) and AdamW, for a few steps
-    after a warm-up; then one evaluation batch. `margin` keeps a tenth of the time left for the
-    per-epoch loader restarts and the checkpoints."""
+def print_plan(plan, cuda, revised=False):
+    print(f"demo plan{' revised' if revised else ''} for {'cuda' if cuda else 'cpu'} ({torch.get_num_threads()} threads): "
+          f"batch {plan['batch_size']}, {plan['max_steps']:,} steps, {plan['workers']} workers; the same run: "
+          f"--batch-size {plan['batch_size']} --max-steps {plan['max_steps']} --workers {plan['workers']}", flush=True)
+
+
+class DemoClock:
+    """The demo's time budget: how many steps fit into what is left of it (the final evaluation
+    reserved), and the one revision, at step `at`, from the rate of the steps since at - 90."""
+
+    def __init__(self, budget_s, started, at, clock=time.time):
+        self.budget_s, self.started, self.at, self.clock, self.eval_s, self.mark = budget_s, started, at, clock, 0.0, None
+
+    def steps_that_fit(self, step, step_s, margin):
+        left = self.budget_s - (self.clock() - self.started) - self.eval_s - 10     # 10 s: COCOeval, pictures
+        return max(step + 1, step + int(margin * left / step_s))
+
+    def after_step(self, step, tc, master, cuda=False):
+        """Called after each optimizer step (step counts the steps done); revises tc.max_steps at `at`."""
+        if step == self.at - 90:
+            self.mark = self.clock()
+        if step == self.at and self.mark is not None:
+            tc.max_steps = mad.broadcast(self.steps_that_fit(step, (self.clock() - self.mark) / 90, margin=0.97))
+            if master:
+                print_plan(dict(batch_size=tc.batch_size, max_steps=tc.max_steps, workers=tc.workers), cuda, revised=True)
+        return tc.max_steps
+
+
+def time_pipeline(model, dataset, tc, plan, autocast, world, device, eval_images=SYNTHETIC["val"]):
+    """Seconds per training step and for the final evaluation, timed through the real pipeline on a
+    copy of the model: the data loader with the plan's workers, train_step (its per-step
+    synchronization included) and AdamW, for a few steps after a warm-up; then one evaluation batch."""
     rng = torch.get_rng_state()                              # the probe's random masks leave no trace
     cuda = str(device).startswith("cuda")
     probe = copy.deepcopy(model).train()
@@ -368,8 +401,7 @@ def steps_in_budget(model, dataset, tc, plan, autocast, minutes, world, device, 
             probe.predict(batch["images"], batch["pad_mask"], batch["orig_size"], dataset.tasks)
             eval_s = (timer(device) - t) / len(batch["images"]) * eval_images
     torch.set_rng_state(rng)
-    left = minutes * 60 - (time.time() - started) - eval_s - 10                 # 10 s: COCOeval, pictures
-    return max(1, int(margin * left / step_s))
+    return step_s, eval_s
 
 
 def timer(device):
@@ -402,8 +434,7 @@ def main(argv=None):
     amp = autocast_dtype(device, tc.amp)
     autocast = torch.autocast(device.split(":")[0], dtype=amp) if amp else nullcontext()
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=amp == torch.float16)
-    if tc.demo:
-        plan_demo(tc, dataset, model, autocast, ckpt, master, world, device, started)
+    clock = plan_demo(tc, dataset, model, autocast, ckpt, master, world, device, started) if tc.demo else None
     if tc.batch_size % (world * tc.accum_steps):
         raise SystemExit(f"--batch-size {tc.batch_size} must be divisible by processes ({world}) x "
                          f"--accum-steps ({tc.accum_steps})")
@@ -444,6 +475,8 @@ def main(argv=None):
             sums += losses
             seen += sum(len(b["images"]) for b in micro_batches) * world
             step += 1
+            if clock:
+                total = min(clock.after_step(step, tc, master, device.startswith("cuda")), tc.epochs * steps_per_epoch)
             if step % tc.log_every == 0 or step == total:
                 if master:
                     elapsed = time.time() - t0
@@ -515,11 +548,13 @@ def to_device(batch, device):
 
 def lr_factor(step, total, steps_per_epoch, tc):
     """Learning rate of optimizer step `step` (0-based) as a share of the base rate: a linear warm-up
-    over tc.warmup steps, then either the paper's x0.1 drop at epoch tc.lr_drop or a cosine to 0."""
+    over tc.warmup steps, then either the paper's x0.1 drop at epoch tc.lr_drop or, after tc.hold
+    steps at the full rate, a cosine to 0 at the last step."""
     if step < tc.warmup:
         return (step + 1) / tc.warmup
     if tc.lr_schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * (step - tc.warmup) / max(total - tc.warmup, 1)))
+        start = tc.warmup + tc.hold
+        return 1.0 if step < start else 0.5 * (1 + math.cos(math.pi * (step - start) / max(total - start, 1)))
     return 0.1 if step >= tc.lr_drop * steps_per_epoch else 1.0
 
 
