@@ -326,20 +326,23 @@ def plan_demo(tc, dataset, model, autocast, ckpt, master, world, device, started
     all-reduces run in step); rank 0's plan is the one every rank follows. -> the DemoClock that
     revises the steps later (None for a resumed run or explicit --max-steps)."""
     if ckpt is not None:
-        plan = {k: ckpt["train"][k] for k in ("batch_size", "max_steps", "workers")}
+        plan = {k: ckpt["train"][k] for k in ("batch_size", "max_steps", "workers", "hold")}
         plan["workers"] = tc.workers if tc.workers is not None else plan["workers"]
         clock = None
     else:
         cuda = str(device).startswith("cuda")
         plan = dict(batch_size=tc.batch_size or (32 if cuda else 8),
                     workers=tc.workers if tc.workers is not None else min(8, (os.cpu_count() or 2) - 1) if cuda else 1)
-        clock = None if tc.max_steps else DemoClock(60 * (tc.budget_min or (2.5 if cuda else 13.5)), started,
-                                                    at=tc.warmup + tc.hold)
+        clock = None if tc.max_steps else DemoClock(60 * (tc.budget_min or (2.5 if cuda else 13.5)), started)
         if clock:
             step_s, clock.eval_s = time_pipeline(model, dataset, tc, plan, autocast, world, device)
             plan["max_steps"] = clock.steps_that_fit(0, step_s, margin=0.9)
+            if master:
+                print(f"timed {step_s:.2f} s a step, {clock.eval_s:.0f} s for the final evaluation", flush=True)
+            clock.at = min(tc.warmup + tc.hold, plan["max_steps"] // 2)     # revised there: half way at the latest
+            plan["hold"] = max(0, clock.at - tc.warmup)                       # the cosine starts after it
         else:
-            plan["max_steps"] = tc.max_steps
+            plan["max_steps"], plan["hold"] = tc.max_steps, tc.hold
         plan = mad.broadcast(plan)
         if master:
             print_plan(plan, cuda)
@@ -351,14 +354,15 @@ def plan_demo(tc, dataset, model, autocast, ckpt, master, world, device, started
 def print_plan(plan, cuda, revised=False):
     print(f"demo plan{' revised' if revised else ''} for {'cuda' if cuda else 'cpu'} ({torch.get_num_threads()} threads): "
           f"batch {plan['batch_size']}, {plan['max_steps']:,} steps, {plan['workers']} workers; the same run: "
-          f"--batch-size {plan['batch_size']} --max-steps {plan['max_steps']} --workers {plan['workers']}", flush=True)
+          f"--batch-size {plan['batch_size']} --max-steps {plan['max_steps']} --workers {plan['workers']} "
+          f"--hold {plan['hold']}", flush=True)
 
 
 class DemoClock:
     """The demo's time budget: how many steps fit into what is left of it (the final evaluation
-    reserved), and the one revision, at step `at`, from the rate of the steps since at - 90."""
+    reserved), and the one revision, at step `at`, from the rate of the last min(90, at / 2) steps."""
 
-    def __init__(self, budget_s, started, at, clock=time.time):
+    def __init__(self, budget_s, started, at=300, clock=time.time):
         self.budget_s, self.started, self.at, self.clock, self.eval_s, self.mark = budget_s, started, at, clock, 0.0, None
 
     def steps_that_fit(self, step, step_s, margin):
@@ -367,12 +371,14 @@ class DemoClock:
 
     def after_step(self, step, tc, master, cuda=False):
         """Called after each optimizer step (step counts the steps done); revises tc.max_steps at `at`."""
-        if step == self.at - 90:
+        window = min(90, self.at // 2)
+        if step == self.at - window:
             self.mark = self.clock()
         if step == self.at and self.mark is not None:
-            tc.max_steps = mad.broadcast(self.steps_that_fit(step, (self.clock() - self.mark) / 90, margin=0.97))
+            tc.max_steps = mad.broadcast(self.steps_that_fit(step, (self.clock() - self.mark) / window, margin=0.97))
             if master:
-                print_plan(dict(batch_size=tc.batch_size, max_steps=tc.max_steps, workers=tc.workers), cuda, revised=True)
+                print_plan(dict(batch_size=tc.batch_size, max_steps=tc.max_steps, workers=tc.workers, hold=tc.hold), cuda,
+                           revised=True)
         return tc.max_steps
 
 
