@@ -1789,7 +1789,7 @@ def test_ar_baseline_trains_on_its_targets_shifted_right_by_one_with_the_objects
     Table 2 / supplementary B, the autoregressive baseline: detection sequences put the objects
     first (in slot order), then the noise objects, whose class target is <noise> and boxes weigh 0;
     the decoder input is [prompt, <start>, targets[:-1]] with a causal decoder, and the loss is each
-    layer's mean -log p(next token) (fixed log-probs, by hand)."""
+    layer's mean -log p(next token), on every decoder layer (fixed log-probs, by hand)."""
     model = tiny_model("ar", num_queries=4)
     v = model.vocab
     batch = random_batch(model, B=1, n_gt=0)
@@ -1798,9 +1798,9 @@ def test_ar_baseline_trains_on_its_targets_shifted_right_by_one_with_the_objects
     seen = {}
     g = torch.Generator().manual_seed(0)
 
-    def decode(tokens, enc, all_layers=False, **kw):
+    def decode(tokens, enc, all_layers=False, **kw):                        # 2 layers' outputs if asked
         seen.setdefault("tokens", {})[tokens.shape[-1]] = tokens
-        return torch.zeros(2, *tokens.shape, model.cfg.d_model)
+        return torch.zeros(*(2,) * bool(all_layers), *tokens.shape, model.cfg.d_model)
     def logits(h, task):
         lo, hi = v.task_range(task)
         seen[task] = torch.randn(*h.shape[:-1], hi - lo, generator=g)
@@ -1808,6 +1808,7 @@ def test_ar_baseline_trains_on_its_targets_shifted_right_by_one_with_the_objects
     monkeypatch.setattr(model, "decode", decode)
     monkeypatch.setattr(model, "logits", logits)
     sums, counts = (x["det"] for x in model(batch, ("det",)))
+    assert sums.shape == counts.shape == (2,)                                  # a loss on every layer, as MAD
     target = torch.cat([seq[0], seq[3], seq[1], seq[2]]).clone()
     target[14], target[19] = v.noise, v.noise                                  # noise objects' classes
     weight = torch.ones(20)
@@ -2903,7 +2904,8 @@ def test_paper_presets_load_imagenet_weights_by_default_and_offline_say_how_to_g
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     assert train.parse_args(["--backbone", "r50"])[1].pretrained and not train.parse_args(["--backbone", "tiny"])[1].pretrained
     with pytest.raises(SystemExit, match="--backbone-weights FILE.*--no-pretrained"):
-        train.main(run_args(synth, tmp_path / "r50", "--backbone", "r50", "--max-steps", "1"))
+        train.main([a for a in run_args(synth, tmp_path / "r50", "--backbone", "r50", "--max-steps", "1", "--batch-size", "1")
+                    if a != "--no-pretrained"])                               # the preset's default
     assert len(calls) == 1 and "resnet50" in calls[0]
     backbone, _ = mad.BACKBONES["r50"]()
     with pytest.raises(SystemExit, match="cannot read a state dict"):
