@@ -102,9 +102,8 @@ Evaluation
 Training guarantees
   learning-rate schedule: test_learning_rate_schedule_at_chosen_steps
   clipping: test_gradient_clipping_limits_the_update_to_the_clip_norm
-  exact resume, its settings, after SIGKILL: test_resume_continues_exactly_like_an_uninterrupted_run,
-      test_resume_restores_the_runs_settings_and_refuses_a_flag_that_would_change_the_run,
-      test_sigkill_after_a_checkpoint_then_resume_finishes_like_an_uninterrupted_run
+  exact resume, its settings: test_resume_continues_exactly_like_an_uninterrupted_run,
+      test_resume_restores_the_runs_settings_and_refuses_a_flag_that_would_change_the_run
   accumulation: test_accumulated_micro_batches_equal_one_batch_k_times_the_size,
       test_accumulation_counts_the_positions_its_random_masks_actually_use
   AMP, fp16: test_amp_on_the_cpu_trains_under_bf16_autocast,
@@ -1761,22 +1760,29 @@ def test_one_training_step_and_prediction_shapes_for_both_decoders():
 
 
 def test_r50_default_training_step_and_predict_at_800x1333():
-    """The r50 preset (40-50M parameters) trains a step and predicts at 800 x 1333; its stem stays frozen."""
+    """The r50 preset (40-50M parameters) trains a step and predicts at 800 x 1333; its stem stays frozen.
+
+    The training step runs at 320 x 544 (the same code at a quarter of the pixels: the full size's
+    step and its memory are bench.py's), the prediction at 800 x 1333 padded to 800 x 1344."""
     torch.manual_seed(0)
     cfg = Config(**PRESETS["r50"])
     vocab = Vocab(num_classes=80, num_bins=cfg.num_bins, num_text=1000, person=0)
     model = MAD(cfg, vocab)
     assert 40e6 < sum(p.numel() for p in model.parameters()) < 50e6
-    batch = random_batch(model, B=1, size=800, n_gt=7)
-    batch["images"] = torch.randint(0, 256, (1, 3, 800, 1344), dtype=torch.uint8)   # 1333 padded to 32
-    batch["pad_mask"] = torch.zeros(1, 800, 1344, dtype=torch.bool)
-    batch["pad_mask"][:, :, 1333:] = True
-    batch["size"], batch["orig_size"] = torch.tensor([[800, 1333]]), torch.tensor([[480, 800]])
+    batch = random_batch(model, B=1, size=320, n_gt=7)
+    batch["images"] = torch.randint(0, 256, (1, 3, 320, 544), dtype=torch.uint8)    # 533 padded to 32
+    batch["pad_mask"] = torch.zeros(1, 320, 544, dtype=torch.bool)
+    batch["pad_mask"][:, :, 533:] = True
+    batch["size"], batch["orig_size"] = torch.tensor([[320, 533]]), torch.tensor([[480, 800]])
     loss, _ = model.train().loss(batch)
     loss.backward()
     assert torch.isfinite(loss)
     assert model.backbone[0].weight.grad is None                             # frozen stem
-    out = model.eval().predict(batch["images"], batch["pad_mask"], batch["orig_size"])
+    images = torch.randint(0, 256, (1, 3, 800, 1344), dtype=torch.uint8)
+    pad_mask = torch.zeros(1, 800, 1344, dtype=torch.bool)
+    pad_mask[:, :, 1333:] = True
+    with torch.no_grad():
+        out = model.eval().predict(images, pad_mask, batch["orig_size"])
     check_prediction(out, model, batch)
 
 
@@ -2403,44 +2409,6 @@ def test_resume_restores_the_runs_settings_and_refuses_a_flag_that_would_change_
         train.main(["--out", str(tmp_path / "nothing"), "--resume"])
 
 
-KILL_AFTER_CHECKPOINT_2 = """
-import os, signal, sys
-sys.path.insert(0, {here!r})
-import mad, train
-save_checkpoint = mad.save_checkpoint
-def save_then_die(path, state):
-    save_checkpoint(path, state)
-    if state["step"] == 2:
-        os.kill(os.getpid(), signal.SIGKILL)                    # right after step 2's checkpoint is on disk
-mad.save_checkpoint = save_then_die
-train.main(sys.argv[1:])
-"""
-
-
-def test_sigkill_after_a_checkpoint_then_resume_finishes_like_an_uninterrupted_run(synth, tmp_path):
-    """README: a run killed by SIGKILL after a checkpoint and resumed ends like an uninterrupted run.
-
-    README, exact resume: a run killed by SIGKILL after a checkpoint and resumed (--resume) ends with
-    the same parameters as an uninterrupted run. The kill comes deterministically, right after step 2's
-    checkpoint is written."""
-    run([sys.executable, "train.py", *run_args(synth, tmp_path / "straight"), "--max-steps", "6"])  # same threads
-    script = tmp_path / "killed_train.py"
-    script.write_text(KILL_AFTER_CHECKPOINT_2.format(here=HERE))
-    out = tmp_path / "killed"
-    p = run([sys.executable, str(script), *run_args(synth, out), "--max-steps", "6", "--save-every", "1"], check=False)
-    assert p.returncode == -signal.SIGKILL, p.stderr
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == 2
-    run([sys.executable, "train.py", *run_args(synth, out), "--max-steps", "6", "--save-every", "1", "--resume"])
-    steps = [json.loads(l)["step"] for l in open(out / "log.jsonl")]
-    assert steps == [1, 2, 3, 4, 5, 6]                                          # continued from the checkpoint
-    a = torch.load(tmp_path / "straight/last.pt", weights_only=False)
-    b = torch.load(out / "last.pt", weights_only=False)
-    assert b["step"] == 6 and lrs(a) == lrs(b)
-    assert_same_params(a["model"], b["model"], atol=1e-6)                      # optimizer, RNG, data order restored
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], atol=1e-9)
-
-
 def test_accumulated_micro_batches_equal_one_batch_k_times_the_size(synth, tokenizer):
     """Accumulation: 2 micro-batches of 2 give the step of one batch of 4.
 
@@ -2934,7 +2902,7 @@ def test_readme_quick_start_then_evaluation_commands_work_in_a_fresh_copy(tmp_pa
     assert m["num_images"] == train.SYNTHETIC["val"] and {"bbox_AP", "segm_AP", "keypoints_AP", "BLEU4"} <= set(m)
 
 
-OVERFIT = dict(bbox_AP50=90, segm_AP50=80, keypoints_AP50=80, BLEU4=40)   # measured 100, 100, 100, 56.8
+OVERFIT = dict(bbox_AP50=90, segm_AP50=80, keypoints_AP50=80, BLEU4=40)   # measured 100, 100, 100, 56.3
 
 
 def test_tiny_model_learns_all_four_tasks_on_eight_images(tmp_path):
@@ -2944,8 +2912,8 @@ def test_tiny_model_learns_all_four_tasks_on_eight_images(tmp_path):
     evaluate.py scores them. Catches what shape tests cannot: a model that ignores the image."""
     root = str(tmp_path / "eight")
     data.make_synthetic_coco(root, 8, 1, seed=5)
-    train.main(run_args(root, tmp_path / "run", "--no-augment", "--max-steps", "250", "--epochs", "250",
-                        "--lr-drop", "250"))
+    train.main(run_args(root, tmp_path / "run", "--no-augment", "--max-steps", "170", "--epochs", "170",
+                        "--lr-drop", "170", "--lr", "1e-3", "--backbone-lr", "1e-3"))
     ckpt = mad.load_checkpoint(str(tmp_path / "run/last.pt"))
     model, tok = mad.model_from_checkpoint(ckpt)
     ds = data.CocoMultiTask(root, "train2017", model.cfg, tok, train=False, categories=ckpt["categories"])
