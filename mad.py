@@ -33,6 +33,7 @@ from scipy.optimize import linear_sum_assignment
 @dataclass
 class Config:
     backbone: str = "r50"            # tiny | r50 | swin_b | swin_b384 | vit_b
+    tiny_stride: int = 32            # the tiny backbone's stride: 32 | 16 (an 8 x 8 memory at 128 px)
     d_model: int = 256               # width of encoder and decoder
     enc_layers: int = 6
     dec_layers: int = 6
@@ -164,12 +165,14 @@ class CaptionTokenizer:
 # -----------------------------------------------------------------------------
 # 3.3 Architecture: backbone -> 1x1 projection + sine positions -> encoder -> decoder -> token head
 
-def tiny_backbone():
-    """A small stride-32 CNN for tests and the CPU demo. GroupNorm, not BatchNorm, so a sample's
-    features do not depend on the rest of its batch (DDP with batch 1 per rank == one batch of 2)."""
+def tiny_backbone(stride=32):
+    """A small CNN for tests and the CPU demo, stride 32, or 16 (its last stage keeps the resolution).
+    GroupNorm, not BatchNorm, so a sample's features do not depend on the rest of its batch (DDP
+    with batch 1 per rank == one batch of 2)."""
     layers, c_in = [], 3
-    for c in (32, 64, 128, 192, 256):
-        layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU(inplace=True),
+    for i, c in enumerate((32, 64, 128, 192, 256)):
+        s = 1 if i == 4 and stride == 16 else 2
+        layers += [nn.Conv2d(c_in, c, 3, s, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU(inplace=True),
                    nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU(inplace=True)]
         c_in = c
     return nn.Sequential(*layers), c_in
@@ -368,7 +371,8 @@ class MAD(nn.Module):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
         d = cfg.d_model
-        self.backbone, channels = backbone or BACKBONES[cfg.backbone]()
+        tiny = cfg.backbone == "tiny"
+        self.backbone, channels = backbone or (tiny_backbone(cfg.tiny_stride) if tiny else BACKBONES[cfg.backbone]())
         self.proj = nn.Conv2d(channels, d, 1)
         self.encoder = nn.ModuleList(EncoderLayer(d, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(d, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.dec_layers))
