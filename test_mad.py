@@ -1880,6 +1880,47 @@ def test_ar_greedy_decoding_with_kv_cache_equals_without():
             assert torch.allclose(cached, plain, atol=1e-5)
 
 
+def test_ar_detection_sequences_put_each_images_own_objects_first():
+    """Table 2: each image of a batch puts its own objects first; the rest of its slots are noise.
+
+    Two images with 1 and 3 objects (slots 2; slots 3, 1, 0): image 0 has one object position and
+    three noise objects, image 1 three object positions and one; by hand."""
+    v = tiny_model("ar", num_queries=4).vocab
+    slots = torch.arange(2 * 4 * 5).view(2, 4, 5) % 40 + v.coord              # distinct slot tokens
+    batch = dict(det_seq=slots, det_gt=[slots[0, [2]], slots[1, [3, 1, 0]]])
+    prompt, target, weight = mad.ar_sequences(batch, "det", v)
+    order = [[2, 0, 1, 3], [0, 1, 3, 2]]                                      # objects in slot order, then the rest
+    for b, n in enumerate((1, 3)):
+        expect = slots[b, order[b]].clone()
+        expect[n:, 4] = v.noise
+        w = torch.ones(4, 5)
+        w[n:, :4] = 0
+        assert torch.equal(target[b, 0], expect.flatten()) and torch.equal(weight[b, 0], w.flatten()), b
+    assert torch.equal(prompt, v.det_prompt.expand(2, 1, 6))
+
+
+def test_causal_self_attention_equals_a_masked_softmax_by_hand_and_drops_only_in_training():
+    """Table 2: the baseline's self-attention is causal, equal to a masked softmax by hand; no dropout at inference.
+
+    Causal multi-head attention (2 heads) against a reference written here: scores q.k / sqrt(d_head),
+    -inf above the diagonal, softmax, times v, output projection; with the key/value cache, one step
+    at a time gives the same rows. With dropout 0.5 the module drops in training only."""
+    torch.manual_seed(0)
+    attn = mad.Attention(8, 2, dropout=0.5).eval()
+    q, x = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    split = lambda t: t.view(3, 5, 2, 4).transpose(1, 2)
+    Q, K, V = split(attn.q(q)), split(attn.k(q)), split(attn.v(x))
+    scores = Q @ K.transpose(-1, -2) / 2.0
+    scores = scores.masked_fill(torch.ones(5, 5).triu(1).bool(), float("-inf"))
+    expect = attn.out((scores.softmax(-1) @ V).transpose(1, 2).reshape(3, 5, 8))
+    with torch.no_grad():
+        got = mad.causal_self_attention(attn, q, x)
+        cache = {}
+        steps = torch.cat([mad.causal_self_attention(attn, q[:, t:t + 1], x[:, t:t + 1], cache) for t in range(5)], 1)
+    assert torch.allclose(got, expect, atol=1e-5) and torch.allclose(steps, expect, atol=1e-5)
+    assert not torch.allclose(mad.causal_self_attention(attn.train(), q, x), expect, atol=1e-3)
+
+
 def test_ar_baseline_trains_saves_loads_and_evaluates_through_evaluate_py(synth, tmp_path):
     """Table 2: the AR baseline trains through train.py, saves, loads and is scored by evaluate.py."""
     train.main(run_args(synth, tmp_path / "ar", "--decoder", "ar", "--max-steps", "2"))
@@ -2139,7 +2180,8 @@ def test_bleu4_clips_each_ngram_by_its_most_frequent_reference_and_takes_the_clo
 
     BLEU-4 (the COCO caption scorer's) with several references, by hand: an n-gram's count is clipped
     by its count in the reference that has it most often (not the sum, not one reference), and the
-    brevity penalty takes the reference length closest to the caption's (not the shortest or longest)."""
+    brevity penalty takes the reference length closest to the caption's (not the shortest or longest);
+    over a corpus, lengths and counts are summed over its images before the ratios."""
     refs = ["a b c d e f g h i j k l", "x a b a b y z", "c d a"]           # 12, 7 and 3 words
     # "a b c d a b": 1-grams 6/6, 2-grams 5/5 (ab twice: the 2nd reference), 3-grams 3/4 (abc, bcd, cda),
     # 4-grams 1/3 (abcd); 6 words, closest reference 7: brevity penalty exp(1 - 7/6)
@@ -2151,6 +2193,12 @@ def test_bleu4_clips_each_ngram_by_its_most_frequent_reference_and_takes_the_clo
     assert evaluate.bleu4({1: "a a a b"}, {1: ["a a b", "b a a"]}) == \
         pytest.approx(((3 + tiny) / (4 + small) * (2 + tiny) / (3 + small) * (1 + tiny) / (2 + small) * tiny / (1 + small)) ** 0.25,
                       rel=1e-9)
+    # a corpus of two images: lengths (4 + 5 = 9 against 7 + 5 = 12) and n-gram counts summed before
+    # the ratios; every n-gram matches, so only the corpus's brevity penalty remains
+    assert evaluate.bleu4({1: "a b c d", 2: "e f g h i"}, {1: ["a b c d x y z"], 2: ["e f g h i"]}) == \
+        pytest.approx(math.exp(1 - 12 / 9), rel=1e-9)
+    with pytest.raises(KeyError, match="no reference captions for image 3"):
+        evaluate.bleu4({3: "a b"}, {1: ["a b"]})
 
 
 def gt_predictions(ds):
