@@ -11,6 +11,7 @@ reported as ratios. Benchmarks print numbers; test_mad.py checks correctness. Ne
     python bench.py --ablation      # paper Tables 2, 3, 7, 8 on the synthetic set, 2 seeds (hours on 2 cores)
     python bench.py --ablation --tables 2 --seeds 0   # one table, one seed
     python bench.py --coco-scale    # annotations at COCO train2017's counts: load time, memory per process
+    python bench.py --tiny-variants # the demo's training images/s for variants of the tiny model
 """
 import argparse
 import io
@@ -483,9 +484,9 @@ def coco_scale(root="data/coco_scale", batches=500, workers=4):
 
 METRICS = ("bbox_AP", "segm_AP", "keypoints_AP", "BLEU4")
 # the demo's plan, explicit: every training gets the same steps, whatever the machine's speed
-# the tables' recipe: a 100-step warm-up, then the cosine (no hold), and no word shown in the fully masked
-# caption copy (the details table's last row trains it)
-ABLATION_PLAN = dict(batch_size=8, max_steps=1000, workers=1, hold=0, cap_full_word=False)
+# the tables' recipe: the tiny preset's 3 decoder layers, a 100-step warm-up, then the cosine (no hold), and
+# no word shown in the fully masked caption copy (the details table's last row trains it)
+ABLATION_PLAN = dict(batch_size=8, max_steps=1000, workers=1, dec_layers=3, hold=0, cap_full_word=False)
 # trainings: the demo's flags, then these
 TRAININGS = {"ar": ["--decoder", "ar"], "parallel": ["--mask-ratio", "1.0"], "masked": [],
              "random_ratio": ["--mask-strategy", "random"], "multiple_ratios": ["--mask-strategy", "multiple"],
@@ -638,6 +639,53 @@ def print_ablation_table(t, rows, seeds):
               + ", ".join("-" if x is None else str(x) for x in r["paper"]))
 
 
+# -----------------------------------------------------------------------------
+# The demo's levers: training images/s of tiny variants on the demo's own batches
+
+TINY_VARIANTS = {"tiny (the demo)": {}, "stride 16": dict(tiny_stride=16), "decoder 2 layers": dict(dec_layers=2),
+                 "encoder 1, decoder 2": dict(enc_layers=1, dec_layers=2), "encoder 3, decoder 4": dict(enc_layers=3, dec_layers=4),
+                 "d 96": dict(d_model=96), "d 192": dict(d_model=192, heads=6), "FFN 256": dict(ffn=256),
+                 "FFN 1024": dict(ffn=1024)}
+
+
+def tiny_variants(rounds=4, steps=10, batch=8):
+    """Training steps (batch 8, 128 px, no augmentation: the demo's) of every variant, in rounds that
+    take turns, so that each variant meets the same machine speed; the first round's first 5 steps of
+    each are warm-up. Same batches for all (the synthetic train split, a fixed order)."""
+    import contextlib
+    import tempfile
+    import train
+    root = train.prepare_data(train.TrainConfig(data="synthetic"))
+    with tempfile.TemporaryDirectory() as tmp:
+        spm = data.train_caption_tokenizer(os.path.join(root, "annotations", "captions_train2017.json"),
+                                           os.path.join(tmp, "spm"), train.SCHEDULES["tiny"]["spm_vocab"])
+        tokenizer = mad.CaptionTokenizer(spm)
+    cfg = Config(**PRESETS["tiny"])
+    ds = evaluate.quiet(lambda: data.CocoMultiTask(root, "train2017", cfg, tokenizer, True, augment=False))
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    batches = [data.collate([ds[i] for i in order[k * batch:(k + 1) * batch]]) for k in range(rounds * steps)]
+    runs = {}
+    for name, change in TINY_VARIANTS.items():
+        torch.manual_seed(0)
+        model = MAD(Config(**{**PRESETS["tiny"], **change}), ds.vocab)
+        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3), [])
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for r in range(rounds):
+        for model, optimizer, times in runs.values():
+            for k, b in enumerate(batches[r * steps:(r + 1) * steps]):
+                t = time.perf_counter()
+                train.train_step(model, model, [b], model.cfg.tasks, optimizer, scaler, contextlib.nullcontext(), 1.0)
+                if r > 0 or k >= 5:
+                    times.append(time.perf_counter() - t)
+    res = {name: dict(params_m=sum(p.numel() for p in m.parameters()) / 1e6, images_per_s=batch * len(t) / sum(t))
+           for name, (m, _, t) in runs.items()}
+    base = res["tiny (the demo)"]["images_per_s"]
+    print(f"training images/s, batch {batch}, 128 px, {torch.get_num_threads()} threads ({rounds} rounds of {steps} steps)")
+    for name, r in res.items():
+        print(f"  {name:22s} {r['params_m']:5.2f}M parameters {r['images_per_s']:6.1f} images/s  {r['images_per_s'] / base:4.2f}x")
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -650,7 +698,10 @@ def main():
     p.add_argument("--out", default="runs/ablation", help="--ablation: models and evaluations")
     p.add_argument("--reps", type=int, default=None, help="repetitions per row (default 3; --quick 1)")
     p.add_argument("--coco-scale", action="store_true", help="annotations at COCO train2017's counts: load time, memory")
+    p.add_argument("--tiny-variants", action="store_true", help="the demo's training images/s for tiny variants")
     args = p.parse_args()
+    if args.tiny_variants:
+        return tiny_variants()
     if args.coco_scale:
         return coco_scale()
     if args.ablation:

@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 
 
 # -----------------------------------------------------------------------------
-# Configuration: the paper's defaults (4.1, Table 9); README "Defaults" explains every choice
+# Configuration: the paper's defaults (4.1, Table 9); the README says where they differ from the authors' code
 
 @dataclass
 class Config:
