@@ -1047,6 +1047,24 @@ def test_coordinate_embeddings_start_more_similar_the_nearer_their_bins():
     assert not torch.allclose(off, coords)
 
 
+@pytest.mark.parametrize("stride", [32, 16])
+def test_tiny_backbone_at_stride_32_or_16_gives_the_memory_of_that_grid(stride):
+    """3.3: the tiny backbone's memory has one token per stride x stride pixels (--tiny-stride 16: 4x as many).
+
+    A 128 x 192 image (padded to 32, its last 32 columns padding): (128/s) x (192/s) memory tokens, and
+    the padded columns' tokens are masked out of attention."""
+    model = tiny_model(tiny_stride=stride)
+    images = torch.zeros(1, 3, 128, 192, dtype=torch.uint8)
+    pad = torch.zeros(1, 128, 192, dtype=torch.bool)
+    pad[:, :, 160:] = True
+    with torch.no_grad():
+        memory = model.encode(images, pad)
+    h, w = 128 // stride, 192 // stride
+    assert memory[0].shape == (1, h * w, model.cfg.d_model)
+    attend = memory[2].view(h, w)
+    assert attend[:, : 160 // stride].all() and not attend[:, 160 // stride:].any()
+
+
 @pytest.mark.parametrize("name,channels", [("tiny", 256), ("r50", 2048), ("swin_b", 1024), ("swin_b384", 1024), ("vit_b", 256)])
 def test_backbone_stride_32_map_and_local_weights_round_trip(name, channels, tmp_path):
     """3.3: each backbone gives a stride-32 map of its channels; its weights round-trip through a file."""
