@@ -28,6 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import evaluate
 import mad
+import runtime
+import synthetic
 from mad import MAD, PRESETS, TASKS, Config, Vocab
 
 
@@ -124,7 +126,6 @@ def inference_latency(preset, reps, device="cpu", dtype=None, compile=False):
     """Batch-1 latency per task and total: MAD one stage, MAD masked inference, AR + KV cache
     (one set of weights: the AR baseline loads MAD's; only the decoder and the stage ratios change;
     with `compile` all three run through torch.compile). Best of `reps` runs (AR: one)."""
-    import train
     weights = build(preset).state_dict()
     gpu = str(device).startswith("cuda")
     rows = {}
@@ -136,7 +137,7 @@ def inference_latency(preset, reps, device="cpu", dtype=None, compile=False):
             for key, v in over.items():
                 setattr(model.cfg, key, v)
             if compile:
-                train.compile_model(model)
+                runtime.compile_model(model)
             inputs = image_batch(model.cfg, 1, device)
             timer = TaskTimer(model, device)
             if gpu or k == 0:
@@ -178,7 +179,7 @@ def flops_of(fn):
 
 
 def random_train_batch(model, B, H, W):
-    return data.random_batch(model.cfg, model.vocab, B, H, W)
+    return synthetic.random_batch(model.cfg, model.vocab, B, H, W)
 
 
 def model_flop_utilization(preset, peak, reps):
@@ -247,7 +248,7 @@ def target_building_vs_jpeg(reps):
     import tempfile
     from PIL import Image
     with tempfile.TemporaryDirectory() as root:
-        data.make_synthetic_coco(root, 4, 0, image_size=800, seed=0, aspect=1333 / 800)
+        synthetic.make_synthetic_coco(root, 4, 0, image_size=800, seed=0, aspect=1333 / 800)
         cfg = Config(**PRESETS["r50"])
         ds = evaluate.quiet(data.CocoMultiTask, root, "train2017", cfg, None, True)   # keep --json clean
         path = os.path.join(root, "train2017", ds.ann.image(0)[0])
@@ -294,10 +295,9 @@ def training_step_on_gpu(preset, B, H, W, dtype, compile, steps):
     """One training step (forward, backward, fused AdamW) on a random batch: images/s, the share
     of the step the GPU is busy (kernel time in torch.profiler over the step's wall time), and the
     peak GPU memory."""
-    import train
     model = build(preset).cuda().train()
     if compile:
-        train.compile_model(model)
+        runtime.compile_model(model)
     opt = torch.optim.AdamW(model.parameters(), 1e-4, fused=True)
     batch = {k: [t.cuda() for t in v] if isinstance(v, list) else v.cuda()
              for k, v in random_train_batch(model, B, H, W).items()}
@@ -325,7 +325,7 @@ def training_step_on_gpu(preset, B, H, W, dtype, compile, steps):
 def gpu_table(reps, compile, quick=False):
     """The GPU table: synchronized batch-1 latency (fp32 with TF32, and bf16 autocast) and the r50
     training step at batch 2, 800 x 1333 (bf16 and fp32)."""
-    mad.cuda_settings()
+    runtime.cuda_settings()
     res = dict(device=torch.cuda.get_device_name(), compile=compile)
     for preset in ("tiny",) if quick else ("tiny", "r50", "swin_b"):
         for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
@@ -413,7 +413,7 @@ def write_coco_scale(root, empty=False, counts=COCO_SCALE, files=8, size=640):
     os.makedirs(os.path.join(root, "train2017"), exist_ok=True)
     rng = random.Random(0)
     for k in range(files):
-        data.draw_scene(rng, size, size)[0].save(os.path.join(root, "train2017", f"{k:03d}.jpg"), quality=90)
+        synthetic.draw_scene(rng, size, size)[0].save(os.path.join(root, "train2017", f"{k:03d}.jpg"), quality=90)
     n = counts["images"]
     images = [dict(id=i + 1, file_name=f"{i % files:03d}.jpg", width=size, height=size) for i in range(n)]
     source = {kind: json.load(open(os.path.join(EXCERPT, f"{kind}_val2017.json"))) for kind in data.FILES}
@@ -544,7 +544,7 @@ def ablation(out, tables, seeds):
               for name in (training.values() if isinstance(training, dict) else [training])}
     runs = [(name, seed) for seed in seeds for name in sorted(needed)]
     todo = [r for r in runs if trained_steps(os.path.join(out, f"{r[0]}_s{r[1]}")) < ABLATION_PLAN["max_steps"]]
-    train.prepare_data(train.TrainConfig(data="synthetic"))   # generated once, before the runs start
+    runtime.prepare_data("synthetic")   # generated once, before the runs start
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     running, start = {}, time.time()
@@ -594,19 +594,17 @@ def evaluate_run(run_dir, settings, out):
     """The metrics of one trained model under inference settings (cfg fields). oracle: segmentation
     and keypoints prompted by ground-truth boxes, evaluated apart from detection and captions
     (evaluate.py prompts them so when a model has no detection task)."""
-    import train
-    ckpt = mad.load_checkpoint(os.path.join(run_dir, "last.pt"))
-    model, tokenizer = mad.model_from_checkpoint(ckpt)
+    ckpt = runtime.load_checkpoint(os.path.join(run_dir, "last.pt"))
     settings = dict(settings)
     oracle = settings.pop("oracle", False)
-    for k, v in settings.items():
-        setattr(model.cfg, k, v)
+    # the model is built under the settings: it chooses its variants (det_score ...) when built
+    model, tokenizer = runtime.model_from_checkpoint(dict(ckpt, config={**ckpt["config"], **settings}))
     trained, metrics = model.cfg.tasks, {}
     for tasks in (("det", "cap"), ("seg", "kpt")) if oracle else (trained,):
         model.cfg.tasks = tuple(t for t in trained if t in tasks)
         if not model.cfg.tasks:
             continue
-        ds = data.CocoMultiTask(train.SYNTHETIC["root"], "val2017", model.cfg, tokenizer, train=False,
+        ds = data.CocoMultiTask(runtime.SYNTHETIC["root"], "val2017", model.cfg, tokenizer, train=False,
                                 categories=ckpt["categories"], targets=False)
         name = os.path.basename(run_dir) + "".join(f"_{k}{v}" for k, v in sorted(settings.items())) + "_" + "".join(tasks)
         eval_dir = os.path.join(out, "eval", re.sub(r"[^\w.-]", "", name))
@@ -642,7 +640,7 @@ def print_ablation_table(t, rows, seeds):
 # -----------------------------------------------------------------------------
 # The demo's levers: training images/s of tiny variants on the demo's own batches
 
-TINY_VARIANTS = {"tiny preset": {}, "stride 16": dict(tiny_stride=16), "decoder 2 layers (demo)": dict(dec_layers=2),
+TINY_VARIANTS = {"tiny preset": {}, "decoder 2 layers (demo)": dict(dec_layers=2),
                  "encoder 1, decoder 2": dict(enc_layers=1, dec_layers=2), "encoder 3, decoder 4": dict(enc_layers=3, dec_layers=4),
                  "d 96": dict(d_model=96), "d 192": dict(d_model=192, heads=6), "FFN 256": dict(ffn=256),
                  "FFN 1024": dict(ffn=1024)}
@@ -655,7 +653,7 @@ def tiny_variants(rounds=4, steps=10, batch=8):
     import contextlib
     import tempfile
     import train
-    root = train.prepare_data(train.TrainConfig(data="synthetic"))
+    root = runtime.prepare_data("synthetic")
     with tempfile.TemporaryDirectory() as tmp:
         spm = data.train_caption_tokenizer(os.path.join(root, "annotations", "captions_train2017.json"),
                                            os.path.join(tmp, "spm"), train.SCHEDULES["tiny"]["spm_vocab"])

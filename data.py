@@ -5,31 +5,24 @@ all four tasks that its split has (instances -> detection + segmentation, person
 keypoints, captions -> captioning), built after augmentation as tokens of mad.Vocab:
   reading COCO (three annotation files, checked and merged per image, held as arrays)  ->
   augmentation (flip, multi-scale, crop, LSJ)  ->  the task sequences  ->  collate (pad to a multiple
-  of 32 with a pixel mask). Images stay uint8 up to the model, which normalizes them.
-Also: training the SentencePiece caption model, and the synthetic COCO-format set that makes
-the whole pipeline run with no download:
-
-    python data.py synth data/synthetic --train 2000 --val 200 [--size 128] [--seed 0]
+  of 32, True at padding). Images stay uint8 up to the model, which normalizes them.
+Also: training the SentencePiece caption model. The synthetic set is synthetic.py's.
 """
-import argparse
 import array
 import io
 import json
 import math
 import os
 import random
-import shutil
-import socket
-import time
 
 import numpy as np
 import pycocotools.mask as mask_utils
 import sentencepiece as spm
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torchvision.ops import roi_align
 
-from mad import TASKS, Vocab
+from mad import KPT_LEN, NUM_KEYPOINTS, PROMPT_LEN, TASKS, Vocab
 
 KEYPOINTS = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
              "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
@@ -118,9 +111,10 @@ class CocoAnnotations:
 
         def add_person(a):
             add_box(per, a)
-            kp = a.get("keypoints", [0] * 51)
-            if len(kp) != 51:
-                raise ValueError(f"{path}: annotation {a.get('id', '?')} has {len(kp)} keypoint values, expected 17 x 3")
+            kp = a.get("keypoints", [0] * KPT_LEN)
+            if len(kp) != KPT_LEN:
+                raise ValueError(f"{path}: annotation {a.get('id', '?')} has {len(kp)} keypoint "
+                                 f"values, expected {NUM_KEYPOINTS} x 3")
             per.kpts.extend(kp)
 
         def add_caption(a):
@@ -163,7 +157,7 @@ class CocoAnnotations:
         self.coords, self.obj_rle, self.rles = cols["coords"], cols["rle"][o["keep"]], rles
         p = self.merge("person_keypoints", per.numpy(), keypoints=True)
         self.person_start, self.person_box = p["start"], p["box"]
-        self.person_kpts = per.numpy()["kpts"].reshape(-1, 17, 3)[p["keep"]]
+        self.person_kpts = per.numpy()["kpts"].reshape(-1, NUM_KEYPOINTS, 3)[p["keep"]]
         if self.dropped:
             print(f"{split}: {self.dropped} crowd, empty or out-of-image boxes dropped")
         c = cap.numpy()
@@ -215,7 +209,8 @@ class CocoAnnotations:
         self.dropped += int((~valid).sum())
         keep = valid
         if keypoints:
-            keep = valid & (cols["kpts"].reshape(-1, 17, 3)[:, :, 2] > 0).any(1)
+            labelled = cols["kpts"].reshape(-1, NUM_KEYPOINTS, 3)[:, :, 2] > 0
+            keep = valid & labelled.any(1)
         keep = np.flatnonzero(keep)
         keep = keep[np.argsort(rows[keep], kind="stable")]
         start = np.searchsorted(rows[keep], np.arange(len(self.image_ids) + 1))
@@ -268,7 +263,7 @@ class CocoMultiTask(torch.utils.data.Dataset):
 
     root/{split}/*.jpg and root/annotations/{instances,person_keypoints,captions}_{split}.json
     (CocoAnnotations). Target keys (global token ids of vocab; Q = num_queries, S = max_instances,
-    M = mask_size, R = max_captions, L = caption_len):
+    M = grid_size, R = max_captions, L = caption_len):
       image_id int, orig_size (2,) original (H, W), size (2,) after augmentation (h, w)
       boxes (n, 4) xyxy augmented pixels, labels (n,)           non-crowd objects, n <= Q
       det_seq (Q, 5) [x0, y0, x1, y1, class] objects in random slots, noise objects elsewhere
@@ -333,28 +328,32 @@ class CocoMultiTask(torch.utils.data.Dataset):
     def build(self, i, image):
         """One sample: augmentation, then every task's target sequences."""
         rng = random.Random(hash((self.seed, self.epoch, i)))
-        g = torch.Generator().manual_seed(rng.getrandbits(62))
+        generator = torch.Generator().manual_seed(rng.getrandbits(62))
         W, H = image.size
-        t = sample_transform(W, H, rng, self.cfg, self.augment)
-        image = apply_to_image(image, t)
+        transform = sample_transform(W, H, rng, self.cfg, self.augment)
+        image = apply_to_image(image, transform)
         w, h = image.size
-        target = dict(image_id=int(self.ann.image_ids[i]), orig_size=torch.tensor([H, W]), size=torch.tensor([h, w]))
-        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)              # (3, h, w) uint8
+        target = dict(image_id=int(self.ann.image_ids[i]), orig_size=torch.tensor([H, W]),
+                      size=torch.tensor([h, w]))
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)      # (3, h, w) uint8
         if not self.targets:
             return pixels, target
-        v, cfg = self.vocab, self.cfg
+        vocab, cfg = self.vocab, self.cfg
         boxes, labels, segs = self.ann.objects(i)
-        boxes, keep = transform_boxes(torch.from_numpy(boxes).float().view(-1, 4), t)
+        boxes, keep = transform_boxes(torch.from_numpy(boxes).float().view(-1, 4), transform)
         labels, segs = torch.from_numpy(labels)[keep], [segs[k] for k in keep.nonzero()[:, 0].tolist()]
-        p_boxes, kpts = self.ann.persons(i)
-        p_boxes, p_keep = transform_boxes(torch.from_numpy(p_boxes).float().view(-1, 4), t)
-        kpts = transform_keypoints(torch.from_numpy(kpts).view(-1, 17, 3)[p_keep], t)
-        target.update(detection_targets(boxes, labels, w, h, g, v, cfg))
-        segs = [segs[k] for k in target.pop("order").tolist()]                # in the order of target["boxes"]
-        target.update(segmentation_targets(target["boxes"], target["labels"], segs, H, W, t, g, v, cfg, "seg" in self.tasks))
-        target.update(keypoint_targets(p_boxes, kpts, w, h, g, v, cfg, "kpt" in self.tasks))
+        person_boxes, kpts = self.ann.persons(i)
+        person_boxes, kept = transform_boxes(torch.from_numpy(person_boxes).float().view(-1, 4), transform)
+        kpts = torch.from_numpy(kpts).view(-1, NUM_KEYPOINTS, 3)[kept]
+        kpts = transform_keypoints(kpts, transform)
+        target.update(detection_targets(boxes, labels, w, h, generator, vocab, cfg))
+        segs = [segs[k] for k in target.pop("order").tolist()]       # in the order of target["boxes"]
+        target.update(segmentation_targets(target["boxes"], target["labels"], segs, H, W, transform,
+                                           generator, vocab, cfg, enabled="seg" in self.tasks))
+        target.update(keypoint_targets(person_boxes, kpts, w, h, generator, vocab, cfg,
+                                       enabled="kpt" in self.tasks))
         captions = self.ann.captions(i) if "cap" in self.tasks else []
-        target.update(caption_targets(captions, rng, self.tokenizer, v, cfg, sample=self.train))
+        target.update(caption_targets(captions, rng, self.tokenizer, vocab, cfg, sample=self.train))
         return pixels, target
 
 
@@ -382,10 +381,10 @@ def sample_transform(W, H, rng, cfg, augment):
     return affine(W, H, crop, resize_size(crop[2], crop[3], short, cfg.max_size), flip)
 
 
-def detection_targets(boxes, labels, w, h, g, v, cfg):
+def detection_targets(boxes, labels, w, h, generator, vocab, cfg):
     """3.1: Q slots [x0, y0, x1, y1, class]; the objects go to random distinct slots, every
     other slot holds a noise object (random box, random class)."""
-    Q = cfg.num_queries
+    Q, g, v = cfg.num_queries, generator, vocab
     order = torch.randperm(len(boxes), generator=g)[:Q]          # at most Q objects, in random order
     boxes, labels = boxes[order], labels[order]
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
@@ -398,47 +397,48 @@ def detection_targets(boxes, labels, w, h, g, v, cfg):
     return dict(boxes=boxes, labels=labels, det_seq=det_seq, det_gt=gt, order=order)
 
 
-def segmentation_targets(boxes, labels, segms, H, W, t, g, v, cfg, on=True):
+def segmentation_targets(boxes, labels, segms, H, W, transform, generator, vocab, cfg, enabled=True):
     """3.1: up to S random instances; prompt [<seg>, box, class]; target = the mask inside the box
-    resampled to M x M (RoIAlign sampling, threshold 0.5), row-major <fg>/<bg>."""
-    S, M = cfg.max_instances, cfg.mask_size
+    resampled to an M x M grid (RoIAlign sampling, threshold 0.5), row-major <fg>/<bg>. Nothing
+    is counted (weight 0) unless `enabled`."""
+    S, M, v = cfg.max_instances, cfg.grid_size, vocab
     have = [k for k, s in enumerate(segms) if s]
-    pick = [have[k] for k in torch.randperm(len(have), generator=g)[:S].tolist()]
-    prompt = torch.full((S, 6), v.coord, dtype=torch.long)
+    pick = [have[k] for k in torch.randperm(len(have), generator=generator)[:S].tolist()]
+    prompt = torch.full((S, PROMPT_LEN), v.coord, dtype=torch.long)
     prompt[:, 0], prompt[:, 5] = v.seg, v.cls
     seq = torch.full((S, M * M), v.bg, dtype=torch.long)
     weight = torch.zeros(S, M * M)
-    if pick and on:
+    if pick and enabled:
         n = len(pick)
-        w, h = t["out_size"]
+        w, h = transform["out_size"]
         prompt[:n, 1:5] = v.quantize(boxes[pick] / torch.tensor([w, h, w, h], dtype=torch.float32))
         prompt[:n, 5] = labels[pick] + v.cls
-        fg = mask_in_boxes([segms[k] for k in pick], boxes[pick], H, W, t, M)       # (n, M, M)
+        fg = mask_in_boxes([segms[k] for k in pick], boxes[pick], H, W, transform, M)   # (n, M, M)
         seq[:n] = torch.where(fg.flatten(1), v.fg, v.bg)
         weight[:n] = 1
     return dict(seg_prompt=prompt, seg_seq=seq, seg_weight=weight)
 
 
-def keypoint_targets(boxes, kpts, w, h, g, v, cfg, on=True):
+def keypoint_targets(boxes, kpts, w, h, generator, vocab, cfg, enabled=True):
     """3.1: up to S persons, those with labelled keypoints first; prompt [<kpt>, box, person];
     17 x (x, y, <vis>|<invis>). An unlabelled keypoint gets <invis> and a random position
-    inside the box whose coordinate tokens carry weight 0."""
-    S = cfg.max_instances
-    prompt = torch.full((S, 6), v.coord, dtype=torch.long)
+    inside the box whose coordinate tokens carry weight 0. Nothing is counted unless `enabled`."""
+    S, K, g, v = cfg.max_instances, NUM_KEYPOINTS, generator, vocab
+    prompt = torch.full((S, PROMPT_LEN), v.coord, dtype=torch.long)
     prompt[:, 0], prompt[:, 5] = v.kpt, v.cls + max(v.person, 0)
-    seq = torch.full((S, 17, 3), v.coord, dtype=torch.long)
+    seq = torch.full((S, K, 3), v.coord, dtype=torch.long)
     seq[:, :, 2] = v.invis
-    weight = torch.zeros(S, 17, 3)
+    weight = torch.zeros(S, K, 3)
     labelled = kpts[..., 2] > 0                                              # (P, 17)
     order = torch.argsort(-(labelled.sum(1) > 0).float() - torch.rand(len(kpts), generator=g))[:S]
     n = len(order)
-    if n and on:
+    if n and enabled:
         b, k, lab = boxes[order], kpts[order], labelled[order]
         scale = torch.tensor([w, h], dtype=torch.float32)
         prompt[:n, 1:5] = v.quantize(b / scale.repeat(2))
         prompt[:n, 5] = v.cls + v.person
-        random_xy = b[:, None, :2] + torch.rand(n, 17, 2, generator=g) * (b[:, None, 2:] - b[:, None, :2])
-        xy = torch.where(lab[..., None], k[..., :2], random_xy)
+        inside_box = torch.rand(n, K, 2, generator=g) * (b[:, None, 2:] - b[:, None, :2])
+        xy = torch.where(lab[..., None], k[..., :2], b[:, None, :2] + inside_box)
         seq[:n, :, :2] = v.quantize(xy / scale)
         seq[:n, :, 2] = torch.where(lab, v.vis, v.invis)
         weight[:n, :, 2] = 1
@@ -447,15 +447,15 @@ def keypoint_targets(boxes, kpts, w, h, g, v, cfg, on=True):
     return dict(kpt_prompt=prompt, kpt_seq=seq.flatten(1), kpt_weight=weight.flatten(1))
 
 
-def caption_targets(captions, rng, tokenizer, v, cfg, sample):
+def caption_targets(captions, rng, tokenizer, vocab, cfg, sample):
     """3.1: up to R captions (sampled at random in training, the first R otherwise), lower-cased
     SentencePiece pieces + eos, padded to L (pad = 0)."""
     R, L = cfg.max_captions, cfg.caption_len
-    seq = torch.full((R, L), v.text, dtype=torch.long)
+    seq = torch.full((R, L), vocab.text, dtype=torch.long)
     weight = torch.zeros(R, L)
     if captions:
         captions = rng.sample(captions, min(R, len(captions))) if sample else captions[:R]
-        seq[: len(captions)] = tokenizer.encode(captions, L) + v.text
+        seq[: len(captions)] = tokenizer.encode(captions, L) + vocab.text
         weight[: len(captions)] = 1
     return dict(cap_seq=seq, cap_weight=weight)
 
@@ -479,41 +479,41 @@ def affine(W, H, crop, out_size, flip):
     return dict(crop=crop, out_size=out_size, flip=flip, a=(ax, sy), b=(bx, -y * sy))
 
 
-def apply_to_image(image, t):
-    x, y, cw, ch = t["crop"]
-    image = image.resize(t["out_size"], Image.BILINEAR, box=(x, y, x + cw, y + ch))
-    return image.transpose(Image.FLIP_LEFT_RIGHT) if t["flip"] else image
+def apply_to_image(image, transform):
+    x, y, cw, ch = transform["crop"]
+    image = image.resize(transform["out_size"], Image.BILINEAR, box=(x, y, x + cw, y + ch))
+    return image.transpose(Image.FLIP_LEFT_RIGHT) if transform["flip"] else image
 
 
-def transform_boxes(boxes, t):
+def transform_boxes(boxes, transform):
     """(n, 4) xyxy original -> augmented, clipped; returns (boxes, kept mask) without empty ones."""
-    (ax, ay), (bx, by) = t["a"], t["b"]
+    (ax, ay), (bx, by) = transform["a"], transform["b"]
     x = boxes[:, 0::2] * ax + bx
     y = boxes[:, 1::2] * ay + by
-    w, h = t["out_size"]
+    w, h = transform["out_size"]
     x, y = x.sort(1).values.clamp(0, w), y.sort(1).values.clamp(0, h)
     out = torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1)
     keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
     return out[keep], keep
 
 
-def transform_keypoints(kpts, t):
+def transform_keypoints(kpts, transform):
     """(P, 17, 3) -> augmented; keypoints that leave the image become unlabelled (v = 0);
     a flip swaps left and right."""
-    (ax, ay), (bx, by) = t["a"], t["b"]
-    w, h = t["out_size"]
+    (ax, ay), (bx, by) = transform["a"], transform["b"]
+    w, h = transform["out_size"]
     x, y = kpts[..., 0] * ax + bx, kpts[..., 1] * ay + by
     inside = (x >= 0) & (x <= w) & (y >= 0) & (y <= h)
     v = torch.where(inside, kpts[..., 2], torch.zeros_like(kpts[..., 2]))
     out = torch.stack([x.clamp(0, w), y.clamp(0, h), v], -1)
-    return out[:, FLIP] if t["flip"] else out
+    return out[:, FLIP] if transform["flip"] else out
 
 
-def mask_in_boxes(segms, boxes, H, W, t, M):
+def mask_in_boxes(segms, boxes, H, W, transform, M):
     """Instance masks resampled to M x M inside their augmented boxes (n, 4): the boxes are mapped
     back to original pixels and RoIAlign samples the original-resolution mask there (a flip
     mirrors the grid). Only each box's region of the mask is rasterized."""
-    (ax, ay), (bx, by) = t["a"], t["b"]
+    (ax, ay), (bx, by) = transform["a"], transform["b"]
     x = (boxes[:, 0::2] - bx) / ax
     y = (boxes[:, 1::2] - by) / ay
     orig = torch.stack([x.min(1).values, y.min(1).values, x.max(1).values, y.max(1).values], 1)
@@ -525,7 +525,7 @@ def mask_in_boxes(segms, boxes, H, W, t, M):
         roi = torch.tensor([[0, x0 - c0, y0 - r0, x1 - c0, y1 - r0]], dtype=torch.float32)
         out.append(roi_align(patch[None, None], roi, M, 1.0, 2, aligned=True)[0, 0] >= 0.5)
     fg = torch.stack(out) if out else torch.zeros(0, M, M, dtype=torch.bool)
-    return fg.flip(-1) if t["flip"] else fg
+    return fg.flip(-1) if transform["flip"] else fg
 
 
 def decode_segmentation(segm, H, W):
@@ -543,16 +543,16 @@ def decode_segmentation(segm, H, W):
 # Batching
 
 def collate(samples, multiple=32):
-    """Pad the uint8 images to a multiple of 32 (the stride; pad_mask True at padding), stack the
+    """Pad the uint8 images to a multiple of 32 (the stride; padding True at padding), stack the
     targets, and trim the segmentation/keypoint rows that are padding in every image of the batch."""
     images, targets = zip(*samples)
     H = -(-max(im.shape[1] for im in images) // multiple) * multiple
     W = -(-max(im.shape[2] for im in images) // multiple) * multiple
     batch = dict(images=torch.zeros(len(images), 3, H, W, dtype=images[0].dtype),
-                 pad_mask=torch.ones(len(images), H, W, dtype=torch.bool))
+                 padding=torch.ones(len(images), H, W, dtype=torch.bool))
     for k, im in enumerate(images):
         batch["images"][k, :, : im.shape[1], : im.shape[2]] = im
-        batch["pad_mask"][k, : im.shape[1], : im.shape[2]] = False
+        batch["padding"][k, : im.shape[1], : im.shape[2]] = False
     for key in targets[0]:
         values = [t[key] for t in targets]
         batch[key] = values if key in ("boxes", "labels", "det_gt") else torch.stack([torch.as_tensor(v) for v in values])
@@ -586,28 +586,6 @@ def check_root(root, split):
                          f"or run the synthetic demo: python train.py --demo")
 
 
-def random_batch(cfg, vocab, B, H, W, seed=0, n_gt=3):
-    """A batch shaped like collate's, with random but well-formed tokens (tests, benchmarks)."""
-    Q, S, M = cfg.num_queries, cfg.max_instances, cfg.mask_size
-    g = torch.Generator().manual_seed(seed)
-    coords = lambda *s: torch.randint(vocab.coord, vocab.coord + vocab.num_bins + 1, s, generator=g)
-    det_seq = torch.cat([coords(B, Q, 4), torch.randint(vocab.cls, vocab.noise, (B, Q, 1), generator=g)], -1)
-    prompt = lambda tok: torch.cat([torch.full((B, S, 1), tok), det_seq[:, :S]], -1)
-    Hp, Wp = -(-H // 32) * 32, -(-W // 32) * 32
-    pad = torch.ones(B, Hp, Wp, dtype=torch.bool)
-    pad[:, :H, :W] = False
-    return dict(
-        images=torch.randint(0, 256, (B, 3, Hp, Wp), generator=g, dtype=torch.uint8), pad_mask=pad,
-        det_seq=det_seq, det_gt=[det_seq[b, :n_gt].clone() for b in range(B)],
-        seg_prompt=prompt(vocab.seg), seg_seq=torch.randint(vocab.fg, vocab.bg + 1, (B, S, M * M), generator=g),
-        seg_weight=torch.ones(B, S, M * M),
-        kpt_prompt=prompt(vocab.kpt), kpt_seq=coords(B, S, 51), kpt_weight=torch.ones(B, S, 51),
-        cap_seq=torch.randint(vocab.text, vocab.size, (B, cfg.max_captions, cfg.caption_len), generator=g),
-        cap_weight=torch.ones(B, cfg.max_captions, cfg.caption_len),
-        size=torch.tensor([[H, W]] * B), orig_size=torch.tensor([[2 * H, 3 * W]] * B),
-        image_id=torch.arange(B))
-
-
 # -----------------------------------------------------------------------------
 # 4.1 Caption tokenizer: a SentencePiece model trained on the split's captions
 
@@ -630,181 +608,3 @@ def train_caption_tokenizer(captions_json_path, out_prefix, vocab_size):
     with open(out_prefix + ".model", "wb") as f:
         f.write(model.getvalue())
     return model.getvalue()
-
-
-# -----------------------------------------------------------------------------
-# The synthetic COCO set: coloured shapes and stick-figure persons with keypoints, polygon masks
-# and template captions, in the standard COCO layout
-
-def ensure_synthetic_coco(root, num_train, num_val):
-    """The synthetic set at root, generated unless it is there. Written to a temporary folder beside
-    root and renamed, so that processes (or nodes sharing a filesystem) that generate it at once
-    never see half a set: the first rename wins, the others discard their copy."""
-    if os.path.exists(os.path.join(root, "annotations", "captions_val2017.json")):
-        return
-    print(f"generating the synthetic COCO set under {root} ...", flush=True)
-    tmp = f"{root}.tmp-{socket.gethostname()}-{os.getpid()}"
-    make_synthetic_coco(tmp, num_train, num_val)
-    try:
-        os.rename(tmp, root)
-    except OSError:                      # another process was first
-        shutil.rmtree(tmp, ignore_errors=True)
-
-SHAPES = {3: "circle", 5: "square", 8: "triangle", 11: "diamond"}       # sparse ids, like COCO's
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
-           "purple": (150, 60, 190), "orange": (240, 130, 30)}
-NUMBERS = ["no", "one", "two", "three", "four"]
-
-
-def shape_polygon(name, x0, y0, s):
-    """Vertices of a shape filling the square box (x0, y0, s)."""
-    cx, cy, r = x0 + s / 2, y0 + s / 2, s / 2
-    if name == "circle":
-        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 24, endpoint=False)]
-    if name == "square":
-        return [(x0, y0), (x0 + s, y0), (x0 + s, y0 + s), (x0, y0 + s)]
-    if name == "triangle":
-        return [(cx, y0), (x0 + s, y0 + s), (x0, y0 + s)]
-    return [(cx, y0), (x0 + s, cy), (cx, y0 + s), (x0, cy)]               # diamond
-
-
-def stick_figure(x0, y0, h, rng):
-    """17 COCO keypoints of a standing person of height h, and polygons for its head and limbs."""
-    w = 0.5 * h
-    arm, leg = rng.uniform(-0.15, 0.25), rng.uniform(0.0, 0.12)           # pose: arm raise, leg spread
-    unit = [(0.5, 0.1), (0.55, 0.08), (0.45, 0.08), (0.6, 0.1), (0.4, 0.1), (0.75, 0.26), (0.25, 0.26),
-            (0.85, 0.42 - arm), (0.15, 0.42 - arm), (0.92, 0.58 - 2 * arm), (0.08, 0.58 - 2 * arm),
-            (0.65, 0.56), (0.35, 0.56), (0.68 + leg, 0.77), (0.32 - leg, 0.77), (0.7 + 2 * leg, 0.96),
-            (0.3 - 2 * leg, 0.96)]
-    kp = [(x0 + u * w, y0 + v * h) for u, v in unit]
-    t = 0.035 * h                                                         # half the limb thickness
-    polys = [[(kp[0][0] + 0.1 * h * math.cos(a), kp[0][1] + 0.1 * h * math.sin(a))
-              for a in np.linspace(0, 2 * math.pi, 16, endpoint=False)]]   # head
-    trunk = [(5, 6), (6, 12), (12, 11), (11, 5)]
-    polys.append([kp[a] for a, _ in trunk])
-    for a, b in [(5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16)]:
-        (xa, ya), (xb, yb) = kp[a], kp[b]
-        n = math.hypot(xb - xa, yb - ya) + 1e-6
-        dx, dy = -(yb - ya) / n * t, (xb - xa) / n * t
-        polys.append([(xa + dx, ya + dy), (xb + dx, yb + dy), (xb - dx, yb - dy), (xa - dx, ya - dy)])
-    return kp, polys
-
-
-def describe(objects, rng):
-    """1-5 template captions of the scene, a deterministic function of what is drawn (the
-    variants differ in wording), so a small model can learn them."""
-    objects = sorted(objects, key=lambda o: o["x"])
-    phrase = lambda o: "a person" if o["name"] == "person" else f"a {o['colour']} {o['name']}"
-    names = [phrase(o) for o in objects]
-    listing = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    n_people = sum(o["name"] == "person" for o in objects)
-    n_shapes = len(objects) - n_people
-    counts = f"{NUMBERS[n_shapes]} shape{'s' * (n_shapes != 1)} and {NUMBERS[n_people]} " \
-             f"{'person' if n_people == 1 else 'people'}"
-    variants = [listing, f"a picture of {listing}", f"{counts} on a grey background",
-                f"{names[0]} to the left of {names[-1]}" if len(names) > 1 else f"{names[0]} alone",
-                f"there is {listing}"]
-    return rng.sample(variants, rng.randint(1, 5))
-
-
-def draw_scene(rng, W, H):
-    """One image and its objects: 1-4 shapes and persons, some of them overlapping."""
-    background = tuple(int(c) for c in np.array([200, 200, 200]) + rng.randint(-25, 25))
-    image = Image.new("RGB", (W, H), background)
-    draw = ImageDraw.Draw(image)
-    objects, boxes = [], []
-    for _ in range(rng.randint(1, 4)):
-        is_person = rng.random() < 0.35
-        for _try in range(10):                                             # little overlap, not none
-            if is_person:                                                  # a standing figure, h x h/2
-                h = rng.uniform(0.45, 0.8) * H
-                x0, y0 = rng.uniform(0, W - 0.5 * h), rng.uniform(0, H - h)
-                box = (x0, y0, x0 + 0.5 * h, y0 + h)
-            else:
-                s = rng.uniform(0.2, 0.45) * min(W, H)
-                x0, y0 = rng.uniform(0, W - s), rng.uniform(0, H - s)
-                box = (x0, y0, x0 + s, y0 + s)
-            if all(box_iou(box, b) < 0.2 for b in boxes):
-                break
-        else:
-            continue
-        boxes.append(box)
-        if is_person:
-            kp, polys = stick_figure(box[0], box[1], box[3] - box[1], rng)
-            colour = tuple(rng.randint(20, 70) for _ in range(3))
-            for p in polys:
-                draw.polygon(p, fill=colour)
-            vis = [0 if rng.random() < 0.1 else (1 if rng.random() < 0.1 else 2) for _ in kp]
-            keypoints = [c for (x, y), v in zip(kp, vis) for c in ((x, y, v) if v else (0, 0, 0))]
-            objects.append(dict(name="person", category_id=1, polys=polys, keypoints=keypoints, x=box[0]))
-        else:
-            cid = rng.choice(list(SHAPES))
-            colour = rng.choice(list(COLOURS))
-            poly = shape_polygon(SHAPES[cid], box[0], box[1], box[2] - box[0])
-            draw.polygon(poly, fill=COLOURS[colour])
-            objects.append(dict(name=SHAPES[cid], category_id=cid, colour=colour, polys=[poly], x=box[0]))
-    return image, objects
-
-
-def box_iou(a, b):
-    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
-def make_synthetic_coco(root, num_train, num_val, image_size=128, seed=0, aspect=1.0):
-    """Write the synthetic set under root in the standard COCO layout (deterministic for a seed)."""
-    H, W = image_size, round(image_size * aspect)
-    categories = [dict(id=1, name="person", supercategory="person", keypoints=KEYPOINTS, skeleton=SKELETON)]
-    categories += [dict(id=i, name=n, supercategory="shape") for i, n in SHAPES.items()]
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    ann_id = 1
-    for split, count, split_seed in (("train2017", num_train, seed), ("val2017", num_val, seed + 1_000_003)):
-        rng = random.Random(split_seed)
-        os.makedirs(os.path.join(root, split), exist_ok=True)
-        images, instances, keypoints, captions = [], [], [], []
-        for k in range(count):
-            image_id = k + 1
-            image, objects = draw_scene(rng, W, H)
-            name = f"{image_id:012d}.jpg"
-            image.save(os.path.join(root, split, name), quality=90)
-            images.append(dict(id=image_id, file_name=name, width=W, height=H))
-            for o in objects:
-                rle = mask_utils.merge(mask_utils.frPyObjects([sum(map(list, p), []) for p in o["polys"]], H, W))
-                ann = dict(id=ann_id, image_id=image_id, category_id=o["category_id"], iscrowd=0,
-                           segmentation=[[round(c, 2) for p in poly for c in p] for poly in o["polys"]],
-                           area=float(mask_utils.area(rle)), bbox=[round(c, 2) for c in mask_utils.toBbox(rle).tolist()])
-                instances.append(ann)
-                if o["name"] == "person":
-                    keypoints.append(dict(ann, keypoints=[round(c, 2) for c in o["keypoints"]],
-                                          num_keypoints=sum(v > 0 for v in o["keypoints"][2::3])))
-                ann_id += 1
-            for c in describe(objects, rng) if objects else ["an empty grey background"]:
-                captions.append(dict(id=ann_id, image_id=image_id, caption=c))
-                ann_id += 1
-        common = dict(info=dict(description="MAD synthetic COCO"), licenses=[], images=images)
-        for kind, anns, cats in (("instances", instances, categories), ("person_keypoints", keypoints, categories[:1]),
-                                 ("captions", captions, None)):
-            d = dict(common, annotations=anns, **({"categories": cats} if cats else {}))
-            with open(os.path.join(root, "annotations", f"{kind}_{split}.json"), "w") as f:
-                json.dump(d, f)
-
-
-def main():
-    p = argparse.ArgumentParser(description="MAD data tools")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("synth", help="write the synthetic COCO-format set")
-    s.add_argument("root")
-    s.add_argument("--train", type=int, default=2000)
-    s.add_argument("--val", type=int, default=200)
-    s.add_argument("--size", type=int, default=128)
-    s.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    t = time.time()
-    make_synthetic_coco(args.root, args.train, args.val, args.size, args.seed)
-    print(f"wrote {args.train} + {args.val} images to {args.root} in {time.time() - t:.1f} s")
-
-
-if __name__ == "__main__":
-    main()

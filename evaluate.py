@@ -28,6 +28,7 @@ from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmenta
 
 import data
 import mad
+import runtime
 
 
 # -----------------------------------------------------------------------------
@@ -155,10 +156,14 @@ def run_predictions(model, dataset, tokenizer, indices, batch_size, workers, dev
     oracle = prompted_by_ground_truth(dataset.tasks)
     for batch in loader:
         t = time.perf_counter()
-        out = model.predict(batch["images"].to(device), batch["pad_mask"].to(device), batch["orig_size"],
-                            tasks=dataset.tasks, tokenizer=tokenizer,
-                            boxes=[ground_truth_boxes(dataset, i) for i in batch["image_id"].tolist()] if oracle else None)
-        out = [to_cpu(p) for p in out]                                        # (waits for the device)
+        images, padding = batch["images"].to(device), batch["padding"].to(device)
+        if oracle:
+            boxes = [ground_truth_boxes(dataset, i) for i in batch["image_id"].tolist()]
+            out = mad.predict_from_boxes(model, images, padding, batch["orig_size"], boxes,
+                                         dataset.tasks, tokenizer)
+        else:
+            out = model.predict(images, padding, batch["orig_size"], dataset.tasks, tokenizer)
+        out = [to_cpu(p) for p in out]                                 # (waits for the device)
         seconds += time.perf_counter() - t
         for p in out:
             if "masks" in p:
@@ -196,7 +201,7 @@ def evaluate(model, dataset, tokenizer, out_dir, batch_size=1, workers=0, max_im
     local, seconds = run_predictions(model, dataset, tokenizer, shard(n, rank, world), batch_size, workers, device,
                                      progress=rank == 0, world=world)
     model.train(was_training)
-    parts = mad.gather((local, seconds))                   # every rank's {image_id: prediction}
+    parts = runtime.gather((local, seconds))                   # every rank's {image_id: prediction}
     if rank != 0:
         return None
     preds = {i: p for part, _ in parts for i, p in part.items()}
@@ -291,8 +296,8 @@ def predict_images(model, tokenizer, categories, paths, out_dir, batch_size, dev
             chunk = paths[i:i + batch_size]
             samples = [data.load_inference_image(p, cfg) for p in chunk]
             batch = data.collate([(im, dict(size=size, orig_size=orig)) for im, orig, size in samples])
-            preds = model.predict(batch["images"].to(device), batch["pad_mask"].to(device), batch["orig_size"],
-                                  tokenizer=tokenizer, tasks=tasks)
+            preds = model.predict(batch["images"].to(device), batch["padding"].to(device),
+                                  batch["orig_size"], tasks=tasks, tokenizer=tokenizer)
             preds = [to_cpu(p) for p in preds]
             for path, p in zip(chunk, preds):
                 picture = os.path.basename(path) + ".png"             # photo.jpg and photo.png stay apart
@@ -340,12 +345,12 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
 
-    _, _, args.device = mad.init_processes(args.device)
+    _, _, args.device = runtime.init_processes(args.device)
     args.batch_size = args.batch_size or (8 if args.device.startswith("cuda") else 1)
     if args.device.startswith("cuda"):
-        mad.cuda_settings()
-    ckpt = mad.load_checkpoint(args.ckpt)
-    model, tokenizer = mad.model_from_checkpoint(ckpt, args.device)
+        runtime.cuda_settings()
+    ckpt = runtime.load_checkpoint(args.ckpt)
+    model, tokenizer = runtime.model_from_checkpoint(ckpt, args.device)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
     if args.images:
         predict_images(model, tokenizer, ckpt["categories"], image_paths(args.images), out,
@@ -360,7 +365,7 @@ def main():
             raise SystemExit(str(e)) from None
         evaluate(model, dataset, tokenizer, out, args.batch_size, args.workers, args.max_images, args.show,
                  args.device, args.score_thresh)
-    mad.finish_processes()
+    runtime.finish_processes()
 
 
 if __name__ == "__main__":

@@ -7,20 +7,17 @@ This file is the method, in the order the paper explains it:
   3.2  masked training: fully and partly masked copies, Hungarian matching, the losses (eq. 1)
   3.2  masked inference: detection -> segmentation and keypoints -> captions, post-processing
   B    the autoregressive baseline of Table 2 (same network, causal decoder)
-and, last, the engineering that train.py and evaluate.py share (checkpoints, processes, devices).
+Nothing else: processes, devices and checkpoints are runtime.py's; train.py and evaluate.py use both.
 """
 import math
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import timedelta
 from functools import partial
 from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -28,12 +25,12 @@ from scipy.optimize import linear_sum_assignment
 
 
 # -----------------------------------------------------------------------------
-# Configuration: the paper's defaults (4.1, Table 9); the README says where they differ from the authors' code
+# Configuration: the paper's defaults (4.1, Table 9); the README says where they differ
+# from the authors' code
 
 @dataclass
 class Config:
     backbone: str = "r50"            # tiny | r50 | swin_b | swin_b384 | vit_b
-    tiny_stride: int = 32            # the tiny backbone's stride: 32 | 16 (an 8 x 8 memory at 128 px)
     d_model: int = 256               # width of encoder and decoder
     enc_layers: int = 6
     dec_layers: int = 6
@@ -42,26 +39,29 @@ class Config:
     dropout: float = 0.1
     num_queries: int = 100           # detection slots per image (N in 3.1)
     num_bins: int = 500              # coordinate quantization bins (Table 5)
-    mask_size: int = 16              # segmentation bit mask is mask_size x mask_size (Table 6)
+    grid_size: int = 16              # a segmentation target is a grid_size x grid_size grid (Table 6)
     max_instances: int = 10          # segmentation / keypoint instances per image in training
     caption_len: int = 20            # caption tokens, eos and padding included
     max_captions: int = 5            # reference captions per image
     mask_ratio: float = 0.7          # share of tokens masked in the partly masked copy (Table 4)
-    mask_strategy: str = "fixed"     # Table 3: fixed | random (a ratio per sequence in [0.6, 0.8]) | multiple (0.6 and 0.8)
-    cap_full_word: bool = True       # the fully masked caption copy shows one random word (authors' code)
-    tasks: tuple = ("det", "seg", "kpt", "cap")   # the tasks trained and evaluated (Table 8: one alone)
-    task_weights: tuple = (1.5, 2.7, 0.5, 0.3)   # det, seg, kpt, cap (supplementary C)
+    mask_strategy: str = "fixed"     # Table 3: fixed | random (a ratio per sequence in 0.6..0.8)
+                                     #   | multiple (two copies, at 0.6 and 0.8)
+    cap_full_word: bool = True       # the fully masked caption copy shows one random word (authors')
+    tasks: tuple = ("det", "seg", "kpt", "cap")   # trained and evaluated (Table 8: one alone)
+    task_weights: tuple = (1.5, 2.7, 0.5, 0.3)    # det, seg, kpt, cap (supplementary C)
     decoder: str = "mad"             # mad (bi-directional, parallel) | ar (the autoregressive baseline)
     kpt_ratios: tuple = (1.0,)       # masked inference: the mask ratio of each stage (4.1: keypoints 1.0, 0.7)
     cap_ratios: tuple = (1.0, 0.8, 0.6, 0.4)
-    remask_average: str = "running"  # re-masked logits join a running mean | halve: (ensemble + new) / 2 (authors')
-    det_score: str = "all"           # p(class) with the softmax over every detection token | classes: classes + <noise>
+    remask_average: str = "running"  # re-masked logits join a running mean
+                                     #   | halve: (ensemble + new) / 2 (authors')
+    det_score: str = "all"           # p(class): softmax over every detection token
+                                     #   | classes: over the classes and <noise> only
     seg_topk: int = 100              # detections that prompt segmentation / keypoints
     sine_coords: bool = True         # coordinate token embeddings start as sine codes of their bin
-    xavier: bool = True              # xavier_uniform_ init of the encoder/decoder matrices (authors' code)
     image_size: int = 800            # shorter side at test time (longer side <= max_size)
     max_size: int = 1333
-    scale_jitter: str = "multiscale" # training resize: multiscale (shorter side 480..800, DETR crop) | lsj
+    scale_jitter: str = "multiscale" # training resize: multiscale (shorter side 480..800, DETR crop)
+                                     #   | lsj (large-scale jitter)
 
 
 PRESETS = {
@@ -72,14 +72,18 @@ PRESETS = {
     # sized to train on 2 CPU cores in minutes (train.py --demo, the tests): no dropout (the CPU's
     # attention kernel has none), 8 x 8 masks, 10 slots for the synthetic images' 1-4 objects, and
     # 2 segmentation / keypoint instances and 3 captions sampled per image and step
-    "tiny": dict(backbone="tiny", d_model=128, enc_layers=2, dec_layers=3, heads=4, ffn=512, dropout=0.0,
-                 num_queries=10, num_bins=128, mask_size=8, max_instances=2, max_captions=3, image_size=128,
-                 max_size=128),
+    "tiny": dict(backbone="tiny", d_model=128, enc_layers=2, dec_layers=3, heads=4, ffn=512,
+                 dropout=0.0, num_queries=10, num_bins=128, grid_size=8, max_instances=2,
+                 max_captions=3, image_size=128, max_size=128),
 }
 
 TASKS = ("det", "seg", "kpt", "cap")
-PROMPT = 6                           # every task sequence starts with 6 prompt tokens (3.1)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # the backbones' input statistics
+PROMPT_LEN = 6                       # every task sequence starts with 6 prompt tokens (3.1)
+BOX_LEN = 5                          # a detection slot: x0, y0, x1, y1, class
+NUM_KEYPOINTS = 17                   # COCO's person keypoints
+KPT_LEN = 3 * NUM_KEYPOINTS          # a keypoint sequence: x, y, <vis>|<invis> per keypoint
+IMAGENET_MEAN = (0.485, 0.456, 0.406)   # the backbones' input statistics
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # -----------------------------------------------------------------------------
@@ -98,10 +102,10 @@ class Vocab:
     def __init__(self, num_classes, num_bins, num_text, person=-1):
         self.num_classes, self.num_bins, self.num_text = num_classes, num_bins, num_text
         self.person = person                          # class index of "person" (keypoints), -1 if none
-        self.det_prompt = torch.arange(0, PROMPT)     # the 6 detection prompt tokens
-        self.seg, self.kpt = 6, 7                     # segmentation / keypoint task tokens
-        self.cap_prompt = torch.arange(8, 8 + PROMPT) # the 6 caption prompt tokens
-        self.mask, self.start, self.end = 14, 15, 16
+        self.det_prompt = torch.arange(0, PROMPT_LEN)   # the 6 detection prompt tokens
+        self.seg, self.kpt = 6, 7                       # segmentation / keypoint task tokens
+        self.cap_prompt = torch.arange(8, 8 + PROMPT_LEN)   # the 6 caption prompt tokens
+        self.mask_token, self.start, self.end = 14, 15, 16
         self.cls = 17                                 # class c is token cls + c
         self.noise = self.cls + num_classes           # "not an object"
         self.coord = self.noise + 1                   # bin b is token coord + b, b in [0, num_bins]
@@ -165,14 +169,12 @@ class CaptionTokenizer:
 # -----------------------------------------------------------------------------
 # 3.3 Architecture: backbone -> 1x1 projection + sine positions -> encoder -> decoder -> token head
 
-def tiny_backbone(stride=32):
-    """A small CNN for tests and the CPU demo, stride 32, or 16 (its last stage keeps the resolution).
-    GroupNorm, not BatchNorm, so a sample's features do not depend on the rest of its batch (DDP
-    with batch 1 per rank == one batch of 2)."""
+def tiny_backbone():
+    """A small CNN for tests and the CPU demo, stride 32. GroupNorm, not BatchNorm, so a sample's
+    features do not depend on the rest of its batch (DDP with batch 1 per rank == one batch of 2)."""
     layers, c_in = [], 3
-    for i, c in enumerate((32, 64, 128, 192, 256)):
-        s = 1 if i == 4 and stride == 16 else 2
-        layers += [nn.Conv2d(c_in, c, 3, s, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU(inplace=True),
+    for c in (32, 64, 128, 192, 256):
+        layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU(inplace=True),
                    nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU(inplace=True)]
         c_in = c
     return nn.Sequential(*layers), c_in
@@ -196,11 +198,11 @@ class SwinB(nn.Module):
         super().__init__()
         swin = torchvision.models.swin_transformer.SwinTransformer(
             patch_size=[4, 4], embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32],
-            window_size=[window, window], stochastic_depth_prob=0.2)        # drop-path 0.2, as the authors
+            window_size=[window, window], stochastic_depth_prob=0.2)   # drop-path 0.2, as the authors
         self.features, self.norm = swin.features, swin.norm
 
     def forward(self, x):
-        return self.norm(self.features(x)).permute(0, 3, 1, 2)                 # (B, 1024, H/32, W/32)
+        return self.norm(self.features(x)).permute(0, 3, 1, 2)            # (B, 1024, H/32, W/32)
 
 
 class ViTDetB(nn.Module):
@@ -218,24 +220,25 @@ class ViTDetB(nn.Module):
         self.conv_proj, self.encoder = vit.conv_proj, vit.encoder
         self.window, self.global_blocks = window, set(global_blocks)
         n = len(self.encoder.layers)
-        self.drop = nn.ModuleList(torchvision.ops.StochasticDepth(drop_path * i / (n - 1), "row") for i in range(n))
+        self.drop = nn.ModuleList(torchvision.ops.StochasticDepth(drop_path * i / (n - 1), "row")
+                                  for i in range(n))
         LayerNorm2d = torchvision.models.convnext.LayerNorm2d
         self.neck = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(768, 256, 1, bias=False), LayerNorm2d(256),
                                   nn.Conv2d(256, 256, 3, padding=1, bias=False), LayerNorm2d(256))
 
     def forward(self, x):
-        x = self.conv_proj(x)                                                  # (B, 768, h, w), stride 16
+        x = self.conv_proj(x)                                             # (B, 768, h, w), stride 16
         B, C, h, w = x.shape
-        pos = self.encoder.pos_embedding[:, 1:]                                # drop the class token's
+        pos = self.encoder.pos_embedding[:, 1:]                           # drop the class token's
         g = math.isqrt(pos.shape[1])
         pos = F.interpolate(pos.reshape(1, g, g, C).permute(0, 3, 1, 2), size=(h, w), mode="bicubic")
-        x = (x + pos).permute(0, 2, 3, 1)                                      # (B, h, w, 768)
+        x = (x + pos).permute(0, 2, 3, 1)                                 # (B, h, w, 768)
         for i, (block, drop) in enumerate(zip(self.encoder.layers, self.drop)):
             if i in self.global_blocks:
                 x = vit_block(block, x.flatten(1, 2), drop).view(B, h, w, C)
             else:
                 x = self.windowed(block, x, drop)
-        return self.neck(self.encoder.ln(x).permute(0, 3, 1, 2))              # (B, 256, H/32, W/32)
+        return self.neck(self.encoder.ln(x).permute(0, 3, 1, 2))         # (B, 256, H/32, W/32)
 
     def windowed(self, block, x, drop):
         """The block inside non-overlapping windows: (B, h, w, C) padded to whole windows."""
@@ -243,8 +246,9 @@ class ViTDetB(nn.Module):
         s = self.window
         x = F.pad(x, (0, 0, 0, -w % s, 0, -h % s))
         H, W = x.shape[1:3]
-        x = x.view(B, H // s, s, W // s, s, C).transpose(2, 3).reshape(-1, s * s, C)   # (B * windows, s*s, C)
-        x = vit_block(block, x, drop).view(B, H // s, W // s, s, s, C).transpose(2, 3).reshape(B, H, W, C)
+        x = x.view(B, H // s, s, W // s, s, C).transpose(2, 3).reshape(-1, s * s, C)   # (B*wins, s*s, C)
+        x = vit_block(block, x, drop)
+        x = x.view(B, H // s, W // s, s, s, C).transpose(2, 3).reshape(B, H, W, C)
         return x[:, :h, :w]
 
 
@@ -260,17 +264,18 @@ BACKBONES = {"tiny": tiny_backbone, "r50": resnet50_backbone, "swin_b": lambda: 
              "swin_b384": lambda: (SwinB(window=12), 1024), "vit_b": lambda: (ViTDetB(), 256)}
 
 
-def sine_positions(pad_mask, d):
+def sine_positions(padding, d):
     """2-D sine position encoding, normalized to the unpadded image (as DETR).
-    pad_mask (B, h, w) True at padding -> (B, h*w, d)."""
-    inside = (~pad_mask).float()
-    y = inside.cumsum(1) / (inside.cumsum(1)[:, -1:, :] + 1e-6) * 2 * math.pi    # (B, h, w) in (0, 2pi]
+    padding (B, h, w) True at padding -> (B, h*w, d)."""
+    inside = (~padding).float()
+    y = inside.cumsum(1) / (inside.cumsum(1)[:, -1:, :] + 1e-6) * 2 * math.pi   # (B, h, w) in (0, 2pi]
     x = inside.cumsum(2) / (inside.cumsum(2)[:, :, -1:] + 1e-6) * 2 * math.pi
-    freq = 10000 ** (2 * (torch.arange(d // 4, device=pad_mask.device) / (d // 2)))   # (d/4,)
-    def enc(v):                                                                     # (B, h, w) -> (B, h, w, d/2)
+    freq = 10000 ** (2 * (torch.arange(d // 4, device=padding.device) / (d // 2)))   # (d/4,)
+
+    def encode(v):                                                    # (B, h, w) -> (B, h, w, d/2)
         v = v[..., None] / freq
         return torch.cat([v.sin(), v.cos()], dim=-1)
-    return torch.cat([enc(y), enc(x)], dim=-1).flatten(1, 2)                       # (B, h*w, d)
+    return torch.cat([encode(y), encode(x)], dim=-1).flatten(1, 2)    # (B, h*w, d)
 
 
 def coordinate_embeddings(num_bins, d):
@@ -278,28 +283,30 @@ def coordinate_embeddings(num_bins, d):
     (frequencies 0.5 .. num_bins / 4 cycles per image), scaled to the norm of an N(0, 1) row. Nearby
     bins start similar, so a box prompt says where it is, and a near miss of the token head scores
     better than a far one, from the first step. -> (num_bins + 1, d)"""
-    x = (torch.arange(num_bins + 1) + 0.5) / num_bins                             # bin centres in [0, 1]
-    freq = 0.5 * (num_bins / 2) ** torch.linspace(0, 1, d // 2)                   # (d/2,) cycles per image
-    angle = 2 * math.pi * x[:, None] * freq                                       # (bins + 1, d/2)
-    return torch.cat([angle.sin(), angle.cos()], 1) * math.sqrt(2)                # rows of norm sqrt(d)
+    x = (torch.arange(num_bins + 1) + 0.5) / num_bins                 # bin centres in [0, 1]
+    freq = 0.5 * (num_bins / 2) ** torch.linspace(0, 1, d // 2)       # (d/2,) cycles per image
+    angle = 2 * math.pi * x[:, None] * freq                           # (bins + 1, d/2)
+    return torch.cat([angle.sin(), angle.cos()], 1) * math.sqrt(2)    # rows of norm sqrt(d)
 
 
 class Attention(nn.Module):
     """Multi-head attention on F.scaled_dot_product_attention. Positions are added by the caller
-    to the query/key inputs, never to the values."""
+    to the query/key inputs, never to the values. `attend` (broadcast to (B, heads, Lq, Lk)) is
+    True where a query may look."""
 
     def __init__(self, d, heads, dropout):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
 
-    def split(self, x):                                          # (B, L, d) -> (B, heads, L, d/heads)
+    def split(self, x):                                   # (B, L, d) -> (B, heads, L, d/heads)
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-    def forward(self, q, k, v, mask=None):
+    def forward(self, q, k, v, attend=None):
         q, k, v = self.split(self.q(q)), self.split(self.k(k)), self.split(self.v(v))
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(x.transpose(1, 2).flatten(2))            # (B, Lq, d)
+        dropout = self.dropout if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout)
+        return self.out(x.transpose(1, 2).flatten(2))     # (B, Lq, d)
 
 
 def dropout_layer(p):
@@ -308,7 +315,8 @@ def dropout_layer(p):
 
 class FFN(nn.Sequential):
     def __init__(self, d, hidden, dropout):
-        super().__init__(nn.Linear(d, hidden), nn.ReLU(inplace=True), dropout_layer(dropout), nn.Linear(hidden, d))
+        super().__init__(nn.Linear(d, hidden), nn.ReLU(inplace=True), dropout_layer(dropout),
+                         nn.Linear(hidden, d))
 
 
 class EncoderLayer(nn.Module):
@@ -320,9 +328,9 @@ class EncoderLayer(nn.Module):
         self.attn, self.ffn = Attention(d, heads, dropout), FFN(d, ffn, dropout)
         self.norm1, self.norm2, self.drop = nn.LayerNorm(d), nn.LayerNorm(d), dropout_layer(dropout)
 
-    def forward(self, x, pos, mask):
+    def forward(self, x, pos, attend):
         q = x + pos
-        x = self.norm1(x + self.attn(q, q, x, mask))
+        x = self.norm1(x + self.attn(q, q, x, attend))
         return self.norm2(x + self.drop(self.ffn(x)))
 
 
@@ -330,7 +338,7 @@ class Memory(NamedTuple):
     """The encoded image that every task decodes against."""
     tokens: torch.Tensor             # (B, hw, d) encoder output: the values of cross-attention
     keys: torch.Tensor               # (B, hw, d) tokens + image positions: its keys
-    mask: torch.Tensor               # (B, 1, 1, hw) True where a token is image, False at padding
+    attend: torch.Tensor             # (B, 1, 1, hw) True where a token is image, False at padding
 
 
 class DecoderLayer(nn.Module):
@@ -352,59 +360,66 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, pos, memory):
         q = x + pos
-        x = self.norm1(x + self.self_attn(q, q, x))                      # bi-directional: no causal mask
+        x = self.norm1(x + self.self_attn(q, q, x))                   # bi-directional: no causal mask
         return self.cross_attention_and_ffn(x, pos, memory)
 
     def cross_attention_and_ffn(self, x, pos, memory):
         (Bn, L, d), B = x.shape, memory.tokens.shape[0]
-        q = (x + pos).reshape(B, -1, d)                                      # (B, n*L, d)
-        y = self.cross_attn(q, memory.keys, memory.tokens, memory.mask).reshape(Bn, L, d)   # back to (B*n, L, d)
-        x = self.norm2(x + y)
+        q = (x + pos).reshape(B, -1, d)                               # (B, n*L, d)
+        y = self.cross_attn(q, memory.keys, memory.tokens, memory.attend)
+        x = self.norm2(x + y.reshape(Bn, L, d))                       # back to (B*n, L, d)
         return self.norm3(x + self.drop(self.ffn(x)))
 
 
 class MAD(nn.Module):
     """Backbone + encoder + bi-directional decoder + token head over one shared vocabulary.
-    forward is masked training (3.2), predict is masked inference (3.2, 4.1)."""
+    forward is masked training (3.2), predict is masked inference (3.2, 4.1). The ablation
+    variants of the config (Tables 3 and 7, the inference details) are chosen here, once."""
 
     def __init__(self, cfg: Config, vocab: Vocab, backbone=None):
         super().__init__()
         self.cfg, self.vocab = cfg, vocab
         d = cfg.d_model
-        tiny = cfg.backbone == "tiny"
-        self.backbone, channels = backbone or (tiny_backbone(cfg.tiny_stride) if tiny else BACKBONES[cfg.backbone]())
+        self.backbone, channels = backbone or BACKBONES[cfg.backbone]()
         self.proj = nn.Conv2d(channels, d, 1)
-        self.encoder = nn.ModuleList(EncoderLayer(d, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.enc_layers))
-        self.decoder = nn.ModuleList(DecoderLayer(d, cfg.heads, cfg.ffn, cfg.dropout) for _ in range(cfg.dec_layers))
-        if cfg.xavier:
-            for p in [*self.encoder.parameters(), *self.decoder.parameters()]:
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
+        self.encoder = nn.ModuleList(EncoderLayer(d, cfg.heads, cfg.ffn, cfg.dropout)
+                                     for _ in range(cfg.enc_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(d, cfg.heads, cfg.ffn, cfg.dropout)
+                                     for _ in range(cfg.dec_layers))
+        for p in [*self.encoder.parameters(), *self.decoder.parameters()]:
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)                    # as the authors' code
         self.dec_norm = nn.LayerNorm(d)                     # shared by the outputs of every decoder layer
         self.embed = nn.Embedding(vocab.size, d)            # input tokens AND the head's class weights
         if cfg.sine_coords:
             with torch.no_grad():
                 self.embed.weight[vocab.coord:vocab.vis] = coordinate_embeddings(vocab.num_bins, d)
-        longest = PROMPT + max(5 * cfg.num_queries, cfg.mask_size ** 2, 3 * 17, cfg.caption_len) + 1
+        body = max(BOX_LEN * cfg.num_queries, cfg.grid_size ** 2, KPT_LEN, cfg.caption_len)
         # learned positions, shared by all tasks, on the scale of the token embeddings (N(0, 1), as
         # DETR's query embeddings): in a fully masked sequence they are all that tells slots apart
-        self.seq_pos = nn.Parameter(torch.randn(longest, d))
+        self.seq_pos = nn.Parameter(torch.randn(PROMPT_LEN + body + 1, d))
         self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, d))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+        # the variants, chosen once (each dict lists the choices)
+        self.partial_masks = partial(PARTIAL_MASKS[cfg.mask_strategy], ratio=cfg.mask_ratio)
+        self.fully_masked_caption = FULL_CAPTION_COPIES[cfg.cap_full_word]
+        self.ensemble_weight = ENSEMBLE_WEIGHTS[cfg.remask_average]
+        self.detection_probs = DETECTION_SCORES[cfg.det_score]
 
-    def encode(self, images, pad_mask):
-        """images (B, 3, H, W) uint8 RGB, pad_mask (B, H, W) True at padding -> Memory. The images are
-        normalized here, on their device (ImageNet statistics; padding 0)."""
+    def encode(self, images, padding):
+        """images (B, 3, H, W) uint8 RGB, padding (B, H, W) True at padding -> Memory. The images
+        are normalized here, on their device (ImageNet statistics; padding 0)."""
         if images.dtype != torch.uint8:
-            raise TypeError(f"MAD takes uint8 images (B, 3, H, W) and normalizes them itself, not {images.dtype}")
-        x = images.float().div(255).sub(self.mean).div(self.std).masked_fill(pad_mask[:, None], 0.0)
-        f = self.proj(self.backbone(x))                                        # (B, d, h, w)
-        mask = F.interpolate(pad_mask[:, None].float(), size=f.shape[-2:])[:, 0].bool()   # (B, h, w)
-        pos = sine_positions(mask, f.shape[1])                                 # (B, hw, d)
-        x = f.flatten(2).transpose(1, 2)                                       # (B, hw, d)
-        attend = ~mask.flatten(1)[:, None, None, :]                            # (B, 1, 1, hw)
+            raise TypeError(f"MAD takes uint8 images (B, 3, H, W) and normalizes them itself, "
+                            f"not {images.dtype}")
+        x = images.float().div(255).sub(self.mean).div(self.std).masked_fill(padding[:, None], 0.0)
+        f = self.proj(self.backbone(x))                                   # (B, d, h, w)
+        padding = F.interpolate(padding[:, None].float(), size=f.shape[-2:])[:, 0].bool()   # (B, h, w)
+        pos = sine_positions(padding, f.shape[1])                         # (B, hw, d)
+        x = f.flatten(2).transpose(1, 2)                                  # (B, hw, d)
+        attend = ~padding.flatten(1)[:, None, None, :]                    # (B, 1, 1, hw)
         for layer in self.encoder:
             x = layer(x, pos, attend)
         return Memory(x, x + pos, attend)
@@ -413,8 +428,8 @@ class MAD(nn.Module):
         """tokens (B, n, L) -> hidden states after the shared final norm: (B, n, L, d), or
         (layers, B, n, L, d) with all_layers (the auxiliary losses on every layer's output)."""
         B, n, L = tokens.shape
-        x = self.embed(tokens).flatten(0, 1)                                   # (B*n, L, d)
-        pos = self.seq_pos[:L]                                                 # (L, d)
+        x = self.embed(tokens).flatten(0, 1)                              # (B*n, L, d)
+        pos = self.seq_pos[:L]                                            # (L, d)
         outs = []
         for layer in self.decoder:
             x = self.run_layer(layer, x, pos, memory)
@@ -436,16 +451,16 @@ class MAD(nn.Module):
         return z @ w.t() * self.logit_scale.exp()
 
     def log_probs(self, prompt, inputs, memory, task):
-        """Every decoder layer's prediction: prompt (B, n, PROMPT), inputs (B, n, L) -> log-probs over
-        the task's tokens (layers, B, n, L, V)."""
-        h = self.decode(torch.cat([prompt, inputs], -1), memory, all_layers=True)[..., PROMPT:, :]
-        return self.logits(h, task).log_softmax(-1)
+        """Every decoder layer's prediction: prompt (B, n, PROMPT_LEN), inputs (B, n, L) ->
+        log-probs over the task's tokens (layers, B, n, L, V)."""
+        h = self.decode(torch.cat([prompt, inputs], -1), memory, all_layers=True)
+        return self.logits(h[..., PROMPT_LEN:, :], task).log_softmax(-1)
 
     def forward(self, batch, tasks=TASKS):
         """3.2 masked training. batch: data.collate's dict (keys in data.py). Returns (sums, counts),
         {task: (layers,)}: each decoder layer's summed cross-entropy over its masked targets, and
         their number; weighted_loss turns them into eq. 1 (train.py counts over all processes)."""
-        memory = self.encode(batch["images"], batch["pad_mask"])   # the image is encoded once (3.4)
+        memory = self.encode(batch["images"], batch["padding"])   # the image is encoded once (3.4)
         # detection last: its matching waits for the device, best with the other tasks' work queued
         out = {t: LOSSES[t](self, batch, memory) for t in sorted(tasks, key=lambda t: t == "det")}
         return {t: s for t, (s, _) in out.items()}, {t: c for t, (_, c) in out.items()}
@@ -455,54 +470,58 @@ class MAD(nn.Module):
         return weighted_loss(*self(batch, tasks), self.cfg.task_weights)
 
     @torch.no_grad()
-    def predict(self, images, pad_mask, orig_sizes, tasks=TASKS, tokenizer=None, boxes=None):
+    def predict(self, images, padding, orig_sizes, tasks=TASKS, tokenizer=None):
         """3.2 / 4.1 masked inference: detection, then segmentation and keypoints prompted by the
-        detections, then captions. images (B, 3, H, W), pad_mask (B, H, W), orig_sizes (B, 2) as
-        (h, w) of the original images. `boxes`: B tensors (n, 5) [x0, y0, x1, y1 original pixels,
-        class] that prompt segmentation and keypoints instead of detections (given_detections).
-        Returns one dict per image, on the images' device:
+        detections, then captions. images (B, 3, H, W), padding (B, H, W), orig_sizes (B, 2) as
+        (h, w) of the original images. Returns one dict per image (predict_from)."""
+        memory = self.encode(images, padding)
+        det = detect(self, memory) if {"det", "seg", "kpt"} & set(tasks) else None
+        return self.predict_from(memory, det, orig_sizes, tasks, tokenizer)
+
+    def predict_from(self, memory, det, orig_sizes, tasks, tokenizer=None):
+        """The tasks of `tasks` given the memory and detections `det` (detect's dict). One dict per
+        image, on the memory's device:
           boxes (Q, 4) xyxy original pixels, scores (Q,), labels (Q,)   sorted by score
           masks (K, H0, W0) bool for the first K = min(seg_topk, Q) detections
           keypoints (P, 17, 3) x, y, p(visible) for person detections; kpt_index (P,) into boxes
           caption str (caption_ids (L,) without a tokenizer)
         One synchronization at the end; moving the masks to the CPU is the caller's."""
-        hw = orig_sizes.tolist()                                              # before any device work is queued
-        memory = self.encode(images, pad_mask)
+        sizes = orig_sizes.tolist()                                       # (h, w) of each image
         res = {}
-        if {"det", "seg", "kpt"} & set(tasks):
-            det = detect(self, memory) if boxes is None else given_detections(boxes, orig_sizes, self.vocab, images.device)
-            res.update(boxes=to_pixels(det["box_tokens"], orig_sizes, self.vocab), scores=det["scores"], labels=det["labels"])
+        if det is not None:
+            res.update(boxes=to_pixels(det["box_tokens"], orig_sizes, self.vocab),
+                       scores=det["scores"], labels=det["labels"])
         if "seg" in tasks:
-            res["masks"] = segment(self, det, memory, res["boxes"], hw)
+            res["masks"] = segment(self, det, memory, res["boxes"], sizes)
         if "kpt" in tasks and self.vocab.person >= 0:
             res.update(person_keypoints(self, det, memory, orig_sizes))
         if "cap" in tasks:
-            res["caption_ids"] = caption(self, memory)                          # (B, L) SentencePiece ids
-        out = [{k: v[b] for k, v in res.items()} for b in range(len(images))]
-        if boxes is not None:
-            out = [only_given(o, len(b)) for o, b in zip(out, boxes)]
+            res["caption_ids"] = caption(self, memory)                     # (B, L) SentencePiece ids
+        out = [{k: v[b] for k, v in res.items()} for b in range(len(sizes))]
         for o in out:
             if "keypoints" in o:
-                keep = o.pop("kpt_keep")
-                o["keypoints"], o["kpt_index"] = o["keypoints"][keep], o["kpt_index"][keep]
+                persons = o.pop("kpt_is_person")
+                o["keypoints"], o["kpt_index"] = o["keypoints"][persons], o["kpt_index"][persons]
             if "caption_ids" in o and tokenizer:
                 o["caption"] = tokenizer.decode(o.pop("caption_ids").tolist())
         return out
 
-    def decode_sequences(self, prompt, L, memory, task, ratios, by_confidence=False):
-        """prompt (B, n, PROMPT) -> logits (B, n, L, V) of the sequences: masked inference."""
-        return refine(self, prompt, L, memory, task, ratios, by_confidence)
+    def decode_sequences(self, prompt, L, memory, task, ratios, remask_order=None):
+        """prompt (B, n, PROMPT_LEN) -> logits (B, n, L, V) of the sequences: masked inference."""
+        return refine(self, prompt, L, memory, task, ratios, remask_order or random_order)
 
     def param_groups(self, lr, backbone_lr, weight_decay):
         """AdamW groups: the backbone is fine-tuned with the lower learning rate (supplementary A);
         normalization weights and biases get no weight decay (as in the authors' code)."""
         in_backbone = {id(p) for p in self.backbone.parameters()}
-        norms = {id(p) for m in self.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) for p in m.parameters()}
+        norms = {id(p) for m in self.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))
+                 for p in m.parameters()}
         groups = {}
         for p in self.parameters():
             if p.requires_grad:
                 groups.setdefault((id(p) in in_backbone, id(p) in norms), []).append(p)
-        return [dict(params=ps, lr=backbone_lr if backbone else lr, weight_decay=0.0 if norm else weight_decay)
+        return [dict(params=ps, lr=backbone_lr if backbone else lr,
+                     weight_decay=0.0 if norm else weight_decay)
                 for (backbone, norm), ps in sorted(groups.items())]
 
 
@@ -511,28 +530,40 @@ class MAD(nn.Module):
 # sequences in one pass; the loss counts masked positions only (eq. 1)
 
 def random_mask(shape, ratio, device):
-    """Bool mask (..., L) hiding exactly round(ratio * L) random positions of each sequence (ratio: one or per sequence)."""
+    """Bool (..., L), True at exactly round(ratio * L) random positions of each sequence (ratio:
+    one number, or a tensor of one per sequence)."""
     rank = torch.rand(shape, device=device).argsort(-1).argsort(-1)
     if torch.is_tensor(ratio):
         return rank < (ratio * shape[-1]).round()[..., None]
     return rank < round(ratio * shape[-1])
 
 
-def partial_masks(shape, cfg, device):
-    """The partly masked copies of sequences (B, n, L): masks (B, P, L) and src (P,), the sequence
-    each copy is of. One copy hiding mask_ratio of each sequence ("fixed"); Table 3's variants: a
-    ratio drawn per sequence in [0.6, 0.8] ("random"), or two copies at 0.6 and 0.8 ("multiple")."""
-    src = torch.arange(shape[1], device=device)
-    if cfg.mask_strategy == "multiple":
-        return torch.cat([random_mask(shape, 0.6, device), random_mask(shape, 0.8, device)], 1), src.repeat(2)
-    ratio = torch.empty(shape[:-1], device=device).uniform_(0.6, 0.8) if cfg.mask_strategy == "random" else cfg.mask_ratio
-    return random_mask(shape, ratio, device), src
+# The partly masked copies of sequences (B, n, L), Table 3: (masked (B, P, L), src (P,): the
+# sequence each copy is of), from one copy per sequence at mask_ratio ("fixed"), at a ratio drawn
+# per sequence in [0.6, 0.8] ("random"), or two copies at 0.6 and 0.8 ("multiple").
+
+def one_copy_at_the_ratio(shape, ratio, device):
+    return random_mask(shape, ratio, device), torch.arange(shape[1], device=device)
 
 
-def masked_copies(seqs, cfg, mask_token):
-    """seqs (B, n, L) -> inputs (B, C, L): the n fully masked copies, then the partly masked ones;
-    masked (B, C, L) True at <mask>; src (C,): the sequence each copy is of."""
-    partial, src = partial_masks(seqs.shape, cfg, seqs.device)
+def one_copy_at_a_random_ratio(shape, ratio, device):
+    ratio = torch.empty(shape[:-1], device=device).uniform_(0.6, 0.8)
+    return random_mask(shape, ratio, device), torch.arange(shape[1], device=device)
+
+
+def two_copies_at_two_ratios(shape, ratio, device):
+    masked = torch.cat([random_mask(shape, 0.6, device), random_mask(shape, 0.8, device)], 1)
+    return masked, torch.arange(shape[1], device=device).repeat(2)
+
+
+PARTIAL_MASKS = {"fixed": one_copy_at_the_ratio, "random": one_copy_at_a_random_ratio,
+                 "multiple": two_copies_at_two_ratios}
+
+
+def masked_copies(seqs, partial_masks, mask_token):
+    """seqs (B, n, L) -> inputs (B, C, L): the n fully masked copies, then the partly masked ones
+    (partial_masks); masked (B, C, L) True at <mask>; src (C,): the sequence each copy is of."""
+    partial, src = partial_masks(seqs.shape, device=seqs.device)
     masked = torch.cat([torch.ones_like(seqs, dtype=torch.bool), partial], 1)
     src = torch.cat([torch.arange(seqs.shape[1], device=seqs.device), src])
     return torch.where(masked, mask_token, seqs[:, src]), masked, src
@@ -553,71 +584,88 @@ def weighted_loss(sums, counts, task_weights):
     tasks = [t for t in TASKS if t in sums]
     losses = {t: (sums[t] / counts[t].clamp(min=1)).sum() for t in tasks}
     weights = dict(zip(TASKS, task_weights))
-    return sum(weights[t] * losses[t] for t in tasks), {t: l.detach() for t, l in losses.items()}
+    total = sum(weights[t] * losses[t] for t in tasks)
+    return total, {t: loss.detach() for t, loss in losses.items()}
 
 
 def detection_loss(model, batch, memory):
     """Detection: the slots' targets come from Hungarian matching (match_detections)."""
     v = model.vocab
-    seqs = batch["det_seq"].flatten(1)[:, None]                                # (B, 1, 5Q): one sequence
-    inputs, masked, _ = masked_copies(seqs, model.cfg, v.mask)                 # (B, C, 5Q)
-    prompt = v.det_prompt.to(seqs.device).expand(*inputs.shape[:2], PROMPT)
-    logp = model.log_probs(prompt, inputs, memory, "det")                # (layers, B, C, 5Q, V)
+    seqs = batch["det_seq"].flatten(1)[:, None]                       # (B, 1, 5Q): one sequence
+    inputs, masked, _ = masked_copies(seqs, model.partial_masks, v.mask_token)   # (B, C, 5Q)
+    prompt = v.det_prompt.to(seqs.device).expand(*inputs.shape[:2], PROMPT_LEN)
+    logp = model.log_probs(prompt, inputs, memory, "det")             # (layers, B, C, 5Q, V)
     target, weight = match_detections(logp, inputs, masked, batch["det_gt"], v)
     return masked_nll(logp, target, weight * masked)
 
 
 def prompted_loss(model, batch, memory, task):
     """Segmentation and keypoints: the prompt (task token, box, class) fixes the target, so no
-    matching. prompt (B, S, PROMPT), sequences and weights (B, S, L)."""
+    matching. prompt (B, S, PROMPT_LEN), sequences and weights (B, S, L)."""
     prompt, seqs, weight = batch[f"{task}_prompt"], batch[f"{task}_seq"], batch[f"{task}_weight"]
-    inputs, masked, src = masked_copies(seqs, model.cfg, model.vocab.mask)     # (B, C, L)
-    logp = model.log_probs(prompt[:, src], inputs, memory, task)         # (layers, B, C, L, V)
-    return masked_nll(logp, seqs[:, src] - model.vocab.task_range(task)[0], weight[:, src] * masked)
+    inputs, masked, src = masked_copies(seqs, model.partial_masks, model.vocab.mask_token)  # (B, C, L)
+    logp = model.log_probs(prompt[:, src], inputs, memory, task)      # (layers, B, C, L, V)
+    target = seqs[:, src] - model.vocab.task_range(task)[0]
+    return masked_nll(logp, target, weight[:, src] * masked)
 
 
 def caption_loss(model, batch, memory):
     """Captioning: the fully masked copy is ONE sequence per image, trained towards the reference it
     predicts best (best_reference, per layer); the partly masked copies hold every reference, with one
     random visible token of each replaced by a random text token (3.1 sequence augmentation)."""
-    v, refs, weight = model.vocab, batch["cap_seq"], batch["cap_weight"]       # (B, R, L)
+    v, refs, weight = model.vocab, batch["cap_seq"], batch["cap_weight"]   # (B, R, L)
     lo, hi = v.task_range("cap")
-    masked, src = partial_masks(refs.shape, model.cfg, refs.device)            # (B, P, L)
-    noisy = torch.where(masked, v.mask, refs[:, src])
-    pick = (torch.rand(masked.shape, device=refs.device) * ~masked).argmax(-1, keepdim=True)   # a visible slot
+    masked, src = model.partial_masks(refs.shape, device=refs.device)      # (B, P, L)
+    noisy = torch.where(masked, v.mask_token, refs[:, src])
+    visible = torch.rand(masked.shape, device=refs.device) * ~masked
+    pick = visible.argmax(-1, keepdim=True)                                # a visible slot
     word = torch.randint(lo, hi, (*masked.shape[:2], 1), device=refs.device)
-    noisy = noisy.scatter(-1, pick, torch.where(masked.gather(-1, pick), v.mask, word))
-    full = fully_masked_caption(refs, model.cfg, v)                            # (B, 1, L)
-    inputs = torch.cat([full, noisy], 1)                                       # (B, 1+P, L)
-    logp = model.log_probs(v.cap_prompt.to(refs.device).expand(*inputs.shape[:2], PROMPT), inputs, memory, "cap")
-    target = refs - lo                                                         # logp: (layers, B, 1+P, L, V)
-    full_target, full_weight = best_reference(logp[:, :, 0], target, weight * (full == v.mask))   # (layers, B, L)
-    target = torch.cat([full_target[:, :, None], target[:, src].expand(len(logp), -1, -1, -1)], 2)   # (layers, B, 1+P, L)
-    weight = torch.cat([full_weight[:, :, None], (weight[:, src] * masked).expand(len(logp), -1, -1, -1)], 2)
+    noisy = noisy.scatter(-1, pick, torch.where(masked.gather(-1, pick), v.mask_token, word))
+    full = model.fully_masked_caption(refs, v)                              # (B, 1, L)
+    inputs = torch.cat([full, noisy], 1)                                    # (B, 1+P, L)
+    prompt = v.cap_prompt.to(refs.device).expand(*inputs.shape[:2], PROMPT_LEN)
+    logp = model.log_probs(prompt, inputs, memory, "cap")                   # (layers, B, 1+P, L, V)
+    target = refs - lo
+    counted = weight * (full == v.mask_token)
+    full_target, full_weight = best_reference(logp[:, :, 0], target, counted)   # (layers, B, L)
+    layers = len(logp)
+    target = torch.cat([full_target[:, :, None],
+                        target[:, src].expand(layers, -1, -1, -1)], 2)       # (layers, B, 1+P, L)
+    weight = torch.cat([full_weight[:, :, None],
+                        (weight[:, src] * masked).expand(layers, -1, -1, -1)], 2)
     return masked_nll(logp, target, weight)
 
 
-def fully_masked_caption(refs, cfg, vocab):
-    """The fully masked caption copy (B, 1, L): all <mask>; with cap_full_word (the authors'
-    code), one random position shows a random word: an input, so not a target."""
-    full = torch.full_like(refs[:, :1], vocab.mask)
-    if cfg.cap_full_word:
-        (B, _, L), (lo, hi) = refs.shape, vocab.task_range("cap")
-        full = full.scatter(-1, torch.randint(0, L, (B, 1, 1), device=refs.device),
-                            torch.randint(lo, hi, (B, 1, 1), device=refs.device))
-    return full
+def all_masked_caption(refs, vocab):
+    """The fully masked caption copy (B, 1, L): every position <mask>."""
+    return torch.full_like(refs[:, :1], vocab.mask_token)
+
+
+def all_masked_caption_but_one_word(refs, vocab):
+    """The fully masked caption copy with one random position showing a random word (the authors'
+    code): an input, so not a target."""
+    (B, _, L), (lo, hi) = refs.shape, vocab.task_range("cap")
+    where = torch.randint(0, L, (B, 1, 1), device=refs.device)
+    word = torch.randint(lo, hi, (B, 1, 1), device=refs.device)
+    return all_masked_caption(refs, vocab).scatter(-1, where, word)
+
+
+FULL_CAPTION_COPIES = {False: all_masked_caption, True: all_masked_caption_but_one_word}
 
 
 def best_reference(logp, refs, counted):
     """The target of the fully masked caption copy: per layer and image, the reference of lowest
     mean cross-entropy over its counted positions (a reference with none is never chosen).
     logp (layers, B, L, V), refs and counted (B, R, L) -> target and weight (layers, B, L)."""
-    layers, (B, R, L) = len(logp), refs.shape
-    nll = -logp[:, :, None].expand(-1, -1, R, -1, -1).gather(-1, refs[None, ..., None].expand(layers, -1, -1, -1, 1))[..., 0]
-    mean = (nll * counted).sum(-1) / counted.sum(-1).clamp(min=1)             # (layers, B, R)
-    best = mean.masked_fill(counted.sum(-1) == 0, float("inf")).argmin(-1)    # (layers, B)
-    idx = best[..., None, None].expand(-1, -1, 1, L)                          # (layers, B, 1, L)
-    pick = lambda x: x.expand(layers, -1, -1, -1).gather(2, idx)[:, :, 0]
+    layers, (_, R, L) = len(logp), refs.shape
+    index = refs[None, ..., None].expand(layers, -1, -1, -1, 1)                  # (layers, B, R, L, 1)
+    nll = -logp[:, :, None].expand(-1, -1, R, -1, -1).gather(-1, index)[..., 0]  # (layers, B, R, L)
+    mean = (nll * counted).sum(-1) / counted.sum(-1).clamp(min=1)                # (layers, B, R)
+    best = mean.masked_fill(counted.sum(-1) == 0, float("inf")).argmin(-1)       # (layers, B)
+    idx = best[..., None, None].expand(-1, -1, 1, L)                             # (layers, B, 1, L)
+
+    def pick(x):
+        return x.expand(layers, -1, -1, -1).gather(2, idx)[:, :, 0]
     return pick(refs), pick(counted)
 
 
@@ -631,20 +679,21 @@ def match_detections(logp, inputs, masked, gt, vocab, forced_cost=1e4):
     -> target (layers, B, C, 5Q) indices within the detection range, and weight: matched slots
     learn their object's 5 tokens, the others class <noise> (coordinates weight 0)."""
     (n_layers, B, c, T, V), lo = logp.shape, vocab.task_range("det")[0]
-    Q, sizes = T // 5, [len(g) for g in gt]
-    gt_pad = torch.zeros(B, max(sizes + [1]), 5, dtype=torch.long, device=logp.device)
+    Q, sizes = T // BOX_LEN, [len(g) for g in gt]
+    gt_pad = torch.zeros(B, max(sizes + [1]), BOX_LEN, dtype=torch.long, device=logp.device)
     for b, g in enumerate(gt):
-        gt_pad[b, : len(g)] = g.to(logp.device) - lo                           # (B, G, 5) local ids
-    idx = gt_pad.transpose(1, 2)[None, :, None, None].expand(n_layers, B, c, Q, 5, -1)
-    nll = -logp.view(n_layers, B, c, Q, 5, V).gather(-1, idx)                  # (layers, B, C, Q, 5, G)
-    shown = (inputs.view(B, c, Q, 5, 1) - lo) == gt_pad.transpose(1, 2)[:, None, None]   # (B, C, Q, 5, G)
-    visible = ~masked.view(B, c, Q, 5, 1)
+        gt_pad[b, : len(g)] = g.to(logp.device) - lo                  # (B, G, 5) local ids
+    idx = gt_pad.transpose(1, 2)[None, :, None, None].expand(n_layers, B, c, Q, BOX_LEN, -1)
+    nll = -logp.view(n_layers, B, c, Q, BOX_LEN, V).gather(-1, idx)   # (layers, B, C, Q, 5, G)
+    slots = inputs.view(B, c, Q, BOX_LEN, 1) - lo
+    shown = slots == gt_pad.transpose(1, 2)[:, None, None]            # (B, C, Q, 5, G)
+    visible = ~masked.view(B, c, Q, BOX_LEN, 1)
     nll = torch.where(visible, (~shown).to(nll.dtype) * forced_cost, nll)
-    cost = nll.mean(4).float().cpu()                                           # (layers, B, C, Q, G)
+    cost = nll.mean(4).float().cpu()                                  # (layers, B, C, Q, G)
     cost = cost.nan_to_num(nan=1e9, posinf=1e9, neginf=-1e9)   # for scipy; the loss check stops on NaN
-    target = torch.zeros(n_layers, B, c, Q, 5, dtype=torch.long)
+    target = torch.zeros(n_layers, B, c, Q, BOX_LEN, dtype=torch.long)
     target[..., 4] = vocab.noise - lo
-    weight = torch.zeros(n_layers, B, c, Q, 5)
+    weight = torch.zeros(n_layers, B, c, Q, BOX_LEN)
     weight[..., 4] = 1
     rows = [(l, b, k, *linear_sum_assignment(cost[l, b, k, :, : sizes[b]]))
             for l in range(n_layers) for b in range(B) for k in range(c) if sizes[b]]
@@ -656,44 +705,64 @@ def match_detections(logp, inputs, masked, gt, vocab, forced_cost=1e4):
     return target.flatten(3).to(logp.device), weight.flatten(3).to(logp.device)
 
 
-LOSSES = dict(det=detection_loss, seg=partial(prompted_loss, task="seg"), kpt=partial(prompted_loss, task="kpt"), cap=caption_loss)
+LOSSES = dict(det=detection_loss, seg=partial(prompted_loss, task="seg"),
+              kpt=partial(prompted_loss, task="kpt"), cap=caption_loss)
 
 
 # -----------------------------------------------------------------------------
 # 3.2 / 4.1 Masked inference: detection -> segmentation and keypoints prompted by the
 # detections -> captioning. One stage (ratio 1.0) is pure parallel decoding.
 
-def refine(model, prompt, L, memory, task, ratios, by_confidence=False):
+def refine(model, prompt, L, memory, task, ratios, remask_order):
     """Masked inference (3.2). Stage 1 decodes from all-<mask>; each later stage re-masks a share
-    `ratio` of the positions (random, or the least confident) of the current argmax tokens and
-    decodes again; at re-masked positions the new logits join the ensemble (ensemble_weight). The
-    random positions come from a fixed seed and are the same for every image, so a prediction does
-    not depend on the batch or the number of processes it was made in.
-    prompt (B, n, PROMPT) -> logits (B, n, L, V) over the task's tokens."""
+    `ratio` of the positions of the current argmax tokens, first in `remask_order` (random_order,
+    or confidence_order: the least confident), and decodes again; at re-masked positions the new
+    logits join the ensemble (model.ensemble_weight). The random positions come from a fixed seed
+    and are the same for every image, so a prediction does not depend on the batch or the number
+    of processes it was made in. prompt (B, n, PROMPT_LEN) -> logits (B, n, L, V) over the task's
+    tokens."""
     B, n, _ = prompt.shape
     v, lo = model.vocab, model.vocab.task_range(task)[0]
-    tokens = torch.full((B, n, L), v.mask, device=prompt.device)
+    tokens = torch.full((B, n, L), v.mask_token, device=prompt.device)
     conf = torch.zeros(B, n, L, device=prompt.device)
     logits, count = 0, torch.zeros(B, n, L, 1, device=prompt.device)
     g = torch.Generator().manual_seed(0)
     for ratio in ratios:
-        order = conf if by_confidence else torch.rand(L, generator=g).to(conf.device).expand_as(conf)
-        remask = order.argsort(-1).argsort(-1) < round(ratio * L)          # (B, n, L)
-        x = torch.where(remask, v.mask, tokens)
-        new = model.logits(model.decode(torch.cat([prompt, x], -1), memory)[..., PROMPT:, :], task)
+        remask = remask_order(conf, g).argsort(-1).argsort(-1) < round(ratio * L)   # (B, n, L)
+        x = torch.where(remask, v.mask_token, tokens)
+        h = model.decode(torch.cat([prompt, x], -1), memory)[..., PROMPT_LEN:, :]
+        new = model.logits(h, task)
         m = remask[..., None].float()
-        logits = logits + (new - logits) * ensemble_weight(count, model.cfg.remask_average) * m
+        logits = logits + (new - logits) * model.ensemble_weight(count) * m
         count = count + m
         conf, tokens = allowed(logits, task, v).softmax(-1).max(-1)
         tokens = tokens + lo
     return logits
 
 
-def ensemble_weight(count, rule):
-    """The weight of a re-masked position's new logits, given how often it was decoded before:
-    "running": 1 / (count + 1), a running mean of the stages; "halve" (the authors' captions):
-    (ensemble + new) / 2, so later stages weigh more."""
-    return 1 / (count + 1) if rule == "running" else 0.5 + 0.5 * (count == 0)
+def random_order(conf, generator):
+    """Positions in one random order, the same for every sequence (the seeded generator)."""
+    return torch.rand(conf.shape[-1], generator=generator).to(conf.device).expand_as(conf)
+
+
+def confidence_order(conf, generator):
+    """Positions from the least to the most confident."""
+    return conf
+
+
+# The weight of a re-masked position's new logits, given how often it was decoded before
+# (Table 7's ensemble): a running mean of the stages, or the authors' captions' (ensemble + new) / 2,
+# under which later stages weigh more.
+
+def running_mean_weight(count):
+    return 1 / (count + 1)
+
+
+def halving_weight(count):
+    return 0.5 + 0.5 * (count == 0)
+
+
+ENSEMBLE_WEIGHTS = {"running": running_mean_weight, "halve": halving_weight}
 
 
 def allowed(logits, task, vocab, offset=0):
@@ -706,7 +775,7 @@ def allowed(logits, task, vocab, offset=0):
     pos = torch.arange(offset, offset + logits.shape[-2], device=logits.device)
     tok = torch.arange(logits.shape[-1], device=logits.device)
     if task == "det":                # det range: classes, <noise>, coordinates
-        ok = (pos[:, None] % 5 == 4) == (tok[None] < vocab.num_classes + 1)
+        ok = (pos[:, None] % BOX_LEN == 4) == (tok[None] < vocab.num_classes + 1)
     else:                            # kpt range: coordinates, <vis>, <invis>
         ok = (pos[:, None] % 3 == 2) == (tok[None] >= vocab.num_bins + 1)
     return logits.masked_fill(~ok, float("-inf"))
@@ -716,86 +785,78 @@ def detect(model, memory):
     """One fully masked pass over the detection sequence. Returns, sorted by score (B, Q, ...):
     box tokens (x0 <= x1, y0 <= y1), scores, labels."""
     B, Q, C, v = len(memory.tokens), model.cfg.num_queries, model.vocab.num_classes, model.vocab
-    prompt = v.det_prompt.to(memory.tokens.device).expand(B, 1, PROMPT)
-    logits = model.decode_sequences(prompt, 5 * Q, memory, "det", (1.0,))
-    prob = detection_probs(logits, model).view(B, Q, 5, -1)                 # (B, Q, 5, V)
-    coords = prob[:, :, :4, C + 1:].argmax(-1) + v.coord                  # (B, Q, 4) coordinate tokens
+    prompt = v.det_prompt.to(memory.tokens.device).expand(B, 1, PROMPT_LEN)
+    logits = model.decode_sequences(prompt, BOX_LEN * Q, memory, "det", (1.0,))
+    prob = model.detection_probs(logits, v).view(B, Q, BOX_LEN, -1)   # (B, Q, 5, V)
+    coords = prob[:, :, :4, C + 1:].argmax(-1) + v.coord              # (B, Q, 4) coordinate tokens
     coords = torch.cat([torch.minimum(coords[..., :2], coords[..., 2:]),
                         torch.maximum(coords[..., :2], coords[..., 2:])], -1)
-    scores, labels = prob[:, :, 4, :C].max(-1)                            # low if <noise> is likely
+    scores, labels = prob[:, :, 4, :C].max(-1)                        # low if <noise> is likely
     order = scores.argsort(-1, descending=True)
     return dict(box_tokens=coords.gather(1, order[..., None].expand_as(coords)),
                 scores=scores.gather(1, order), labels=labels.gather(1, order))
 
 
-def detection_probs(logits, model):
-    """Probabilities of the detection tokens. The class score takes the softmax over every detection
-    token ("all": likely coordinates at the class position lower it) or, with det_score "classes",
-    over the classes and <noise> only."""
-    return (logits if model.cfg.det_score == "all" else allowed(logits, "det", model.vocab)).softmax(-1)
+# The class score of a detection: p(class) with the softmax over every detection token ("all":
+# likely coordinates at the class position lower it), or over the classes and <noise> only
+# ("classes").
+
+def softmax_over_all_detection_tokens(logits, vocab):
+    return logits.softmax(-1)
 
 
-def given_detections(boxes, orig_sizes, vocab, device):
-    """Boxes that stand in for detections (B tensors (n, 5), see MAD.predict) -> detect's dict,
-    padded to the most boxes of the batch with rows of score 0. A model trained without detection
-    (Table 8's single-task models) is prompted so: an oracle, its AP assumes perfect boxes."""
-    n = max([len(b) for b in boxes] + [1])
-    given = torch.zeros(len(boxes), n, 5)
-    for i, b in enumerate(boxes):
-        given[i, :len(b)] = b
-    wh = orig_sizes.flip(-1).float().repeat(1, 2)[:, None]                # (B, 1, 4) as w, h, w, h
-    scores = (torch.arange(n) < torch.tensor([len(b) for b in boxes])[:, None]).float()
-    return dict(box_tokens=vocab.quantize(given[..., :4] / wh).to(device), scores=scores.to(device),
-                labels=given[..., 4].long().to(device))
+def softmax_over_allowed_tokens(logits, vocab):
+    return allowed(logits, "det", vocab).softmax(-1)
 
 
-def only_given(o, n):
-    """One image's prediction from given_detections without its padding rows."""
-    o.update({k: o[k][:n] for k in ("boxes", "scores", "labels", "masks") if k in o})
-    if "keypoints" in o:
-        o["kpt_keep"] = o["kpt_keep"] & (o["kpt_index"] < n)
-    return o
+DETECTION_SCORES = {"all": softmax_over_all_detection_tokens, "classes": softmax_over_allowed_tokens}
 
 
 def box_prompts(det, task_token, index, vocab):
-    """Prompts [task, x0, y0, x1, y1, class] (B, K, PROMPT) from the detections at index (B, K)."""
+    """Prompts [task, x0, y0, x1, y1, class] (B, K, PROMPT_LEN) from the detections at index (B, K)."""
     boxes = det["box_tokens"].gather(1, index[..., None].expand(-1, -1, 4))
     cls = det["labels"].gather(1, index)[..., None] + vocab.cls
     return torch.cat([torch.full_like(cls, task_token), boxes, cls], -1)
 
 
-def segment(model, det, memory, boxes, hw):
-    """Masks of the top-K detections: p(<fg>) on the M x M grid, pasted into each box on the
-    original image (B lists of (K, H0, W0) bool)."""
-    K, M = min(model.cfg.seg_topk, det["scores"].shape[1]), model.cfg.mask_size
+def segment(model, det, memory, boxes, sizes):
+    """Masks of the top-K detections: p(<fg>) on the grid, pasted into each box on the original
+    image of size sizes[b] = (h, w) (B lists of (K, h, w) bool)."""
+    K, M = min(model.cfg.seg_topk, det["scores"].shape[1]), model.cfg.grid_size
     index = torch.arange(K, device=boxes.device).expand(len(boxes), K)
-    logits = model.decode_sequences(box_prompts(det, model.vocab.seg, index, model.vocab), M * M, memory, "seg", (1.0,))
-    prob = allowed(logits, "seg", model.vocab).softmax(-1)[..., 0]           # (B, K, M*M) p(<fg>)
-    return [paste_masks(p, b, h, w) for p, b, (h, w) in zip(prob.view(-1, K, M, M).float(), boxes[:, :K], hw)]
+    prompt = box_prompts(det, model.vocab.seg, index, model.vocab)
+    logits = model.decode_sequences(prompt, M * M, memory, "seg", (1.0,))
+    prob = allowed(logits, "seg", model.vocab).softmax(-1)[..., 0]    # (B, K, M*M) p(<fg>)
+    prob = prob.view(-1, K, M, M).float()
+    return [paste_masks(p, b, h, w) for p, b, (h, w) in zip(prob, boxes[:, :K], sizes)]
 
 
 def person_keypoints(model, det, memory, orig_sizes):
-    """Keypoints of the top-K detections, persons first by score; kpt_keep marks the persons."""
+    """Keypoints of the top-K detections, persons first by score; kpt_is_person marks the persons."""
     v, K = model.vocab, min(model.cfg.seg_topk, det["scores"].shape[1])
-    is_person = det["labels"] == v.person                                 # (B, Q), sorted by score
-    index = (~is_person).float().argsort(dim=-1, stable=True)[:, :K]      # persons first, by score
-    logits = model.decode_sequences(box_prompts(det, v.kpt, index, v), 51, memory, "kpt", model.cfg.kpt_ratios,
-                                    by_confidence=True)
-    xy, vis = keypoints_from_probs(allowed(logits, "kpt", v).softmax(-1), v)   # (B, K, 17, 2) tokens, (B, K, 17)
-    xy = to_pixels(xy.flatten(2), orig_sizes, v).unflatten(2, (17, 2))
-    return dict(keypoints=torch.cat([xy, vis[..., None]], -1), kpt_index=index, kpt_keep=is_person.gather(1, index))
+    is_person = det["labels"] == v.person                             # (B, Q), sorted by score
+    index = (~is_person).float().argsort(dim=-1, stable=True)[:, :K]  # persons first, by score
+    logits = model.decode_sequences(box_prompts(det, v.kpt, index, v), KPT_LEN, memory, "kpt",
+                                    model.cfg.kpt_ratios, confidence_order)
+    prob = allowed(logits, "kpt", v).softmax(-1)
+    xy, vis = keypoints_from_probs(prob, v)                           # (B, K, 17, 2) tokens, (B, K, 17)
+    xy = to_pixels(xy.flatten(2), orig_sizes, v).unflatten(2, (NUM_KEYPOINTS, 2))
+    return dict(keypoints=torch.cat([xy, vis[..., None]], -1), kpt_index=index,
+                kpt_is_person=is_person.gather(1, index))
 
 
 def caption(model, memory):
     """Caption tokens (B, L) of the multi-stage masked inference (SentencePiece ids)."""
-    prompt = model.vocab.cap_prompt.to(memory.tokens.device).expand(len(memory.tokens), 1, PROMPT)
-    return model.decode_sequences(prompt, model.cfg.caption_len, memory, "cap", model.cfg.cap_ratios)[:, 0].argmax(-1)
+    prompt = model.vocab.cap_prompt.to(memory.tokens.device).expand(len(memory.tokens), 1, PROMPT_LEN)
+    logits = model.decode_sequences(prompt, model.cfg.caption_len, memory, "cap", model.cfg.cap_ratios)
+    return logits[:, 0].argmax(-1)
 
 
 def keypoints_from_probs(prob, vocab):
-    """(B, K, 51, V) keypoint probabilities -> x, y coordinate tokens (B, K, 17, 2) and p(<vis>) (B, K, 17)."""
+    """(B, K, 51, V) keypoint probabilities -> x, y coordinate tokens (B, K, 17, 2) and p(<vis>)
+    (B, K, 17)."""
     nb = vocab.num_bins
-    prob = prob.unflatten(2, (17, 3))
+    prob = prob.unflatten(2, (NUM_KEYPOINTS, 3))
     xy = prob[..., :2, : nb + 1].argmax(-1) + vocab.coord
     vis = prob[..., 2, nb + 1] / prob[..., 2, nb + 1:].sum(-1).clamp(min=1e-12)
     return xy, vis
@@ -804,7 +865,7 @@ def keypoints_from_probs(prob, vocab):
 def to_pixels(coords, orig_sizes, vocab):
     """Coordinate tokens (B, n, 2k) alternating x, y -> bin centres in pixels of the original
     images (B, n, 2k): x by the width, y by the height. Boxes keep their corner order."""
-    wh = orig_sizes.flip(-1).to(coords.device, torch.float32)[:, None, None]   # (B, 1, 1, 2) as (w, h)
+    wh = orig_sizes.flip(-1).to(coords.device, torch.float32)[:, None, None]   # (B, 1, 1, 2): (w, h)
     return (vocab.dequantize(coords).unflatten(-1, (-1, 2)) * wh).flatten(-2)
 
 
@@ -829,6 +890,40 @@ def paste_masks(prob, boxes, H, W, chunk=16):
     return out
 
 
+# Table 8's single-task models have no detector: their segmentation and keypoints are prompted by
+# given boxes (the ground truth in evaluate.py: an oracle, whose AP assumes perfect boxes).
+
+@torch.no_grad()
+def predict_from_boxes(model, images, padding, orig_sizes, boxes, tasks, tokenizer=None):
+    """MAD.predict with B tensors (n, 5) [x0, y0, x1, y1 original pixels, class] in place of the
+    detections; each image's outputs keep its own n boxes."""
+    memory = model.encode(images, padding)
+    det = given_detections(boxes, orig_sizes, model.vocab, images.device)
+    out = model.predict_from(memory, det, orig_sizes, tasks, tokenizer)
+    return [only_given(o, len(b)) for o, b in zip(out, boxes)]
+
+
+def given_detections(boxes, orig_sizes, vocab, device):
+    """Given boxes -> detect's dict, padded to the most boxes of the batch with rows of score 0."""
+    n = max([len(b) for b in boxes] + [1])
+    given = torch.zeros(len(boxes), n, BOX_LEN)
+    for i, b in enumerate(boxes):
+        given[i, :len(b)] = b
+    wh = orig_sizes.flip(-1).float().repeat(1, 2)[:, None]           # (B, 1, 4) as w, h, w, h
+    scores = (torch.arange(n) < torch.tensor([len(b) for b in boxes])[:, None]).float()
+    return dict(box_tokens=vocab.quantize(given[..., :4] / wh).to(device), scores=scores.to(device),
+                labels=given[..., 4].long().to(device))
+
+
+def only_given(o, n):
+    """One image's prediction from given_detections without its padding rows."""
+    o.update({k: o[k][:n] for k in ("boxes", "scores", "labels", "masks") if k in o})
+    if "keypoints" in o:
+        given = o["kpt_index"] < n
+        o["keypoints"], o["kpt_index"] = o["keypoints"][given], o["kpt_index"][given]
+    return o
+
+
 # -----------------------------------------------------------------------------
 # Table 2 / supplementary B: the autoregressive baseline. The same network, weights and sequences;
 # causal self-attention, <start> first, next-token teacher forcing, detection objects first
@@ -845,30 +940,32 @@ class ARBaseline(MAD):
 
     def forward(self, batch, tasks=TASKS):
         """Teacher forcing: (sums, counts) as MAD.forward, of next-token cross-entropy."""
-        memory = self.encode(batch["images"], batch["pad_mask"])
+        memory = self.encode(batch["images"], batch["padding"])
         out = {}
         for task in sorted(tasks, key=lambda t: t == "det"):
-            prompt, seqs, weight = ar_sequences(batch, task, self.vocab)          # (B, n, PROMPT), (B, n, L) x2
+            prompt, seqs, weight = ar_sequences(batch, task, self.vocab)   # (B, n, 6), (B, n, L) x2
             start = torch.full_like(seqs[..., :1], self.vocab.start)
             h = self.decode(torch.cat([prompt, start, seqs[..., :-1]], -1), memory, all_layers=True)
-            logp = self.logits(h[..., PROMPT:, :], task).log_softmax(-1)          # (layers, B, n, L, V)
+            logp = self.logits(h[..., PROMPT_LEN:, :], task).log_softmax(-1)   # (layers, B, n, L, V)
             out[task] = masked_nll(logp, seqs - self.vocab.task_range(task)[0], weight)
         return {t: s for t, (s, _) in out.items()}, {t: c for t, (_, c) in out.items()}
 
-    def decode_sequences(self, prompt, L, memory, task, ratios=None, by_confidence=False):
+    def decode_sequences(self, prompt, L, memory, task, ratios=None, remask_order=None):
         return self.generate(prompt, L, memory, task)
 
     def generate(self, prompt, L, memory, task, use_cache=True):
         """Greedy decoding to the full length L, one token per decoder pass, with a key/value cache
-        in every self-attention layer (without: re-decode the whole prefix). prompt (B, n, PROMPT)
+        in every self-attention layer (without: re-decode the whole prefix). prompt (B, n, PROMPT_LEN)
         -> logits (B, n, L, V) of the steps, each restricted to the tokens allowed there."""
         lo = self.vocab.task_range(task)[0]
         x = torch.cat([prompt, torch.full_like(prompt[..., :1], self.vocab.start)], -1)   # (B, n, 7)
         caches = [dict() for _ in self.decoder] if use_cache else None
         steps = []
         for t in range(L):
-            if use_cache:
-                h = self.decode_step(x if t == 0 else x[..., -1:], memory, caches, 0 if t == 0 else PROMPT + t)
+            if use_cache and t == 0:
+                h = self.decode_step(x, memory, caches, 0)
+            elif use_cache:
+                h = self.decode_step(x[..., -1:], memory, caches, PROMPT_LEN + t)
             else:
                 h = self.decode(x, memory)
             logits = allowed(self.logits(h[..., -1:, :], task), task, self.vocab, offset=t)   # (B, n, 1, V)
@@ -895,148 +992,38 @@ def causal_self_attention(attn, q, x, cache=None):
         if "k" in cache:
             k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
         cache["k"], cache["v"] = k, v
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1,      # a cached single step sees all
-                                       dropout_p=attn.dropout if attn.training else 0.0)
+    dropout = attn.dropout if attn.training else 0.0
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1,   # a cached step sees all
+                                       dropout_p=dropout)
     return attn.out(y.transpose(1, 2).flatten(2))
 
 
 def ar_sequences(batch, task, v):
-    """Teacher-forcing sequences of the baseline: (prompt (B, n, PROMPT), tokens (B, n, L), weight)."""
+    """Teacher-forcing sequences of the baseline: (prompt (B, n, PROMPT_LEN), tokens (B, n, L), weight)."""
     if task in ("seg", "kpt"):
         return batch[f"{task}_prompt"], batch[f"{task}_seq"], batch[f"{task}_weight"]
     if task == "cap":
         refs = batch["cap_seq"]
-        return v.cap_prompt.to(refs.device).expand(*refs.shape[:2], PROMPT), refs, batch["cap_weight"]
-    slots, gt = batch["det_seq"], batch["det_gt"]                          # (B, Q, 5), B x (n_b, 5)
+        prompt = v.cap_prompt.to(refs.device).expand(*refs.shape[:2], PROMPT_LEN)
+        return prompt, refs, batch["cap_weight"]
+    slots, gt = batch["det_seq"], batch["det_gt"]                     # (B, Q, 5), B x (n_b, 5)
     B, Q, _ = slots.shape
-    gt_pad = torch.full((B, max([len(g) for g in gt] + [1]), 5), -1, dtype=torch.long, device=slots.device)
+    most = max([len(g) for g in gt] + [1])
+    gt_pad = torch.full((B, most, BOX_LEN), -1, dtype=torch.long, device=slots.device)
     for b, g in enumerate(gt):
         gt_pad[b, : len(g)] = g
-    is_gt = (slots[:, :, None] == gt_pad[:, None]).all(-1).any(-1)         # (B, Q)
-    order = (~is_gt).float().argsort(dim=-1, stable=True)                  # objects first
-    seqs = slots.gather(1, order[..., None].expand(-1, -1, 5))
+    is_gt = (slots[:, :, None] == gt_pad[:, None]).all(-1).any(-1)    # (B, Q)
+    order = (~is_gt).float().argsort(dim=-1, stable=True)             # objects first
+    seqs = slots.gather(1, order[..., None].expand(-1, -1, BOX_LEN))
     noise = torch.arange(Q, device=slots.device)[None] >= is_gt.sum(1, keepdim=True)   # (B, Q)
     target = seqs.clone()
-    target[..., 4] = torch.where(noise, v.noise, seqs[..., 4])             # noise objects -> <noise>
-    weight = torch.ones(B, Q, 5, device=slots.device)
-    weight[..., :4] *= ~noise[..., None]                                   # their boxes are not learned
-    prompt = v.det_prompt.to(slots.device).expand(B, 1, PROMPT)
+    target[..., 4] = torch.where(noise, v.noise, seqs[..., 4])        # noise objects -> <noise>
+    weight = torch.ones(B, Q, BOX_LEN, device=slots.device)
+    weight[..., :4] *= ~noise[..., None]                              # their boxes are not learned
+    prompt = v.det_prompt.to(slots.device).expand(B, 1, PROMPT_LEN)
     return prompt, target.flatten(1)[:, None], weight.flatten(1)[:, None]
 
-
-# -----------------------------------------------------------------------------
-# Engineering shared by train.py and evaluate.py: building and checkpointing a model, devices,
-# and the few collectives of DDP (nothing of the method)
 
 def build(cfg, vocab):
     """The network of cfg: MAD, or the autoregressive baseline (cfg.decoder == "ar")."""
     return (ARBaseline if cfg.decoder == "ar" else MAD)(cfg, vocab)
-
-
-def save_checkpoint(path, state):
-    """Atomic: write a temporary file, fsync, rename. A crash mid-write leaves the old file intact."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """The checkpoint dict; clear errors for a missing, truncated or foreign file."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise SystemExit(f"{path}: cannot read the checkpoint (truncated or not a torch file?): {e}") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "vocab", "categories"} <= set(ckpt):
-        raise SystemExit(f"{path}: not a MAD checkpoint (needs model, config, vocab, categories)")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, device="cpu"):
-    """(model in eval mode, caption tokenizer or None) of a checkpoint dict."""
-    model = build(config_from_dict(ckpt["config"]), Vocab(**ckpt["vocab"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), CaptionTokenizer(ckpt["spm"]) if ckpt.get("spm") else None
-
-
-def config_from_dict(d):
-    """Config from a checkpoint's dict (JSON-ish round trips turn tuples into lists)."""
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-def cuda_settings():
-    """TF32 matmuls and convolutions (as the paper's A100s), and no cuDNN attention: it builds a
-    plan for every new shape, and multi-scale training brings new shapes at almost every step."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cuda.enable_cudnn_sdp(False)
-
-
-WAIT = timedelta(hours=4)             # how long processes wait on the side group (rank 0 scoring an evaluation)
-SIDE = None                           # that gloo group: Python objects and waits, apart from the gradients' group
-
-
-def init_processes(device, timeout_min=30.0):
-    """torchrun sets RANK: join the process group (NCCL on CUDA, gloo on the CPU; its collectives fail
-    after timeout_min) and take this process's GPU: LOCAL_RANK's, or the only one visible where the
-    launcher gives each process its own (CUDA_VISIBLE_DEVICES). Returns (rank, world size, device)."""
-    global SIDE
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    cuda = device.startswith("cuda")
-    if cuda:
-        device = f"cuda:{gpu_index(int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count())}"
-        torch.cuda.set_device(device)                  # before NCCL's first collective
-    # torchrun keeps its store across --max-restarts: a restarted attempt would find the addresses of the
-    # processes it replaces there (gloo: "connection refused"), so each attempt keys its own
-    store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(minutes=timeout_min)))
-    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
-                            timeout=timedelta(minutes=timeout_min))
-    SIDE = dist.new_group(backend="gloo", timeout=max(WAIT, timedelta(minutes=timeout_min)))
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def gpu_index(local_rank, visible):
-    """The GPU of a process: its LOCAL_RANK among the visible ones, or the only one it sees."""
-    if visible == 1:
-        return 0
-    if not 0 <= local_rank < visible:
-        raise SystemExit(f"LOCAL_RANK {local_rank}, but this process sees {visible} GPU(s): give each process one "
-                         f"(CUDA_VISIBLE_DEVICES) or start at most {visible} per node")
-    return local_rank
-
-
-def finish_processes():
-    """All processes leave together (the last evaluation may keep rank 0 for minutes)."""
-    if dist.is_initialized():
-        barrier()
-        dist.destroy_process_group()
-
-
-def barrier():
-    """Wait for every process, on the side group (a long timeout)."""
-    if dist.is_initialized():
-        dist.barrier(group=SIDE)
-
-
-def gather(obj):
-    """Every rank's obj, as a list (a list of one without DDP)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=SIDE)
-    return out
-
-
-def broadcast(obj):
-    """Rank 0's obj on every rank (obj itself without DDP)."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=SIDE)
-    return box[0]
-

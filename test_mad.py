@@ -160,6 +160,8 @@ from pycocotools.cocoeval import COCOeval
 import data
 import evaluate
 import mad
+import runtime
+import synthetic
 import train
 from mad import MAD, PRESETS, Config, Vocab
 
@@ -175,7 +177,7 @@ EXCERPT = os.path.join(HERE, "testdata", "coco_val2017_excerpt")   # real COCO a
 def synth(tmp_path_factory):
     """A small synthetic COCO set: 24 train and 8 val images of 128 px."""
     root = str(tmp_path_factory.mktemp("synthetic"))
-    data.make_synthetic_coco(root, 24, 8)
+    synthetic.make_synthetic_coco(root, 24, 8)
     return root
 
 
@@ -201,7 +203,7 @@ def tiny_model(decoder="mad", **over):
 
 def random_batch(model, B=2, size=128, n_gt=3):
     """A random, well-formed batch shaped like collate's, for model (seed 1)."""
-    return data.random_batch(model.cfg, model.vocab, B, size, size, seed=1, n_gt=n_gt)
+    return synthetic.random_batch(model.cfg, model.vocab, B, size, size, seed=1, n_gt=n_gt)
 
 
 def spy(monkeypatch, owner, name, record, with_result=False):
@@ -256,7 +258,7 @@ def save_random_checkpoint(path, ds, tokenizer, **over):
     torch.manual_seed(0)
     cfg = tiny_cfg(**over)
     model = MAD(cfg, ds.vocab)
-    mad.save_checkpoint(str(path), dict(model=model.state_dict(), config=__import__("dataclasses").asdict(cfg),
+    runtime.save_checkpoint(str(path), dict(model=model.state_dict(), config=__import__("dataclasses").asdict(cfg),
                                           vocab=ds.vocab.state_dict(), spm=tokenizer.model_bytes,
                                           categories=ds.categories, train=dict(data=ds.root)))
     return model.eval()
@@ -312,7 +314,7 @@ def test_vocabulary_layout_by_hand():
     <invis>, <fg>, <bg>, the text pieces; each task's range holds exactly its tokens."""
     v = Vocab(num_classes=5, num_bins=10, num_text=7)
     assert v.det_prompt.tolist() == [0, 1, 2, 3, 4, 5] and (v.seg, v.kpt) == (6, 7)
-    assert v.cap_prompt.tolist() == [8, 9, 10, 11, 12, 13] and (v.mask, v.start, v.end) == (14, 15, 16)
+    assert v.cap_prompt.tolist() == [8, 9, 10, 11, 12, 13] and (v.mask_token, v.start, v.end) == (14, 15, 16)
     assert (v.cls, v.noise, v.coord, v.vis, v.invis, v.fg, v.bg, v.text, v.size) == (17, 22, 23, 34, 35, 36, 37, 38, 45)
     assert {t: v.task_range(t) for t in mad.TASKS} == {"det": (17, 34), "seg": (36, 38), "kpt": (23, 36), "cap": (38, 45)}
 
@@ -384,7 +386,7 @@ def test_the_demo_vocabulary_keeps_every_synthetic_caption_whole(tmp_path):
     3.1: captions are padded or truncated to 20 tokens. With the demo's vocabulary size, every
     synthetic caption must fit whole (eos included), in about one piece per word. (sentencepiece
     0.2.3's unigram trainer made 51 nearly single-letter pieces here: 31% of the captions were cut.)"""
-    data.make_synthetic_coco(str(tmp_path), 400, 0)
+    synthetic.make_synthetic_coco(str(tmp_path), 400, 0)
     path = str(tmp_path / "annotations/captions_train2017.json")
     tok = mad.CaptionTokenizer(data.train_caption_tokenizer(path, str(tmp_path / "spm"), train.SCHEDULES["tiny"]["spm_vocab"]))
     captions = [a["caption"] for a in json.load(open(path))["annotations"]]
@@ -815,7 +817,7 @@ def test_every_task_target_follows_each_augmentation(tmp_path, tokenizer, mode, 
     against a nearest-pixel reference: edges differ); keypoints are the mapped labelled keypoints,
     left and right swapped by a flip, cut-away ones unlabelled with weight-0 coordinates."""
     root = write_coco(str(tmp_path / "set"), GOLDEN_SET)
-    cfg = tiny_cfg(image_size=160, max_size=266, num_bins=100, max_instances=3, mask_size=8,
+    cfg = tiny_cfg(image_size=160, max_size=266, num_bins=100, max_instances=3, grid_size=8,
                    scale_jitter=mode)
     ds = data.CocoMultiTask(root, "val2017", cfg, tokenizer, train=True)
     v, seen = ds.vocab, []                                                  # every transform drawn
@@ -878,7 +880,7 @@ def test_non_square_images_keep_x_and_y_apart_in_targets_and_post_processing(tmp
     non-square image every box and keypoint target decodes to within one bin of its annotation,
     in the resized image (dataset) and in the original one (mad.to_pixels)."""
     root = tmp_path / "set"
-    data.make_synthetic_coco(str(root), 1, 6, aspect=aspect)
+    synthetic.make_synthetic_coco(str(root), 1, 6, aspect=aspect)
     cfg = tiny_cfg()
     ds = data.CocoMultiTask(str(root), "val2017", cfg, None, train=False)     # the fixed evaluation resize
     v, model = ds.vocab, MAD(cfg, ds.vocab)
@@ -931,7 +933,7 @@ def test_decoder_is_bidirectional_and_sequences_do_not_leak():
     model = tiny_model()
     batch = random_batch(model)
     with torch.no_grad():
-        enc = model.encode(batch["images"], batch["pad_mask"])
+        enc = model.encode(batch["images"], batch["padding"])
         tokens = torch.randint(0, model.vocab.size, (2, 3, 30))
         base = model.decode(tokens, enc)                                     # (B, n, L, d)
         last = tokens.clone()
@@ -949,7 +951,7 @@ def test_folded_cross_attention_equals_decoding_each_sequence_alone():
     model = tiny_model()
     batch = random_batch(model)
     with torch.no_grad():
-        enc = model.encode(batch["images"], batch["pad_mask"])
+        enc = model.encode(batch["images"], batch["padding"])
         tokens = torch.randint(0, model.vocab.size, (2, 4, 26))
         together = model.decode(tokens, enc)
         alone = torch.stack([model.decode(tokens[:, i:i + 1], enc)[:, 0] for i in range(4)], 1)
@@ -1047,24 +1049,6 @@ def test_coordinate_embeddings_start_more_similar_the_nearer_their_bins():
     assert not torch.allclose(off, coords)
 
 
-@pytest.mark.parametrize("stride", [32, 16])
-def test_tiny_backbone_at_stride_32_or_16_gives_the_memory_of_that_grid(stride):
-    """3.3: the tiny backbone's memory has one token per stride x stride pixels (--tiny-stride 16: 4x as many).
-
-    A 128 x 192 image (padded to 32, its last 32 columns padding): (128/s) x (192/s) memory tokens, and
-    the padded columns' tokens are masked out of attention."""
-    model = tiny_model(tiny_stride=stride)
-    images = torch.zeros(1, 3, 128, 192, dtype=torch.uint8)
-    pad = torch.zeros(1, 128, 192, dtype=torch.bool)
-    pad[:, :, 160:] = True
-    with torch.no_grad():
-        memory = model.encode(images, pad)
-    h, w = 128 // stride, 192 // stride
-    assert memory[0].shape == (1, h * w, model.cfg.d_model)
-    attend = memory[2].view(h, w)
-    assert attend[:, : 160 // stride].all() and not attend[:, 160 // stride:].any()
-
-
 @pytest.mark.parametrize("name,channels", [("tiny", 256), ("r50", 2048), ("swin_b", 1024), ("swin_b384", 1024), ("vit_b", 256)])
 def test_backbone_stride_32_map_and_local_weights_round_trip(name, channels, tmp_path):
     """3.3: each backbone gives a stride-32 map of its channels; its weights round-trip through a file."""
@@ -1079,7 +1063,7 @@ def test_backbone_stride_32_map_and_local_weights_round_trip(name, channels, tmp
     torch.save(backbone.state_dict(), tmp_path / "w.pt")
     torch.manual_seed(1)
     other, _ = mad.BACKBONES[name]()
-    train.load_backbone_weights(other, name, str(tmp_path / "w.pt"))
+    runtime.load_backbone_weights(other, name, str(tmp_path / "w.pt"))
     with torch.no_grad():
         assert torch.equal(other.eval()(x), y)
 
@@ -1105,7 +1089,7 @@ def test_vit_b_attends_within_windows_except_in_its_global_blocks_and_loads_torc
     assert torch.equal(local[0][0, 14:, 14:], local[1][0, 14:, 14:])          # another window does not
     assert not torch.allclose(full[0][0, 14:, 14:], full[1][0, 14:, 14:])     # through a global block it does
     torch.save(torchvision.models.vit_b_16().state_dict(), tmp_path / "vit.pt")
-    train.load_backbone_weights(vit, "vit_b", str(tmp_path / "vit.pt"))
+    runtime.load_backbone_weights(vit, "vit_b", str(tmp_path / "vit.pt"))
     assert torch.equal(vit.encoder.layers[5].mlp[0].weight, torch.load(tmp_path / "vit.pt")["encoder.layers.encoder_layer_5.mlp.0.weight"])
     swin, ours = torchvision.models.swin_b().state_dict(), mad.SwinB().state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in swin.items() if not k.startswith("head.")}
@@ -1126,7 +1110,7 @@ def test_torchvision_resnet50_state_dict_loads_every_r50_backbone_tensor(tmp_pat
         == str(tmp_path / "r50.pt")
     torch.manual_seed(0)
     backbone, _ = mad.BACKBONES["r50"]()
-    train.load_backbone_weights(backbone, "r50", str(tmp_path / "r50.pt"))
+    runtime.load_backbone_weights(backbone, "r50", str(tmp_path / "r50.pt"))
     own = backbone.state_dict()
     assert set(own) == {k for k in saved if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
     for k in own:
@@ -1172,10 +1156,10 @@ def test_masking_strategies_mask_the_documented_counts(strategy):
     runs with the extra copy."""
     model = tiny_model(mask_strategy=strategy)
     seqs = torch.randint(model.vocab.coord, model.vocab.vis, (4, 6, 57))
-    inputs, masked, src = mad.masked_copies(seqs, model.cfg, model.vocab.mask)
+    inputs, masked, src = mad.masked_copies(seqs, model.partial_masks, model.vocab.mask_token)
     copies = 3 if strategy == "multiple" else 2
     assert inputs.shape == masked.shape == (4, copies * 6, 57) and masked[:, :6].all()
-    assert torch.equal(inputs[~masked], seqs.repeat(1, copies, 1)[~masked]) and (inputs[masked] == model.vocab.mask).all()
+    assert torch.equal(inputs[~masked], seqs.repeat(1, copies, 1)[~masked]) and (inputs[masked] == model.vocab.mask_token).all()
     counts = masked[:, 6:].sum(-1)                                               # (4, (copies - 1) * 6)
     if strategy == "fixed":
         assert (counts == round(0.7 * 57)).all()
@@ -1206,7 +1190,7 @@ def test_matcher_finds_the_known_best_assignment():
         for j in range(5):
             logp[0, 0, 0, slot * 5 + j, gt[obj, j] - lo] = 0.0              # certain of that object
     masked = torch.ones(1, 1, 5 * Q, dtype=torch.bool)
-    inputs = torch.full((1, 1, 5 * Q), v.mask)
+    inputs = torch.full((1, 1, 5 * Q), v.mask_token)
     target, weight = mad.match_detections(logp, inputs, masked, [gt], v)
     target, weight = target.view(Q, 5), weight.view(Q, 5)
     for slot, obj in best.items():
@@ -1226,7 +1210,7 @@ def test_matcher_visible_tokens_force_the_match_batched_equals_per_image_and_emp
     logp = torch.randn(2, 3, 2, 5 * Q, v.vis - lo, generator=g).log_softmax(-1)
     masked = torch.rand(3, 2, 5 * Q, generator=g) < 0.7
     masked[:, 0] = True                                                      # copy 0 fully masked
-    inputs = torch.where(masked, v.mask, torch.randint(v.cls, v.vis, (3, 2, 5 * Q), generator=g))
+    inputs = torch.where(masked, v.mask_token, torch.randint(v.cls, v.vis, (3, 2, 5 * Q), generator=g))
     inputs[0, 1, 15:20] = gts[0][1]                                          # slot 3 shows object 1 ...
     masked[0, 1, 15:20] = torch.tensor([False, True, False, True, False])   # ... partly visible
     target, weight = mad.match_detections(logp, inputs, masked, gts, v)
@@ -1258,11 +1242,11 @@ def test_matching_cost_is_the_mean_nll_of_an_objects_five_tokens_per_layer_with_
     logp[0, 0, 0, 9, obj[0, 4] - lo] = -4.0
     logp[1] = logp[0].view(1, 1, 2, 5, V).flip(2).view(1, 1, 10, V)          # layer 1: the slots swapped
     masked = torch.ones(1, 1, 10, dtype=torch.bool)
-    target, weight = mad.match_detections(logp, torch.full((1, 1, 10), v.mask), masked, [obj], v)
+    target, weight = mad.match_detections(logp, torch.full((1, 1, 10), v.mask_token), masked, [obj], v)
     matched = weight.view(2, 2, 5)[..., 0] == 1                                # (layers, slots)
     assert matched.tolist() == [[False, True], [True, False]]                 # mean: 3.22 > 1.6 in layer 0
     # a visible wrong token forces the cost: slot 1 shows another x0 at a visible position
-    inputs = torch.full((1, 1, 10), v.mask)
+    inputs = torch.full((1, 1, 10), v.mask_token)
     inputs[0, 0, 5], masked[0, 0, 5] = v.coord + 3, False
     target, weight = mad.match_detections(logp, inputs, masked, [obj], v)
     assert (weight.view(2, 2, 5)[..., 0] == 1).tolist() == [[True, False], [True, False]]
@@ -1287,7 +1271,7 @@ def test_matcher_survives_nan_and_inf_log_probs():
     logp[0, ..., 3:8, :] = float("nan")                                       # slot 0 and 1 rows
     logp[1, ..., :, gt[0, 4] - lo] = float("-inf")                            # an impossible class
     masked = torch.ones(1, 1, 5 * Q, dtype=torch.bool)
-    target, weight = mad.match_detections(logp, torch.full((1, 1, 5 * Q), v.mask), masked, [gt], v)
+    target, weight = mad.match_detections(logp, torch.full((1, 1, 5 * Q), v.mask_token), masked, [gt], v)
     for layer in range(2):
         matched = weight[layer, 0, 0].view(Q, 5)[:, 0] == 1
         assert matched.sum() == 2                                             # both objects, once each
@@ -1336,7 +1320,7 @@ def test_loss_ignores_logits_of_unmasked_positions(task, monkeypatch):
     """Eq. 1: the loss ignores the logits of unmasked positions and changes with those of masked ones."""
     model = tiny_model()
     batch = random_batch(model)
-    enc = model.encode(batch["images"], batch["pad_mask"])
+    enc = model.encode(batch["images"], batch["padding"])
     seen = {}
 
     def loss():                                                               # summed CE per layer
@@ -1347,7 +1331,7 @@ def test_loss_ignores_logits_of_unmasked_positions(task, monkeypatch):
         seen["inputs"] = fake["inputs"][task]
         return total
     base = loss()
-    visible = seen["inputs"] != model.vocab.mask                              # (B, 1+n, L): the partly masked
+    visible = seen["inputs"] != model.vocab.mask_token                              # (B, 1+n, L): the partly masked
     assert visible.any() and (~visible).any()                                 # copy's, and the full copy's word
     lo, hi = model.vocab.task_range(task)
     seen["bump"] = torch.randn(*visible.shape, hi - lo) * 5 * visible[..., None]   # unmasked logits only
@@ -1457,7 +1441,7 @@ def test_caption_loss_picks_each_layers_best_reference_by_mean_nll_and_perturbs_
         nll = -logp[layer].gather(-1, target[..., None])[..., 0]
         assert counts[layer] == counted.sum() and sums[layer].item() == pytest.approx(nll[counted].sum().item(), rel=1e-6)
     inputs = seen["inputs"]["cap"]                                            # (B, 1 + R, L)
-    assert (inputs[:, 0] == v.mask).all() and (inputs[:, 1:][partial] == v.mask).all()
+    assert (inputs[:, 0] == v.mask_token).all() and (inputs[:, 1:][partial] == v.mask_token).all()
     changed = (inputs[:, 1:] != batch["cap_seq"]) & ~partial
     assert (changed.sum(-1) == 1).all()
     assert ((inputs[:, 1:][changed] >= lo) & (inputs[:, 1:][changed] < hi)).all()
@@ -1478,7 +1462,7 @@ def test_cap_full_word_shows_one_random_word_in_the_fully_masked_copy_and_trains
         seen = fixed_masks_and_log_probs(model, monkeypatch, lambda task, logits: None)
         sums, counts = mad.caption_loss(model, batch, None)
         full, partial = seen["inputs"]["cap"][:, 0], seen["mask"]["cap"]      # (B, L), (B, R, L)
-        shown = full != model.vocab.mask
+        shown = full != model.vocab.mask_token
         assert (shown.sum(-1) == (1 if on else 0)).all()
         assert ((full[shown] >= lo) & (full[shown] < hi)).all()
         B, L = full.shape
@@ -1521,20 +1505,20 @@ def test_one_stage_of_masked_inference_is_one_decoder_pass(monkeypatch):
     v, decode, passes = model.vocab, model.decode, []
     spy(monkeypatch, model, "decode", lambda tokens, memory, **k: passes.append(tokens.clone()))
     with torch.no_grad():
-        enc = model.encode(batch["images"], batch["pad_mask"])
+        enc = model.encode(batch["images"], batch["padding"])
         for task, L, prompt in [("det", 5 * model.cfg.num_queries, v.det_prompt.expand(2, 1, 6)),
                                 ("kpt", 51, batch["kpt_prompt"]), ("cap", model.cfg.caption_len, v.cap_prompt.expand(2, 1, 6))]:
-            h = decode(torch.cat([prompt, torch.full((*prompt.shape[:2], L), v.mask)], -1), enc)[..., 6:, :]
-            for by_confidence in (False, True):
+            h = decode(torch.cat([prompt, torch.full((*prompt.shape[:2], L), v.mask_token)], -1), enc)[..., 6:, :]
+            for order in (mad.random_order, mad.confidence_order):
                 passes.clear()
-                logits = mad.refine(model, prompt, L, enc, task, (1.0,), by_confidence)
-                assert len(passes) == 1 and (passes[0][..., 6:] == v.mask).all(), task
+                logits = mad.refine(model, prompt, L, enc, task, (1.0,), order)
+                assert len(passes) == 1 and (passes[0][..., 6:] == v.mask_token).all(), task
                 assert torch.allclose(logits, model.logits(h, task), atol=1e-6), task
         passes.clear()
-        model.vocab.person = int(model.predict(batch["images"], batch["pad_mask"], batch["orig_size"], tasks=("det",))[0]["labels"][0])
+        model.vocab.person = int(model.predict(batch["images"], batch["padding"], batch["orig_size"], tasks=("det",))[0]["labels"][0])
         passes.clear()
-        model.predict(batch["images"], batch["pad_mask"], batch["orig_size"])
-    assert [p.shape[-1] for p in passes] == [6 + 5 * model.cfg.num_queries, 6 + model.cfg.mask_size ** 2, 6 + 51,
+        model.predict(batch["images"], batch["padding"], batch["orig_size"])
+    assert [p.shape[-1] for p in passes] == [6 + 5 * model.cfg.num_queries, 6 + model.cfg.grid_size ** 2, 6 + 51,
                                              6 + model.cfg.caption_len]
 
 
@@ -1552,13 +1536,13 @@ def test_keypoint_stage_2_remasks_the_36_least_confident_positions_and_keeps_the
     spy(monkeypatch, model, "decode", lambda h, tokens, enc, **kw: calls.append((tokens.clone(), h)), with_result=True)
     prompt = batch["kpt_prompt"]                                                # (2, 4, 6)
     with torch.no_grad():
-        enc = model.encode(batch["images"], batch["pad_mask"])
-        mad.refine(model, prompt, 51, enc, "kpt", model.cfg.kpt_ratios, by_confidence=True)
+        enc = model.encode(batch["images"], batch["padding"])
+        mad.refine(model, prompt, 51, enc, "kpt", model.cfg.kpt_ratios, mad.confidence_order)
         assert len(calls) == 2
         (first, h1), (second, _) = calls
         conf, tokens = mad.allowed(model.logits(h1[..., 6:, :], "kpt"), "kpt", v).softmax(-1).max(-1)
-    assert (first[..., 6:] == v.mask).all() and torch.equal(second[..., :6], prompt)
-    remasked = second[..., 6:] == v.mask
+    assert (first[..., 6:] == v.mask_token).all() and torch.equal(second[..., :6], prompt)
+    remasked = second[..., 6:] == v.mask_token
     assert (remasked.sum(-1) == 36).all()
     most_confident_remasked = conf.masked_fill(~remasked, -1.0).max(-1).values
     least_confident_kept = conf.masked_fill(remasked, 2.0).min(-1).values
@@ -1581,8 +1565,8 @@ def test_masked_inference_averages_the_logits_of_the_stages_that_re_masked_a_pos
     inputs = []
     monkeypatch.setattr(model, "decode", lambda tokens, enc: inputs.append(tokens) or torch.zeros(*tokens.shape, 1))
     monkeypatch.setattr(model, "logits", lambda h, task: stage_logits[len(inputs) - 1])
-    logits = mad.refine(model, v.cap_prompt.expand(B, n, 6), L, None, "cap", (1.0, 0.8, 0.6))
-    remasked = torch.stack([x[..., 6:] == v.mask for x in inputs])               # (stages, B, n, L)
+    logits = mad.refine(model, v.cap_prompt.expand(B, n, 6), L, None, "cap", (1.0, 0.8, 0.6), mad.random_order)
+    remasked = torch.stack([x[..., 6:] == v.mask_token for x in inputs])               # (stages, B, n, L)
     assert (remasked.sum(-1) == torch.tensor([20, 16, 12])[:, None, None]).all()
     count = remasked.sum(0)
     assert set(count.unique().tolist()) == {1, 2, 3}
@@ -1605,7 +1589,8 @@ def test_halving_rule_weighs_later_stages_more(monkeypatch):
     calls = []
     monkeypatch.setattr(model, "decode", lambda tokens, enc: calls.append(1) or torch.zeros(*tokens.shape, 1))
     monkeypatch.setattr(model, "logits", lambda h, task: stage_logits[len(calls) - 1])
-    logits = mad.refine(model, model.vocab.cap_prompt.expand(B, n, 6), L, None, "cap", (1.0, 1.0, 1.0, 1.0))
+    logits = mad.refine(model, model.vocab.cap_prompt.expand(B, n, 6), L, None, "cap", (1.0, 1.0, 1.0, 1.0),
+                        mad.random_order)
     expected = sum(w * l for w, l in zip((1 / 8, 1 / 8, 1 / 4, 1 / 2), stage_logits))
     assert torch.allclose(logits, expected, atol=1e-5)
 
@@ -1625,7 +1610,8 @@ def test_detection_score_classes_takes_the_softmax_over_classes_and_noise_only(m
         d = mad.detect(model, enc)
     assert d["labels"].tolist() == [[1]]
     assert d["scores"].item() == pytest.approx(math.exp(3) / (math.exp(3) + math.exp(1) + C - 1), rel=1e-5)
-    model.cfg.det_score = "all"
+    model = tiny_model(num_queries=1, num_bins=10, det_score="all")        # the variant is chosen when built
+    monkeypatch.setattr(model, "logits", lambda h, task: det)
     with torch.no_grad():
         d = mad.detect(model, enc)
     assert d["scores"].item() == pytest.approx(math.exp(3) / (math.exp(3) + math.exp(1) + math.exp(7) + C - 1 + 10), rel=1e-5)
@@ -1639,7 +1625,7 @@ def test_predictions_of_an_image_do_not_depend_on_its_batch():
     scores and p(visible) agree to 1e-5)."""
     model = tiny_model()
     batch = random_batch(model, B=3)
-    args = lambda s: (batch["images"][s], batch["pad_mask"][s], batch["orig_size"][s])
+    args = lambda s: (batch["images"][s], batch["padding"][s], batch["orig_size"][s])
     with torch.no_grad():
         top = model.predict(*args(slice(None)), tasks=("det",))[0]["labels"][0]
         model.vocab.person = int(top)                          # untrained: "person" is a class it predicts
@@ -1663,7 +1649,7 @@ def test_post_processing_turns_known_logits_into_boxes_scores_masks_keypoints_an
     (so a likely <noise> lowers it), ranked by score; masks = p(<fg>) resampled into the box;
     keypoints from the person detections only, p(visible) over <vis>/<invis>; COCO results in xywh
     with the sparse category ids, keypoints scored by their detection. Expected values by hand."""
-    model = tiny_model(num_queries=3, num_bins=10, mask_size=4)
+    model = tiny_model(num_queries=3, num_bins=10, grid_size=4)
     v, C = model.vocab, model.vocab.num_classes                       # 5 classes, person = 0
     slots = [((7, 2, 3, 8), {0: 5.0, C: 1.0}), ((1, 1, 4, 4), {C: 6.0, 2: 3.0}), ((5, 6, 9, 9), {3: 4.0})]
     det = torch.zeros(1, 1, 15, C + 1 + 11)
@@ -1773,7 +1759,7 @@ def test_one_training_step_and_prediction_shapes_for_both_decoders():
         loss.backward()
         assert set(parts) == set(mad.TASKS) and torch.isfinite(loss)
         assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad), decoder
-        out = model.eval().predict(batch["images"], batch["pad_mask"], batch["orig_size"])
+        out = model.eval().predict(batch["images"], batch["padding"], batch["orig_size"])
         check_prediction(out, model, batch)
 
 
@@ -1789,18 +1775,18 @@ def test_r50_default_training_step_and_predict_at_800x1333():
     assert 40e6 < sum(p.numel() for p in model.parameters()) < 50e6
     batch = random_batch(model, B=1, size=320, n_gt=7)
     batch["images"] = torch.randint(0, 256, (1, 3, 320, 544), dtype=torch.uint8)    # 533 padded to 32
-    batch["pad_mask"] = torch.zeros(1, 320, 544, dtype=torch.bool)
-    batch["pad_mask"][:, :, 533:] = True
+    batch["padding"] = torch.zeros(1, 320, 544, dtype=torch.bool)
+    batch["padding"][:, :, 533:] = True
     batch["size"], batch["orig_size"] = torch.tensor([[320, 533]]), torch.tensor([[480, 800]])
     loss, _ = model.train().loss(batch)
     loss.backward()
     assert torch.isfinite(loss)
     assert model.backbone[0].weight.grad is None                             # frozen stem
     images = torch.randint(0, 256, (1, 3, 800, 1344), dtype=torch.uint8)
-    pad_mask = torch.zeros(1, 800, 1344, dtype=torch.bool)
-    pad_mask[:, :, 1333:] = True
+    padding = torch.zeros(1, 800, 1344, dtype=torch.bool)
+    padding[:, :, 1333:] = True
     with torch.no_grad():
-        out = model.eval().predict(images, pad_mask, batch["orig_size"])
+        out = model.eval().predict(images, padding, batch["orig_size"])
     check_prediction(out, model, batch)
 
 
@@ -1890,7 +1876,7 @@ def test_ar_greedy_decoding_with_kv_cache_equals_without():
     batch = random_batch(model)
     v = model.vocab
     with torch.no_grad():
-        enc = model.encode(batch["images"], batch["pad_mask"])
+        enc = model.encode(batch["images"], batch["padding"])
         for task, L, prompt in [("det", 40, v.det_prompt.expand(2, 1, 6)), ("kpt", 51, batch["kpt_prompt"][:, :2]),
                                 ("cap", 20, v.cap_prompt.expand(2, 1, 6))]:
             cached, plain = model.generate(prompt, L, enc, task), model.generate(prompt, L, enc, task, use_cache=False)
@@ -1953,7 +1939,7 @@ def test_ar_baseline_trains_saves_loads_and_evaluates_through_evaluate_py(synth,
 # Data pipeline: batching, data order, the synthetic set, real COCO, memory
 
 def test_collate_pads_to_multiple_of_32_with_pixel_mask(synth, tokenizer):
-    """Batching: collate pads dataset images to multiples of 32; pad_mask marks exactly the padding."""
+    """Batching: collate pads dataset images to multiples of 32; padding marks exactly the padding."""
     cfg = tiny_cfg()
     ds = data.CocoMultiTask(synth, "train2017", cfg, tokenizer, train=True)
     samples = [ds[i] for i in range(4)]
@@ -1961,7 +1947,7 @@ def test_collate_pads_to_multiple_of_32_with_pixel_mask(synth, tokenizer):
     assert batch["images"].shape[2] % 32 == 0 and batch["images"].shape[3] % 32 == 0
     for k, (im, _) in enumerate(samples):
         h, w = im.shape[1:]
-        assert not batch["pad_mask"][k, :h, :w].any() and batch["pad_mask"][k].sum() == batch["pad_mask"][k].numel() - h * w
+        assert not batch["padding"][k, :h, :w].any() and batch["padding"][k].sum() == batch["padding"][k].numel() - h * w
         assert torch.equal(batch["images"][k, :, :h, :w], im)
 
 
@@ -1969,7 +1955,7 @@ def test_collate_pads_each_image_to_the_batch_multiple_and_trims_all_padding_row
     """Batching: images pad to the batch's size rounded up to 32; rows that are all padding are trimmed.
 
     Batching: images of different, non-square sizes padded (bottom/right) to the batch's largest
-    size rounded up to a multiple of 32, pad_mask True on padding; segmentation/keypoint rows that
+    size rounded up to a multiple of 32, padding True on padding; segmentation/keypoint rows that
     are padding in every image are trimmed (at least one row stays); object lists stay lists."""
     S, M = 4, 2
     def sample(h, w, seg_rows, kpt_rows, n):
@@ -1983,11 +1969,11 @@ def test_collate_pads_each_image_to_the_batch_multiple_and_trims_all_padding_row
         return im, t
     samples = [sample(50, 70, 2, 0, 3), sample(64, 33, 1, 0, 1), sample(20, 100, 0, 0, 0)]
     b = data.collate(samples)
-    assert b["images"].shape == (3, 3, 64, 128) and b["pad_mask"].shape == (3, 64, 128)
+    assert b["images"].shape == (3, 3, 64, 128) and b["padding"].shape == (3, 64, 128)
     for k, (im, t) in enumerate(samples):
         h, w = im.shape[1:]
         assert torch.equal(b["images"][k, :, :h, :w], im) and (b["images"][k, :, h:] == 0).all() and (b["images"][k, :, :, w:] == 0).all()
-        assert not b["pad_mask"][k, :h, :w].any() and b["pad_mask"][k, h:].all() and b["pad_mask"][k, :, w:].all()
+        assert not b["padding"][k, :h, :w].any() and b["padding"][k, h:].all() and b["padding"][k, :, w:].all()
     assert b["seg_seq"].shape == (3, 2, M * M) and torch.equal(b["seg_prompt"][0], samples[0][1]["seg_prompt"][:2])
     assert b["kpt_seq"].shape == (3, 1, 51) and b["kpt_weight"].sum() == 0
     assert [len(g) for g in b["det_gt"]] == [3, 1, 0] and b["image_id"].tolist() == [3, 1, 0]
@@ -2050,7 +2036,7 @@ def test_synthetic_set_is_valid_coco_and_its_ground_truth_scores_ap_1(synth):
 def test_synthetic_set_is_deterministic_and_drawn_where_annotated(tmp_path):
     """The synthetic set is the same for the same seed, and each object is drawn where it is annotated."""
     for name in ("a", "b"):
-        data.make_synthetic_coco(str(tmp_path / name), 4, 2, seed=7)
+        synthetic.make_synthetic_coco(str(tmp_path / name), 4, 2, seed=7)
     for f in ("annotations/instances_train2017.json", "annotations/captions_val2017.json", "train2017/000000000003.jpg"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     d = json.loads((tmp_path / "a/annotations/instances_train2017.json").read_text())
@@ -2098,7 +2084,7 @@ def test_annotations_are_held_as_arrays_not_one_python_object_per_annotation(tmp
     import gc
     def annotated(name, copies):
         root = tmp_path / name
-        data.make_synthetic_coco(str(root), 0, 6)
+        synthetic.make_synthetic_coco(str(root), 0, 6)
         for kind in ("instances", "captions"):
             d = load_json(root / f"annotations/{kind}_val2017.json")
             d["annotations"] = [dict(a, id=10 ** 6 * k + a["id"]) for k in range(copies) for a in d["annotations"]]
@@ -2127,7 +2113,7 @@ def test_each_epochs_data_workers_end_before_the_checkpoint_and_the_next_epoch(s
     workers are forked) no data-loader worker of the finished epoch is alive."""
     import multiprocessing
     alive = []
-    spy(monkeypatch, train, "save_run", lambda *a, **k: alive.append(len(multiprocessing.active_children())))
+    spy(monkeypatch, runtime, "save_run", lambda *a, **k: alive.append(len(multiprocessing.active_children())))
     train.main(run_args(synth, tmp_path / "w", "--workers", "1", "--max-steps", "6"))
     assert alive == [0, 0], alive
 
@@ -2308,11 +2294,11 @@ def test_checkpoint_round_trip_gives_identical_predictions(synth, tokenizer, tmp
     """A checkpoint round trip keeps categories and tokenizer and gives identical predictions."""
     ds = data.CocoMultiTask(synth, "val2017", tiny_cfg(), tokenizer, train=False)
     model = save_random_checkpoint(tmp_path / "c.pt", ds, tokenizer)
-    ckpt = mad.load_checkpoint(str(tmp_path / "c.pt"))
-    loaded, tok = mad.model_from_checkpoint(ckpt)
+    ckpt = runtime.load_checkpoint(str(tmp_path / "c.pt"))
+    loaded, tok = runtime.model_from_checkpoint(ckpt)
     assert ckpt["categories"] == ds.categories and tok.model_bytes == tokenizer.model_bytes
     batch = data.collate([ds[i] for i in range(3)])
-    args = (batch["images"], batch["pad_mask"], batch["orig_size"])
+    args = (batch["images"], batch["padding"], batch["orig_size"])
     with torch.no_grad():
         a, b = model.predict(*args, tokenizer=tokenizer), loaded.predict(*args, tokenizer=tok)
     for x, y in zip(a, b):
@@ -2362,35 +2348,28 @@ def test_learning_rate_schedule_at_chosen_steps():
     assert train.lr_factor(0, 10, 5, train.TrainConfig(warmup=0, lr_drop=0)) == 0.1    # a drop at epoch 0
 
 
-@pytest.mark.parametrize("budget", [810, 240])
-@pytest.mark.parametrize("first,later", [(0.66, 0.43), (0.43, 0.66)], ids=["speeds_up", "slows_down"])
-def test_the_demo_revises_its_plan_and_ends_within_10_percent_of_its_budget_when_the_machine_changes_speed(first, later,
-                                                                                                          budget):
-    """--demo fits its budget when the machine changes speed: one revision of the plan lands within 10%.
+def test_the_demo_is_one_fixed_run_on_every_machine_and_repeats_exactly(synth, tmp_path):
+    """--demo is one fixed run: the same steps and batch on any device; the log prints the time left.
 
-    The plan timed at the start is revised once, at the end of the warm-up and hold (step 300, or half
-    way through a shorter plan), from the rate of the steps before. A fake clock: 60 s of data
-    generation and timing, steps of `first` seconds that change to `later` half way to the revision,
-    a 30 s evaluation; the run, evaluation included, ends within 10% of the budget (13.5 and 4
-    minutes); the first plan alone does not."""
-    now = [0.0]
-    clock = train.DemoClock(budget, 0.0, clock=lambda: now[0])
-    now[0], clock.eval_s = 60.0, 30.0
-    first_plan = clock.steps_that_fit(0, first, margin=0.9)
-    clock.at = min(300, first_plan // 2)                                     # as plan_demo does
-    ends = {}
-    for revise in (True, False):
-        now[0] = 60.0
-        tc = train.TrainConfig(max_steps=first_plan, batch_size=8, workers=1)
-        step = 0
-        while step < tc.max_steps:
-            now[0] += first if step < clock.at // 2 else later
-            step += 1
-            if revise:
-                clock.after_step(step, tc, master=False)
-        ends[revise] = (tc.max_steps, (now[0] + clock.eval_s + 10) / budget)
-    assert abs(ends[True][1] - 1) <= 0.1 and ends[True][0] != first_plan, ends
-    assert abs(ends[False][1] - 1) > 0.1, ends
+    The demo's plan is flags, not a measurement: batch 8, 1,800 steps, a 100-step warm-up, 200 at
+    the full rate, then the cosine, on a CPU and on a GPU alike (only the data workers, which change
+    the speed and never the run, differ). Two runs of the same short demo command end with the same
+    weights, and the log line shows the ETA."""
+    cpu = train.parse_args(["--demo", "--device", "cpu"])[1]
+    gpu = train.parse_args(["--demo", "--device", "cuda"])[1]
+    for tc in (cpu, gpu):
+        assert (tc.batch_size, tc.max_steps, tc.warmup, tc.hold, tc.lr_schedule) == (8, 1800, 100, 200, "cosine")
+    assert cpu.workers == 1 and gpu.workers >= 1
+    assert train.parse_args(["--demo", "--max-steps", "90", "--device", "cpu"])[1].max_steps == 90
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"demo{k}"
+        p = run([sys.executable, "-c", f"import runtime, train; runtime.SYNTHETIC['root'] = {synth!r}; "
+                 f"train.main(['--demo', '--max-steps', '3', '--log-every', '1', '--batch-size', '4', "
+                 f"'--device', 'cpu', '--show', '0', '--out', {str(out)!r}])"])
+        assert "ETA" in p.stdout and "step 3/3" in p.stdout
+        outs.append(torch.load(out / "last.pt", weights_only=False)["model"])
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
 
 
 def test_gradient_clipping_limits_the_update_to_the_clip_norm(synth, tokenizer):
@@ -2553,10 +2532,48 @@ def test_automatic_precision_bf16_where_native_fp16_with_a_grad_scaler_before_an
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["cc"])
     for cc, want in (((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
         capability["cc"] = cc
-        assert train.autocast_dtype("cuda:0", None) == want and train.autocast_dtype("cuda:0", True) == want
-        assert train.autocast_dtype("cuda:0", False) is None
-    assert train.autocast_dtype("cpu", None) is None and train.autocast_dtype("cpu", True) == torch.bfloat16
+        assert runtime.autocast_dtype("cuda:0", None) == want and runtime.autocast_dtype("cuda:0", True) == want
+        assert runtime.autocast_dtype("cuda:0", False) is None
+    assert runtime.autocast_dtype("cpu", None) is None and runtime.autocast_dtype("cpu", True) == torch.bfloat16
     assert train.parse_args(["--backbone", "r50"])[1].amp is None          # auto
+
+
+def test_training_and_evaluation_on_a_gpu_apply_tf32_and_turn_cudnn_attention_off(monkeypatch, tmp_path):
+    """GPU settings: train.py and evaluate.py on CUDA turn TF32 on and cuDNN attention off, first thing.
+
+    The GPU is faked, as the precision test fakes its compute capability: with the device "cuda",
+    both scripts call runtime.cuda_settings before they read any data (a stand-in stops them there).
+    The settings themselves, run for real: TF32 matmuls and convolutions on (the paper's A100s), and
+    cuDNN's attention off, which would build a plan for every new multi-scale shape."""
+    cuda_settings, called = runtime.cuda_settings, []
+
+    class Stop(Exception):
+        pass
+
+    def stand_in():
+        called.append(True)
+        raise Stop
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runtime, "init_processes", lambda device, timeout=0: (0, 1, "cuda:0"))
+    monkeypatch.setattr(runtime, "cuda_settings", stand_in)
+    with pytest.raises(Stop):
+        train.main(["--backbone", "tiny", "--device", "cuda", "--out", str(tmp_path / "run"),
+                    "--data", str(tmp_path / "nothing")])
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", str(tmp_path / "none.pt"), "--device", "cuda"])
+    with pytest.raises(Stop):
+        evaluate.main()
+    assert called == [True, True]
+    matmul, cudnn, sdp = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                          torch.backends.cuda.cudnn_sdp_enabled())
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        cuda_settings()
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+        torch.backends.cuda.enable_cudnn_sdp(sdp)
 
 
 def test_fp16_steps_with_a_grad_scaler_train_skip_an_overflow_and_stop_on_a_non_finite_loss(synth, tokenizer):
@@ -2596,14 +2613,14 @@ def test_fp16_steps_with_a_grad_scaler_train_skip_an_overflow_and_stop_on_a_non_
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
     """A crash while writing a checkpoint leaves the previous checkpoint whole and loadable."""
     path = str(tmp_path / "last.pt")
-    mad.save_checkpoint(path, dict(step=1, w=torch.ones(3)))
+    runtime.save_checkpoint(path, dict(step=1, w=torch.ones(3)))
 
     def dies_halfway(obj, f):
         f.write(b"PK\x03\x04 half a zip file")
         raise KeyboardInterrupt("killed while saving")
     monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        mad.save_checkpoint(path, dict(step=2, w=torch.zeros(3)))
+        runtime.save_checkpoint(path, dict(step=2, w=torch.zeros(3)))
     monkeypatch.undo()
     ckpt = torch.load(path, weights_only=False)
     assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
@@ -2703,10 +2720,10 @@ def test_one_gpu_per_process_under_cuda_visible_devices():
     Where the launcher gives each process its own GPU (CUDA_VISIBLE_DEVICES), a process sees one and
     takes it, whatever its LOCAL_RANK; otherwise it takes GPU LOCAL_RANK; more processes than GPUs
     is a clear error."""
-    assert [mad.gpu_index(r, 1) for r in (0, 3, 7)] == [0, 0, 0]
-    assert [mad.gpu_index(r, 8) for r in (0, 3, 7)] == [0, 3, 7]
+    assert [runtime.gpu_index(r, 1) for r in (0, 3, 7)] == [0, 0, 0]
+    assert [runtime.gpu_index(r, 8) for r in (0, 3, 7)] == [0, 3, 7]
     with pytest.raises(SystemExit, match="LOCAL_RANK 8, but this process sees 8 GPU"):
-        mad.gpu_index(8, 8)
+        runtime.gpu_index(8, 8)
 
 
 def test_resume_with_another_number_of_processes_keeps_the_global_batch_and_the_position_in_the_data(synth, tmp_path):
@@ -2738,13 +2755,13 @@ def test_resume_with_another_number_of_processes_keeps_the_global_batch_and_the_
 RESTART_AFTER_CHECKPOINT_2 = """
 import os, signal, sys
 sys.path.insert(0, {here!r})
-import train
-save_run = train.save_run
+import runtime, train
+save_run = runtime.save_run
 def save_then_die(*a, **k):
     save_run(*a, **k)
     if a[8] == 2 and os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
         os.kill(os.getpid(), signal.SIGKILL)             # rank 1 dies once, after step 2's checkpoint
-train.save_run = save_then_die
+runtime.save_run = save_then_die
 train.main(sys.argv[1:])
 """
 
@@ -2805,8 +2822,8 @@ def test_no_process_waits_in_a_collective_while_rank_0_scores_and_all_leave_toge
 SMALL_SYNTHETIC = """
 import sys
 sys.path.insert(0, {here!r})
-import train
-train.SYNTHETIC = dict(root="data/synthetic", train=24, val=4)
+import runtime, train
+runtime.SYNTHETIC = dict(root="data/synthetic", train=24, val=4)
 train.main(sys.argv[1:])
 """
 
@@ -2829,7 +2846,7 @@ def test_two_nodes_generate_their_data_share_out_or_say_which_path_is_not_shared
     def copy_code(name):
         d = tmp_path / name
         d.mkdir()
-        for f in ("mad.py", "data.py", "train.py", "evaluate.py"):
+        for f in ("mad.py", "data.py", "train.py", "evaluate.py", "runtime.py", "synthetic.py"):
             shutil.copy(os.path.join(HERE, f), d / f)
         (d / "small.py").write_text(SMALL_SYNTHETIC.format(here=str(d)))
         return d
@@ -2943,9 +2960,9 @@ def test_paper_presets_load_imagenet_weights_by_default_and_offline_say_how_to_g
     assert len(calls) == 1 and "resnet50" in calls[0]
     backbone, _ = mad.BACKBONES["r50"]()
     with pytest.raises(SystemExit, match="cannot read a state dict"):
-        train.load_backbone_weights(backbone, "r50", "/nonexistent/weights.pt")
+        runtime.load_backbone_weights(backbone, "r50", "/nonexistent/weights.pt")
     with pytest.raises(SystemExit, match="no ImageNet weights for backbone 'swin_b384'.*--backbone-weights FILE.*--no-pretrained"):
-        train.load_backbone_weights(mad.BACKBONES["swin_b384"]()[0], "swin_b384")
+        runtime.load_backbone_weights(mad.BACKBONES["swin_b384"]()[0], "swin_b384")
 
 
 def test_readme_quick_start_then_evaluation_commands_work_in_a_fresh_copy(tmp_path):
@@ -2958,14 +2975,14 @@ def test_readme_quick_start_then_evaluation_commands_work_in_a_fresh_copy(tmp_pa
     assert "python train.py --demo" in readme and "python evaluate.py runs/demo/last.pt" in readme
     clone = tmp_path / "clone"
     clone.mkdir()
-    for f in ("mad.py", "data.py", "train.py", "evaluate.py"):
+    for f in ("mad.py", "data.py", "train.py", "evaluate.py", "runtime.py", "synthetic.py"):
         shutil.copy(os.path.join(HERE, f), clone / f)
     run([sys.executable, "train.py", "--demo", "--max-steps", "2", "--device", "cpu"], cwd=clone)
     assert (clone / "data/synthetic/annotations/captions_val2017.json").exists()
     assert (clone / "runs/demo/eval_final/metrics.json").exists()
     run([sys.executable, "evaluate.py", "runs/demo/last.pt", "--device", "cpu"], cwd=clone)
     m = json.load(open(clone / "runs/demo/eval/metrics.json"))
-    assert m["num_images"] == train.SYNTHETIC["val"] and {"bbox_AP", "segm_AP", "keypoints_AP", "BLEU4"} <= set(m)
+    assert m["num_images"] == runtime.SYNTHETIC["val"] and {"bbox_AP", "segm_AP", "keypoints_AP", "BLEU4"} <= set(m)
 
 
 OVERFIT = dict(bbox_AP50=90, segm_AP50=80, keypoints_AP50=80, BLEU4=40)   # measured 100, 100, 100, 56.3
@@ -2977,11 +2994,11 @@ def test_tiny_model_learns_all_four_tasks_on_eight_images(tmp_path):
     The whole method end to end: train.py overfits 8 synthetic images (no augmentation) and
     evaluate.py scores them. Catches what shape tests cannot: a model that ignores the image."""
     root = str(tmp_path / "eight")
-    data.make_synthetic_coco(root, 8, 1, seed=5)
+    synthetic.make_synthetic_coco(root, 8, 1, seed=5)
     train.main(run_args(root, tmp_path / "run", "--no-augment", "--max-steps", "170", "--epochs", "170",
                         "--lr-drop", "170", "--lr", "1e-3", "--backbone-lr", "1e-3"))
-    ckpt = mad.load_checkpoint(str(tmp_path / "run/last.pt"))
-    model, tok = mad.model_from_checkpoint(ckpt)
+    ckpt = runtime.load_checkpoint(str(tmp_path / "run/last.pt"))
+    model, tok = runtime.model_from_checkpoint(ckpt)
     ds = data.CocoMultiTask(root, "train2017", model.cfg, tok, train=False, categories=ckpt["categories"])
     m = evaluate.evaluate(model, ds, tok, str(tmp_path / "eval"), batch_size=8)
     assert m["bbox_AP50"] >= OVERFIT["bbox_AP50"] and m["segm_AP50"] >= OVERFIT["segm_AP50"], m
@@ -3000,7 +3017,7 @@ def test_bench_quick_mode_prints_the_tiny_rows():
     rows = res["latency_tiny"]
     assert [rows[r]["passes"] for r in ("MAD one stage", "MAD masked inference", "AR + KV cache")] == \
         [4, 1 + 1 + 2 + len(cfg.cap_ratios),                              # keypoints: the paper's 2 stages
-         5 * cfg.num_queries + cfg.mask_size ** 2 + 51 + cfg.caption_len]
+         5 * cfg.num_queries + cfg.grid_size ** 2 + 51 + cfg.caption_len]
     for r in rows.values():
         assert 0 < sum(r[t] for t in ("encode", *mad.TASKS)) <= r["total"]     # the parts lie inside the total
     assert rows["AR + KV cache"]["total"] > 2 * rows["MAD one stage"]["total"]   # Table 2: parallel is faster
@@ -3099,7 +3116,7 @@ def test_skip_bad_images_through_train_py_with_a_data_worker(synth, tmp_path):
 def test_grayscale_rgba_palette_and_tiny_images_become_rgb_samples(tmp_path, tokenizer):
     """Grayscale, RGBA, palette and tiny images become RGB samples; a tiny image is upscaled like any."""
     root = tmp_path / "modes"
-    data.make_synthetic_coco(str(root), 1, 4)
+    synthetic.make_synthetic_coco(str(root), 1, 4)
     d = load_json(root / "annotations/instances_val2017.json")
     src = Image.open(root / "val2017/000000000001.jpg")
     src.convert("L").save(root / "val2017/000000000001.jpg")
@@ -3194,12 +3211,12 @@ def test_truncated_foreign_and_missing_checkpoints_give_clear_errors(synth, toke
     blob = (tmp_path / "c.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(SystemExit, match="cut.pt: cannot read the checkpoint"):
-        mad.load_checkpoint(str(tmp_path / "cut.pt"))
+        runtime.load_checkpoint(str(tmp_path / "cut.pt"))
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="other.pt: not a MAD checkpoint"):
-        mad.load_checkpoint(str(tmp_path / "other.pt"))
+        runtime.load_checkpoint(str(tmp_path / "other.pt"))
     with pytest.raises(SystemExit, match="checkpoint not found"):
-        mad.load_checkpoint(str(tmp_path / "none.pt"))
+        runtime.load_checkpoint(str(tmp_path / "none.pt"))
 
 
 def test_evaluating_on_a_dataset_with_other_categories_is_refused(synth, tokenizer, tmp_path):
