@@ -4,8 +4,8 @@ Paper 3.1 (task tokenization) and 3.4 (task-mixed sampling): each image comes wi
 all four tasks that its split has (instances -> detection + segmentation, person_keypoints ->
 keypoints, captions -> captioning), built after augmentation as tokens of mad.Vocab:
   reading COCO (three annotation files, checked and merged per image, held as arrays)  ->
-  augmentation (flip, multi-scale, crop, LSJ)  ->  the task sequences  ->  collate (pad to a multiple
-  of 32, True at padding). Images stay uint8 up to the model, which normalizes them.
+  augmentation (flip, multi-scale, crop, LSJ)  ->  the task sequences  ->  collate (pad to a
+  multiple of 32, True at padding). Images stay uint8 up to the model, which normalizes them.
 Also: training the SentencePiece caption model. The synthetic set is synthetic.py's.
 """
 import array
@@ -24,14 +24,16 @@ from torchvision.ops import roi_align
 
 from mad import KPT_LEN, NUM_KEYPOINTS, PROMPT_LEN, TASKS, Vocab
 
-KEYPOINTS = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
-             "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
-             "left_knee", "right_knee", "left_ankle", "right_ankle"]
-SKELETON = [[16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8], [7, 9],
-            [8, 10], [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7]]   # COCO, 1-based
-FLIP = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]   # keypoint index after a horizontal flip
+KEYPOINTS = ["nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
+             "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip",
+             "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle"]
+SKELETON = [[16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8],
+            [7, 9], [8, 10], [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6],
+            [5, 7]]                                                   # COCO's, 1-based
+FLIP = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]   # keypoint index after a flip
 FILES = {"instances": ("det", "seg"), "person_keypoints": ("kpt",), "captions": ("cap",)}
-FIELDS = {"instances": ("image_id", "category_id", "bbox"), "person_keypoints": ("image_id", "category_id", "bbox"),
+FIELDS = {"instances": ("image_id", "category_id", "bbox"),
+          "person_keypoints": ("image_id", "category_id", "bbox"),
           "captions": ("image_id", "caption")}
 
 
@@ -49,7 +51,8 @@ def read_coco_json(path, kind, on_annotation):
         if "image_id" in d:                                        # an annotation
             missing = [k for k in FIELDS[kind] if k not in d]
             if missing:
-                raise ValueError(f"{path}: annotation {d.get('id', '?')} has no field '{missing[0]}'")
+                raise ValueError(f"{path}: annotation {d.get('id', '?')} has no field "
+                                 f"'{missing[0]}'")
             on_annotation(d)
             return None
         if "file_name" in d and "id" in d:                          # an image
@@ -64,9 +67,11 @@ def read_coco_json(path, kind, on_annotation):
     missing = [k for k in need if not isinstance(doc, dict) or not isinstance(doc.get(k), list)]
     if missing:
         raise ValueError(f"{path}: not a COCO {kind} file: no list '{missing[0]}'")
-    bad = [im for im in doc["images"] if not isinstance(im, tuple) or not all(isinstance(x, int) for x in (im[0], im[2], im[3]))]
+    bad = [im for im in doc["images"] if not isinstance(im, tuple)
+           or not all(isinstance(x, int) for x in (im[0], im[2], im[3]))]
     if bad:
-        raise ValueError(f"{path}: image entry {bad[0]!r} lacks an integer id, width or height, or its file_name")
+        raise ValueError(f"{path}: image entry {bad[0]!r} lacks an integer id, width or height, "
+                         f"or its file_name")
     return doc["images"], doc.get("categories", [])
 
 
@@ -84,15 +89,17 @@ class Columns:
 
 
 class CocoAnnotations:
-    """The annotations of a split: root/annotations/{instances,person_keypoints,captions}_{split}.json,
-    any of which may be missing (its tasks are then off; one printed line). Non-crowd objects with a
-    box inside the image, persons with a labelled keypoint, and captions, per image; crowd, empty and
-    out-of-image boxes are counted in `dropped`. Categories are sorted by COCO id (contiguous index
-    i <-> categories[i]['id']); a checkpoint's categories must be the dataset's own."""
+    """The annotations of a split: root/annotations/{instances,person_keypoints,captions}_{split}
+    .json, any of which may be missing (its tasks are then off; one printed line). Non-crowd
+    objects with a box inside the image, persons with a labelled keypoint, and captions, per
+    image; crowd, empty and out-of-image boxes are counted in `dropped`. Categories are sorted by
+    COCO id (contiguous index i <-> categories[i]['id']); a checkpoint's categories must be the
+    dataset's own."""
 
     def __init__(self, root, split, captions=True, categories=None):
         self.root, self.split, self.files = root, split, {}
-        obj = Columns(ann="q", image="q", cat="q", crowd="b", box="d", polys="i", poly_len="i", coords="d", rle="i")
+        obj = Columns(ann="q", image="q", cat="q", crowd="b", box="d", polys="i", poly_len="i",
+                      coords="d", rle="i")
         per = Columns(ann="q", image="q", cat="q", crowd="b", box="d", kpts="f")
         cap = Columns(ann="q", image="q", start="q")
         text, rles, images, cats = bytearray(), [], {}, {}
@@ -138,7 +145,8 @@ class CocoAnnotations:
             cats.setdefault("instances" if kind == "instances" else kind, file_cats)
             self.files[kind] = path
         if not self.files:
-            raise FileNotFoundError(f"no annotation files for split '{split}' under {root}/annotations")
+            raise FileNotFoundError(f"no annotation files for split '{split}' under "
+                                    f"{root}/annotations")
         self.categories = self.read_categories(cats, categories)
         self.person = next((i for i, c in enumerate(self.categories) if c["name"] == "person"), -1)
 
@@ -152,8 +160,9 @@ class CocoAnnotations:
         o, cols = self.merge("instances", obj.numpy()), obj.numpy()
         self.obj_start, self.obj_box, self.obj_label = o["start"], o["box"], o["label"]
         first = np.concatenate([[0], np.cumsum(cols["polys"])])
-        self.obj_poly = np.stack([first[:-1], first[1:]], 1)[o["keep"]]          # (n, 2): its polygons' range
-        self.poly_start = np.concatenate([[0], np.cumsum(cols["poly_len"])])      # polygon k: coords[poly_start[k]:..]
+        # object n's polygons: obj_poly[n] = (first, end); polygon k: coords[poly_start[k]:..]
+        self.obj_poly = np.stack([first[:-1], first[1:]], 1)[o["keep"]]
+        self.poly_start = np.concatenate([[0], np.cumsum(cols["poly_len"])])
         self.coords, self.obj_rle, self.rles = cols["coords"], cols["rle"][o["keep"]], rles
         p = self.merge("person_keypoints", per.numpy(), keypoints=True)
         self.person_start, self.person_box = p["start"], p["box"]
@@ -163,7 +172,7 @@ class CocoAnnotations:
         c = cap.numpy()
         rows = self.rows(c["image"], c["ann"], "captions")
         order = np.argsort(rows, kind="stable")
-        ends = np.append(c["start"][1:], len(text))[: len(c["start"])].astype(np.int64)   # each caption's end
+        ends = np.append(c["start"][1:], len(text))[: len(c["start"])].astype(np.int64)
         self.cap_start = np.searchsorted(rows[order], np.arange(len(self.image_ids) + 1))
         self.cap_span = np.stack([c["start"], ends], 1)[order]
         self.text = np.frombuffer(bytes(text), dtype=np.uint8)
@@ -177,35 +186,45 @@ class CocoAnnotations:
         given = [{"id": c["id"], "name": c["name"]} for c in categories]
         if own and given != own:
             diff = [c for c in own if c not in given][:3] or [c for c in given if c not in own][:3]
-            raise ValueError(f"{self.root} ({self.split}) has categories that differ from the checkpoint's "
-                             f"({len(own)} vs {len(given)}; e.g. {diff}): this model cannot be evaluated on it")
+            raise ValueError(f"{self.root} ({self.split}) has categories that differ from the "
+                             f"checkpoint's ({len(own)} vs {len(given)}; e.g. {diff}): this model "
+                             f"cannot be evaluated on it")
         return given
 
     def rows(self, image_ids, ann_ids, kind):
-        """The image row of each annotation; an annotation of an image not in 'images' is an error."""
+        """The image row of each annotation; an annotation of an image not in 'images' is an
+        error."""
         rows = np.searchsorted(self.image_ids, image_ids)
-        bad = (rows >= len(self.image_ids)) | (self.image_ids[np.minimum(rows, len(self.image_ids) - 1)] != image_ids)
+        found = self.image_ids[np.minimum(rows, len(self.image_ids) - 1)] == image_ids
+        bad = (rows >= len(self.image_ids)) | ~found
         if bad.any():
             k = int(bad.argmax())
-            raise ValueError(f"{self.files[kind]}: annotation {ann_ids[k]} refers to image_id {image_ids[k]}, "
-                             f"which is not in 'images'")
+            raise ValueError(f"{self.files[kind]}: annotation {ann_ids[k]} refers to image_id "
+                             f"{image_ids[k]}, which is not in 'images'")
         return rows
 
     def merge(self, kind, cols, keypoints=False):
-        """Boxes clipped to their image, the annotations kept (non-crowd, a box left; persons: a labelled
-        keypoint), grouped by image in file order: start (images + 1,) offsets, box (n, 4), label, keep."""
+        """Boxes clipped to their image, the annotations kept (non-crowd, a box left; persons: a
+        labelled keypoint), grouped by image in file order: start (images + 1,) offsets, box
+        (n, 4), label, keep."""
         rows = self.rows(cols["image"], cols["ann"], kind)
-        ids = np.array([c["id"] for c in self.categories], dtype=np.int64)       # sorted: index i <-> ids[i]
+        ids = np.array([c["id"] for c in self.categories], dtype=np.int64)   # index i <-> ids[i]
         label = np.searchsorted(ids, cols["cat"])
-        unknown = (label >= len(ids)) | (ids[np.minimum(label, len(ids) - 1)] != cols["cat"]) if len(ids) else cols["cat"] == cols["cat"]
+        if len(ids):
+            found = ids[np.minimum(label, len(ids) - 1)] == cols["cat"]
+            unknown = (label >= len(ids)) | ~found
+        else:
+            unknown = cols["cat"] == cols["cat"]
         if unknown.any():
             k = int(unknown.argmax())
-            raise ValueError(f"{self.files[kind]}: annotation {cols['ann'][k]} has category_id {cols['cat'][k]}, "
-                             f"which is not in 'categories'")
+            raise ValueError(f"{self.files[kind]}: annotation {cols['ann'][k]} has category_id "
+                             f"{cols['cat'][k]}, which is not in 'categories'")
         x, y, w, h = cols["box"].reshape(-1, 4).T
         W, H = self.width[rows], self.height[rows]
-        box = np.stack([np.maximum(x, 0), np.maximum(y, 0), np.minimum(x + w, W), np.minimum(y + h, H)], 1)
-        valid = (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1]) & (cols["crowd"] == 0)    # NaN compares False
+        box = np.stack([np.maximum(x, 0), np.maximum(y, 0),
+                        np.minimum(x + w, W), np.minimum(y + h, H)], 1)
+        # NaN compares False
+        valid = (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1]) & (cols["crowd"] == 0)
         self.dropped += int((~valid).sum())
         keep = valid
         if keypoints:
@@ -277,18 +296,20 @@ class CocoMultiTask(torch.utils.data.Dataset):
     fixed evaluation resize) depends only on (seed, epoch, index).
     """
 
-    def __init__(self, root, split, cfg, tokenizer, train, categories=None, skip_bad_images=False, seed=0,
-                 augment=None, targets=True):
-        self.root, self.split, self.cfg, self.tokenizer, self.train = root, split, cfg, tokenizer, train
+    def __init__(self, root, split, cfg, tokenizer, train, categories=None, skip_bad_images=False,
+                 seed=0, augment=None, targets=True):
+        self.root, self.split, self.cfg = root, split, cfg
+        self.tokenizer, self.train = tokenizer, train
         self.augment = train if augment is None else augment
         self.targets = targets
         self.skip_bad_images, self.seed, self.epoch, self.skipped = skip_bad_images, seed, 0, set()
-        self.ann = CocoAnnotations(root, split, captions=tokenizer is not None, categories=categories)
+        self.ann = CocoAnnotations(root, split, captions=tokenizer is not None,
+                                   categories=categories)
         self.tasks = tuple(t for t in TASKS if t in self.ann.tasks and t in cfg.tasks)
         self.categories = self.ann.categories
         self.coco_files = {t: path for kind, path in self.ann.files.items() for t in FILES[kind]}
-        self.vocab = Vocab(len(self.categories), cfg.num_bins, tokenizer.vocab_size if tokenizer else 0,
-                           person=self.ann.person)
+        text_pieces = tokenizer.vocab_size if tokenizer else 0
+        self.vocab = Vocab(len(self.categories), cfg.num_bins, text_pieces, person=self.ann.person)
 
     def __len__(self):
         return len(self.ann)
@@ -306,7 +327,8 @@ class CocoMultiTask(torch.utils.data.Dataset):
                     raise
                 if i not in self.skipped:
                     self.skipped.add(i)
-                    print(f"skipping bad image ({e}); {len(self.skipped)} bad images skipped so far in this process")
+                    print(f"skipping bad image ({e}); {len(self.skipped)} bad images skipped "
+                          f"so far in this process")
                 continue
             return self.build(i, image)
         raise RuntimeError(f"{self.root}/{self.split}: every image is missing or unreadable")
@@ -322,7 +344,8 @@ class CocoMultiTask(torch.utils.data.Dataset):
         except Exception as e:
             raise ValueError(f"cannot decode image {path}: {e}") from None
         if im.size != (width, height):
-            raise ValueError(f"{path} is {im.size[0]}x{im.size[1]}, annotations say {width}x{height}")
+            raise ValueError(f"{path} is {im.size[0]}x{im.size[1]}, annotations say "
+                             f"{width}x{height}")
         return im
 
     def build(self, i, image):
@@ -341,13 +364,15 @@ class CocoMultiTask(torch.utils.data.Dataset):
         vocab, cfg = self.vocab, self.cfg
         boxes, labels, segs = self.ann.objects(i)
         boxes, keep = transform_boxes(torch.from_numpy(boxes).float().view(-1, 4), transform)
-        labels, segs = torch.from_numpy(labels)[keep], [segs[k] for k in keep.nonzero()[:, 0].tolist()]
+        labels = torch.from_numpy(labels)[keep]
+        segs = [segs[k] for k in keep.nonzero()[:, 0].tolist()]
         person_boxes, kpts = self.ann.persons(i)
-        person_boxes, kept = transform_boxes(torch.from_numpy(person_boxes).float().view(-1, 4), transform)
+        person_boxes = torch.from_numpy(person_boxes).float().view(-1, 4)
+        person_boxes, kept = transform_boxes(person_boxes, transform)
         kpts = torch.from_numpy(kpts).view(-1, NUM_KEYPOINTS, 3)[kept]
         kpts = transform_keypoints(kpts, transform)
         target.update(detection_targets(boxes, labels, w, h, generator, vocab, cfg))
-        segs = [segs[k] for k in target.pop("order").tolist()]       # in the order of target["boxes"]
+        segs = [segs[k] for k in target.pop("order").tolist()]       # as target["boxes"]
         target.update(segmentation_targets(target["boxes"], target["labels"], segs, H, W, transform,
                                            generator, vocab, cfg, enabled="seg" in self.tasks))
         target.update(keypoint_targets(person_boxes, kpts, w, h, generator, vocab, cfg,
@@ -358,9 +383,10 @@ class CocoMultiTask(torch.utils.data.Dataset):
 
 
 def sample_transform(W, H, rng, cfg, augment):
-    """Supplementary A. Training (augment): flip; with p = 0.5 a DETR-style random crop; then a random
-    shorter side in 480..800 (step 32), longer side <= 1333 ("multiscale"); or large-scale jitter
-    ("lsj", ViT). All lengths scale with cfg.image_size / 800 (the tiny preset trains at 128).
+    """Supplementary A. Training (augment): flip; with p = 0.5 a DETR-style random crop; then a
+    random shorter side in 480..800 (step 32), longer side <= 1333 ("multiscale"); or large-scale
+    jitter ("lsj", ViT). All lengths scale with cfg.image_size / 800 (the tiny preset trains at
+    128).
     Evaluation: the fixed resize."""
     f = cfg.image_size / 800
     crop = (0.0, 0.0, float(W), float(H))
@@ -385,7 +411,7 @@ def detection_targets(boxes, labels, w, h, generator, vocab, cfg):
     """3.1: Q slots [x0, y0, x1, y1, class]; the objects go to random distinct slots, every
     other slot holds a noise object (random box, random class)."""
     Q, g, v = cfg.num_queries, generator, vocab
-    order = torch.randperm(len(boxes), generator=g)[:Q]          # at most Q objects, in random order
+    order = torch.randperm(len(boxes), generator=g)[:Q]          # at most Q objects, shuffled
     boxes, labels = boxes[order], labels[order]
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
     gt = torch.cat([v.quantize(boxes / scale), (labels + v.cls)[:, None]], 1)       # (n, 5)
@@ -397,7 +423,8 @@ def detection_targets(boxes, labels, w, h, generator, vocab, cfg):
     return dict(boxes=boxes, labels=labels, det_seq=det_seq, det_gt=gt, order=order)
 
 
-def segmentation_targets(boxes, labels, segms, H, W, transform, generator, vocab, cfg, enabled=True):
+def segmentation_targets(boxes, labels, segms, H, W, transform, generator, vocab, cfg,
+                         enabled=True):
     """3.1: up to S random instances; prompt [<seg>, box, class]; target = the mask inside the box
     resampled to an M x M grid (RoIAlign sampling, threshold 0.5), row-major <fg>/<bg>. Nothing
     is counted (weight 0) unless `enabled`."""
@@ -443,7 +470,7 @@ def keypoint_targets(boxes, kpts, w, h, generator, vocab, cfg, enabled=True):
         seq[:n, :, 2] = torch.where(lab, v.vis, v.invis)
         weight[:n, :, 2] = 1
         weight[:n, :, :2] = lab[..., None].float()
-        weight[:n] *= lab.any(1)[:, None, None]                              # nobody labelled: weight 0
+        weight[:n] *= lab.any(1)[:, None, None]                  # no keypoint labelled: weight 0
     return dict(kpt_prompt=prompt, kpt_seq=seq.flatten(1), kpt_weight=weight.flatten(1))
 
 
@@ -472,7 +499,8 @@ def resize_size(w, h, short, max_size):
 
 
 def affine(W, H, crop, out_size, flip):
-    """The map from original pixels to augmented ones: crop (x, y, w, h), resize to out_size, flip."""
+    """The map from original pixels to augmented ones: crop (x, y, w, h), resize to out_size,
+    flip."""
     x, y, cw, ch = crop
     sx, sy = out_size[0] / cw, out_size[1] / ch
     ax, bx = (-sx, out_size[0] + x * sx) if flip else (sx, -x * sx)
@@ -521,7 +549,8 @@ def mask_in_boxes(segms, boxes, H, W, transform, M):
     for segm, (x0, y0, x1, y1) in zip(segms, orig.tolist()):
         mask = torch.from_numpy(decode_segmentation(segm, H, W))
         c0, r0 = max(int(x0) - 1, 0), max(int(y0) - 1, 0)
-        patch = mask[r0: int(math.ceil(y1)) + 1, c0: int(math.ceil(x1)) + 1].float()   # the box's region
+        # the box's region
+        patch = mask[r0: int(math.ceil(y1)) + 1, c0: int(math.ceil(x1)) + 1].float()
         roi = torch.tensor([[0, x0 - c0, y0 - r0, x1 - c0, y1 - r0]], dtype=torch.float32)
         out.append(roi_align(patch[None, None], roi, M, 1.0, 2, aligned=True)[0, 0] >= 0.5)
     fg = torch.stack(out) if out else torch.zeros(0, M, M, dtype=torch.bool)
@@ -544,7 +573,8 @@ def decode_segmentation(segm, H, W):
 
 def collate(samples, multiple=32):
     """Pad the uint8 images to a multiple of 32 (the stride; padding True at padding), stack the
-    targets, and trim the segmentation/keypoint rows that are padding in every image of the batch."""
+    targets, and trim the segmentation/keypoint rows that are padding in every image of the
+    batch."""
     images, targets = zip(*samples)
     H = -(-max(im.shape[1] for im in images) // multiple) * multiple
     W = -(-max(im.shape[2] for im in images) // multiple) * multiple
@@ -555,7 +585,10 @@ def collate(samples, multiple=32):
         batch["padding"][k, : im.shape[1], : im.shape[2]] = False
     for key in targets[0]:
         values = [t[key] for t in targets]
-        batch[key] = values if key in ("boxes", "labels", "det_gt") else torch.stack([torch.as_tensor(v) for v in values])
+        if key in ("boxes", "labels", "det_gt"):            # one tensor per image, of its length
+            batch[key] = values
+        else:
+            batch[key] = torch.stack([torch.as_tensor(v) for v in values])
     for task in ("seg", "kpt"):
         if f"{task}_weight" not in batch:
             continue
@@ -566,7 +599,8 @@ def collate(samples, multiple=32):
 
 
 def load_inference_image(path, cfg):
-    """An image of one's own, resized as at test time -> (image (3, h, w) uint8, orig_size (H, W), size (h, w))."""
+    """An image of one's own, resized as at test time -> (image (3, h, w) uint8,
+    orig_size (H, W), size (h, w))."""
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -580,10 +614,12 @@ def load_inference_image(path, cfg):
 def check_root(root, split):
     """A clear message when the COCO root is not there."""
     if not os.path.isdir(os.path.join(root, "annotations")):
-        raise SystemExit(f"no COCO data at '{root}': expected {root}/{split}/ and {root}/annotations/"
-                         f"{{instances,person_keypoints,captions}}_{split}.json. Download COCO 2017 (train2017, "
-                         f"val2017, annotations_trainval2017 from cocodataset.org) there or set $COCO_ROOT; "
-                         f"or run the synthetic demo: python train.py --demo")
+        raise SystemExit(f"no COCO data at '{root}': expected {root}/{split}/ and "
+                         f"{root}/annotations/{{instances,person_keypoints,captions}}_{split}"
+                         f".json. "
+                         f"Download COCO 2017 (train2017, val2017, annotations_trainval2017 from "
+                         f"cocodataset.org) there or set $COCO_ROOT; or run the synthetic demo: "
+                         f"python train.py --demo")
 
 
 # -----------------------------------------------------------------------------
@@ -591,18 +627,24 @@ def check_root(root, split):
 
 def train_caption_tokenizer(captions_json_path, out_prefix, vocab_size):
     """Train SentencePiece (BPE) on the lower-cased captions; pad=0, eos=1, unk=2, no bos.
-    Deterministic: one thread, no sampling. Returns the model bytes, also written to out_prefix.model.
-    (BPE, not the unigram model of T5's vocabulary: on the synthetic captions' 33 words, sentencepiece
-    0.2.3's unigram trainer stops at 51 nearly single-letter pieces, 18 per caption, 31% of the
-    captions cut at 20 tokens; BPE learns the words: 10 pieces per caption, none cut.)"""
+    Deterministic: one thread, no sampling. Returns the model bytes, also written to
+    out_prefix.model. (BPE, not the unigram model of T5's vocabulary: on the synthetic captions'
+    33 words, sentencepiece 0.2.3's unigram trainer stops at 51 nearly single-letter pieces, 18
+    per caption, 31% of the captions cut at 20 tokens; BPE learns the words: 10 pieces per
+    caption, none cut.)"""
     captions = []
-    read_coco_json(captions_json_path, "captions", lambda a: captions.append(str(a["caption"]).lower()))
+
+    def add_caption(a):
+        captions.append(str(a["caption"]).lower())
+    read_coco_json(captions_json_path, "captions", add_caption)
     if not captions:
         raise ValueError(f"{captions_json_path}: no captions to train the tokenizer on")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(captions), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, num_threads=1,
+        sentence_iterator=iter(captions), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+        num_threads=1,
+
         character_coverage=1.0, shuffle_input_sentence=False, minloglevel=2)
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
     with open(out_prefix + ".model", "wb") as f:

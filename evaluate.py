@@ -1,9 +1,9 @@
 """Evaluate a MAD checkpoint: COCO AP for boxes, masks and keypoints (pycocotools) and BLEU-4.
 
-    python evaluate.py runs/mad/last.pt                            # val2017 under the training data root
+    python evaluate.py runs/mad/last.pt                            # val2017 of the training data
     python evaluate.py ckpt.pt --data data/coco --max-images 500 --show 8 --out runs/eval
     torchrun --nproc_per_node 2 evaluate.py ckpt.pt                # distributed, the same numbers
-    python evaluate.py ckpt.pt --images photos/ --out runs/photos  # own images: PNGs + predictions.jsonl
+    python evaluate.py ckpt.pt --images photos/ --out runs/photos  # own images: PNGs + .jsonl
 
 The checkpoint holds everything needed (config, vocabulary, SentencePiece model, categories).
 Writes COCO result JSON files, metrics.json (bbox_AP, segm_AP, keypoints_AP, BLEU4, in percent,
@@ -81,16 +81,19 @@ def to_coco_results(preds, image_ids, categories):
         if "boxes" in p:
             xywh = torch.cat([p["boxes"][:, :2], p["boxes"][:, 2:] - p["boxes"][:, :2]], 1)
             for box, s, l in zip(xywh.tolist(), p["scores"].tolist(), p["labels"].tolist()):
-                res["bbox"].append(dict(image_id=image_id, category_id=cat_id[l], bbox=box, score=s))
+                res["bbox"].append(dict(image_id=image_id, category_id=cat_id[l], bbox=box,
+                                        score=s))
         if "masks" in p or "masks_rle" in p:
             rles = p["masks_rle"] if "masks_rle" in p else masks_to_rle(p["masks"])
             for rle, s, l in zip(rles, p["scores"].tolist(), p["labels"].tolist()):
-                res["segm"].append(dict(image_id=image_id, category_id=cat_id[l], segmentation=rle, score=s))
+                res["segm"].append(dict(image_id=image_id, category_id=cat_id[l],
+                                        segmentation=rle, score=s))
         if "keypoints" in p:
             labels, scores = p["labels"].tolist(), p["scores"].tolist()
             for k, i in zip(p["keypoints"].tolist(), p["kpt_index"].tolist()):
+                flat = [c for xyv in k for c in xyv]
                 res["keypoints"].append(dict(image_id=image_id, category_id=cat_id[labels[i]],
-                                             keypoints=[c for xyv in k for c in xyv], score=scores[i]))
+                                             keypoints=flat, score=scores[i]))
         if "caption" in p:
             res["captions"][image_id] = p["caption"]
     return res
@@ -146,12 +149,14 @@ def shard(n, rank, world):
 
 
 @torch.inference_mode()
-def run_predictions(model, dataset, tokenizer, indices, batch_size, workers, device, progress=True, world=1):
+def run_predictions(model, dataset, tokenizer, indices, batch_size, workers, device,
+                    progress=True, world=1):
     """{image_id: prediction dict} for the dataset items at `indices`, and seconds of model time.
     Masks are kept as RLE (masks_rle): dense masks of 5,000 COCO images would not fit in memory.
     With `progress`, a line with images/s and the ETA every 10 s (this rank's shard x world)."""
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=data.collate)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
+                                         batch_size=batch_size, num_workers=workers,
+                                         collate_fn=data.collate)
     preds, seconds, done, start, last = {}, 0.0, 0, time.time(), time.time()
     oracle = prompted_by_ground_truth(dataset.tasks)
     for batch in loader:
@@ -172,8 +177,9 @@ def run_predictions(model, dataset, tokenizer, indices, batch_size, workers, dev
         done += len(out)
         if progress and (time.time() - last > 10 or done == len(indices)):
             rate = done / (time.time() - start)
-            print(f"evaluated {done * world}/{len(indices) * world} images, {rate * world:.1f} images/s, "
-                  f"ETA {(len(indices) - done) / rate / 60:.1f} min", flush=True)
+            print(f"evaluated {done * world}/{len(indices) * world} images, "
+                  f"{rate * world:.1f} images/s, ETA {(len(indices) - done) / rate / 60:.1f} min",
+                  flush=True)
             last = time.time()
     return preds, seconds
 
@@ -187,19 +193,22 @@ def ground_truth_boxes(dataset, image_id):
     """(n, 5) [x0, y0, x1, y1 original pixels, class] of an image: the prompts of a model trained
     without detection (an oracle: its segmentation / keypoint AP assumes perfect boxes)."""
     boxes, labels, _ = dataset.ann.objects(dataset.ann.row(image_id))
-    return torch.cat([torch.from_numpy(boxes).float(), torch.from_numpy(labels)[:, None].float()], 1)
+    labels = torch.from_numpy(labels)[:, None].float()
+    return torch.cat([torch.from_numpy(boxes).float(), labels], 1)
 
 
 def evaluate(model, dataset, tokenizer, out_dir, batch_size=1, workers=0, max_images=0, show=0,
              device="cpu", score_thresh=0.3):
     """Predict over the split (sharded over DDP ranks), score on rank 0; returns the metrics dict
     (None on other ranks). Writes {bbox,segm,keypoints,captions}_results.json and metrics.json."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = 0, 1
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
     n = min(len(dataset), max_images) if max_images else len(dataset)
     was_training = model.training
     model.eval()
-    local, seconds = run_predictions(model, dataset, tokenizer, shard(n, rank, world), batch_size, workers, device,
-                                     progress=rank == 0, world=world)
+    local, seconds = run_predictions(model, dataset, tokenizer, shard(n, rank, world), batch_size,
+                                     workers, device, progress=rank == 0, world=world)
     model.train(was_training)
     parts = runtime.gather((local, seconds))                   # every rank's {image_id: prediction}
     if rank != 0:
@@ -209,21 +218,25 @@ def evaluate(model, dataset, tokenizer, out_dir, batch_size=1, workers=0, max_im
     image_ids = sorted(preds)
     res = to_coco_results([preds[i] for i in image_ids], image_ids, dataset.categories)
     os.makedirs(out_dir, exist_ok=True)
-    metrics = dict(num_images=len(image_ids), ms_per_image=1e3 * sum(times) / max(len(image_ids), 1))
+    metrics = dict(num_images=len(image_ids),
+                   ms_per_image=1e3 * sum(times) / max(len(image_ids), 1))
     if prompted_by_ground_truth(dataset.tasks):
         metrics["prompts"] = "ground-truth boxes (oracle: no detection task)"
-        print("no detection task: segmentation / keypoints are prompted by ground-truth boxes (an oracle)")
+        print("no detection task: segmentation / keypoints are prompted by ground-truth boxes "
+              "(an oracle)")
     for task, iou_type in (("det", "bbox"), ("seg", "segm"), ("kpt", "keypoints")):
         if task in dataset.tasks:
             with open(os.path.join(out_dir, f"{iou_type}_results.json"), "w") as f:
                 json.dump(res[iou_type], f)
             ap = coco_ap(dataset.coco_files[task], res[iou_type], iou_type, image_ids)
-            metrics.update({f"{iou_type}_AP": ap[0], f"{iou_type}_AP50": ap[1], f"{iou_type}_AP75": ap[2]})
+            metrics.update({f"{iou_type}_AP": ap[0], f"{iou_type}_AP50": ap[1],
+                            f"{iou_type}_AP75": ap[2]})
     if "cap" in dataset.tasks:
         with open(os.path.join(out_dir, "captions_results.json"), "w") as f:
             json.dump([dict(image_id=i, caption=c) for i, c in res["captions"].items()], f)
         refs = {i: c for i in image_ids for c in [dataset.ann.captions(dataset.ann.row(i))] if c}
-        metrics["BLEU4"] = 100 * bleu4({i: c for i, c in res["captions"].items() if i in refs}, refs) if refs else 0.0
+        predicted = {i: c for i, c in res["captions"].items() if i in refs}
+        metrics["BLEU4"] = 100 * bleu4(predicted, refs) if refs else 0.0
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     print_metrics(metrics)
@@ -255,7 +268,8 @@ def draw(image_path, pred, categories, score_thresh, out_png, min_side=384):
     Small images are enlarged by an integer factor first, so that labels stay legible."""
     picture = Image.open(image_path).convert("RGB")
     f = max(1, min_side // max(picture.size))
-    image = torch.from_numpy(np.array(picture.resize((picture.width * f, picture.height * f)))).permute(2, 0, 1)
+    picture = picture.resize((picture.width * f, picture.height * f))
+    image = torch.from_numpy(np.array(picture)).permute(2, 0, 1)
     if f > 1:
         pred = dict(pred, boxes=pred["boxes"] * f)
         if "masks" in pred:
@@ -268,13 +282,15 @@ def draw(image_path, pred, categories, score_thresh, out_png, min_side=384):
             m = pred["masks"][keep[: len(pred["masks"])]]
             if len(m):
                 image = draw_segmentation_masks(image, m, alpha=0.4)
-        names = [f"{categories[l]['name']} {s:.2f}" for l, s in zip(pred["labels"][keep].tolist(), pred["scores"][keep].tolist())]
+        kept = zip(pred["labels"][keep].tolist(), pred["scores"][keep].tolist())
+        names = [f"{categories[l]['name']} {s:.2f}" for l, s in kept]
         image = draw_bounding_boxes(image, pred["boxes"][keep], names, colors="yellow", width=2)
         if "keypoints" in pred:
             k = pred["keypoints"][keep[pred["kpt_index"]]]
             if len(k):
                 edges = [(a - 1, b - 1) for a, b in data.SKELETON]
-                image = draw_keypoints(image, k[..., :2], connectivity=edges, colors="cyan", radius=2, width=1)
+                image = draw_keypoints(image, k[..., :2], connectivity=edges, colors="cyan",
+                                       radius=2, width=1)
     picture = Image.fromarray(image.permute(1, 2, 0).numpy())
     if "caption" in pred:
         strip = Image.new("RGB", (picture.width, 16 + picture.height), "white")
@@ -290,19 +306,23 @@ def predict_images(model, tokenizer, categories, paths, out_dir, batch_size, dev
     os.makedirs(out_dir, exist_ok=True)
     cfg = model.cfg
     # the model's tasks; segmentation and keypoints need its detections, keypoints a person class
-    tasks = [t for t in cfg.tasks if t in ("det", "cap") or ("det" in cfg.tasks and (t == "seg" or model.vocab.person >= 0))]
+    prompted = "det" in cfg.tasks
+    tasks = [t for t in cfg.tasks if t in ("det", "cap")
+             or (prompted and (t == "seg" or model.vocab.person >= 0))]
     with open(os.path.join(out_dir, "predictions.jsonl"), "w") as out, torch.inference_mode():
         for i in range(0, len(paths), batch_size):
             chunk = paths[i:i + batch_size]
             samples = [data.load_inference_image(p, cfg) for p in chunk]
-            batch = data.collate([(im, dict(size=size, orig_size=orig)) for im, orig, size in samples])
+            batch = data.collate([(im, dict(size=size, orig_size=orig))
+                                  for im, orig, size in samples])
             preds = model.predict(batch["images"].to(device), batch["padding"].to(device),
                                   batch["orig_size"], tasks=tasks, tokenizer=tokenizer)
             preds = [to_cpu(p) for p in preds]
             for path, p in zip(chunk, preds):
-                picture = os.path.basename(path) + ".png"             # photo.jpg and photo.png stay apart
+                picture = os.path.basename(path) + ".png"     # photo.jpg and photo.png stay apart
                 draw(path, p, categories, score_thresh, os.path.join(out_dir, picture))
-                out.write(json.dumps(dict(prediction_record(path, p, categories, score_thresh), picture=picture)) + "\n")
+                record = prediction_record(path, p, categories, score_thresh)
+                out.write(json.dumps(dict(record, picture=picture)) + "\n")
     print(f"wrote {len(paths)} pictures and predictions.jsonl to {out_dir}")
 
 
@@ -313,7 +333,8 @@ def prediction_record(path, p, categories, score_thresh):
     if "masks" in p:
         rec["masks"] = masks_to_rle(p["masks"][[k for k in keep if k < len(p["masks"])]])
     if "keypoints" in p:
-        rec["keypoints"] = [k for k, i in zip(p["keypoints"].tolist(), p["kpt_index"].tolist()) if i in keep]
+        people = zip(p["keypoints"].tolist(), p["kpt_index"].tolist())
+        rec["keypoints"] = [k for k, i in people if i in keep]
     if "caption" in p:
         rec["caption"] = p["caption"]
     return rec
@@ -331,9 +352,11 @@ def image_paths(path):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt")
-    p.add_argument("--data", default=None, help="COCO-layout root (default: the checkpoint's training data)")
+    p.add_argument("--data", default=None,
+                   help="COCO-layout root (default: the checkpoint's training data)")
     p.add_argument("--split", default="val2017")
     p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint)")
     p.add_argument("--max-images", type=int, default=0)
@@ -356,15 +379,17 @@ def main():
         predict_images(model, tokenizer, ckpt["categories"], image_paths(args.images), out,
                        args.batch_size, args.device, args.score_thresh)
     else:
-        root = args.data or ckpt.get("train", {}).get("data") or os.environ.get("COCO_ROOT", "data/coco")
+        trained_on = ckpt.get("train", {}).get("data")
+        root = args.data or trained_on or os.environ.get("COCO_ROOT", "data/coco")
         data.check_root(root, args.split)
         try:
             dataset = data.CocoMultiTask(root, args.split, model.cfg, tokenizer, train=False,
                                          categories=ckpt["categories"], targets=False)
         except ValueError as e:
             raise SystemExit(str(e)) from None
-        evaluate(model, dataset, tokenizer, out, args.batch_size, args.workers, args.max_images, args.show,
-                 args.device, args.score_thresh)
+        evaluate(model, dataset, tokenizer, out, args.batch_size, args.workers, args.max_images,
+                 args.show, args.device, args.score_thresh)
+
     runtime.finish_processes()
 
 

@@ -2,12 +2,13 @@
 
 Paper: "Masked AutoDecoder is Effective Multi-Task Vision Generalist" (Qiu et al., CVPR 2024).
 This file is the method, in the order the paper explains it:
-  3.1  the shared vocabulary and the caption tokenizer   (data.py builds the task sequences with them)
+  3.1  the shared vocabulary and the caption tokenizer   (data.py builds the task sequences)
   3.3  the network: backbone -> transformer encoder -> bi-directional decoder -> token head
   3.2  masked training: fully and partly masked copies, Hungarian matching, the losses (eq. 1)
   3.2  masked inference: detection -> segmentation and keypoints -> captions, post-processing
   B    the autoregressive baseline of Table 2 (same network, causal decoder)
-Nothing else: processes, devices and checkpoints are runtime.py's; train.py and evaluate.py use both.
+Nothing else: processes, devices and checkpoints are runtime.py's; train.py and evaluate.py use
+both.
 """
 import math
 from collections import OrderedDict
@@ -39,18 +40,18 @@ class Config:
     dropout: float = 0.1
     num_queries: int = 100           # detection slots per image (N in 3.1)
     num_bins: int = 500              # coordinate quantization bins (Table 5)
-    grid_size: int = 16              # a segmentation target is a grid_size x grid_size grid (Table 6)
+    grid_size: int = 16              # a segmentation target: a grid_size^2 grid (Table 6)
     max_instances: int = 10          # segmentation / keypoint instances per image in training
     caption_len: int = 20            # caption tokens, eos and padding included
     max_captions: int = 5            # reference captions per image
     mask_ratio: float = 0.7          # share of tokens masked in the partly masked copy (Table 4)
     mask_strategy: str = "fixed"     # Table 3: fixed | random (a ratio per sequence in 0.6..0.8)
                                      #   | multiple (two copies, at 0.6 and 0.8)
-    cap_full_word: bool = True       # the fully masked caption copy shows one random word (authors')
+    cap_full_word: bool = True       # the fully masked caption shows one random word (authors')
     tasks: tuple = ("det", "seg", "kpt", "cap")   # trained and evaluated (Table 8: one alone)
     task_weights: tuple = (1.5, 2.7, 0.5, 0.3)    # det, seg, kpt, cap (supplementary C)
-    decoder: str = "mad"             # mad (bi-directional, parallel) | ar (the autoregressive baseline)
-    kpt_ratios: tuple = (1.0,)       # masked inference: the mask ratio of each stage (4.1: keypoints 1.0, 0.7)
+    decoder: str = "mad"             # mad (bi-directional, parallel) | ar (autoregressive baseline)
+    kpt_ratios: tuple = (1.0,)       # masked inference: each stage's mask ratio (4.1: 1.0, 0.7)
     cap_ratios: tuple = (1.0, 0.8, 0.6, 0.4)
     remask_average: str = "running"  # re-masked logits join a running mean
                                      #   | halve: (ensemble + new) / 2 (authors')
@@ -60,14 +61,14 @@ class Config:
     sine_coords: bool = True         # coordinate token embeddings start as sine codes of their bin
     image_size: int = 800            # shorter side at test time (longer side <= max_size)
     max_size: int = 1333
-    scale_jitter: str = "multiscale" # training resize: multiscale (shorter side 480..800, DETR crop)
+    scale_jitter: str = "multiscale" # training resize: multiscale (short side 480..800, DETR crop)
                                      #   | lsj (large-scale jitter)
 
 
 PRESETS = {
     "r50": dict(backbone="r50"),
     "swin_b": dict(backbone="swin_b"),
-    "swin_b384": dict(backbone="swin_b384"),          # the paper's window 12; no torchvision weights
+    "swin_b384": dict(backbone="swin_b384"),    # the paper's window 12; no torchvision weights
     "vit_b": dict(backbone="vit_b", image_size=1024, max_size=1024, scale_jitter="lsj"),
     # sized to train on 2 CPU cores in minutes (train.py --demo, the tests): no dropout (the CPU's
     # attention kernel has none), 8 x 8 masks, 10 slots for the synthetic images' 1-4 objects, and
@@ -101,7 +102,7 @@ class Vocab:
 
     def __init__(self, num_classes, num_bins, num_text, person=-1):
         self.num_classes, self.num_bins, self.num_text = num_classes, num_bins, num_text
-        self.person = person                          # class index of "person" (keypoints), -1 if none
+        self.person = person                    # class index of "person" (keypoints), -1 if none
         self.det_prompt = torch.arange(0, PROMPT_LEN)   # the 6 detection prompt tokens
         self.seg, self.kpt = 6, 7                       # segmentation / keypoint task tokens
         self.cap_prompt = torch.arange(8, 8 + PROMPT_LEN)   # the 6 caption prompt tokens
@@ -171,11 +172,14 @@ class CaptionTokenizer:
 
 def tiny_backbone():
     """A small CNN for tests and the CPU demo, stride 32. GroupNorm, not BatchNorm, so a sample's
-    features do not depend on the rest of its batch (DDP with batch 1 per rank == one batch of 2)."""
+    features do not depend on the rest of its batch (DDP with batch 1 per rank == one batch of
+    2)."""
     layers, c_in = [], 3
     for c in (32, 64, 128, 192, 256):
-        layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU(inplace=True),
-                   nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.GroupNorm(8, c), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(c_in, c, 3, 2, 1, bias=False), nn.GroupNorm(8, c),
+                   nn.ReLU(inplace=True),
+                   nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.GroupNorm(8, c),
+                   nn.ReLU(inplace=True)]
         c_in = c
     return nn.Sequential(*layers), c_in
 
@@ -198,7 +202,8 @@ class SwinB(nn.Module):
         super().__init__()
         swin = torchvision.models.swin_transformer.SwinTransformer(
             patch_size=[4, 4], embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32],
-            window_size=[window, window], stochastic_depth_prob=0.2)   # drop-path 0.2, as the authors
+            window_size=[window, window],
+            stochastic_depth_prob=0.2)                    # drop-path 0.2, as the authors
         self.features, self.norm = swin.features, swin.norm
 
     def forward(self, x):
@@ -206,8 +211,8 @@ class SwinB(nn.Module):
 
 
 class ViTDetB(nn.Module):
-    """ViT-B/16 as the paper uses it (supplementary A, after ViTDet): torchvision's blocks, so that its
-    ImageNet weights load, with attention inside 14 x 14 windows except in blocks 2, 5, 8 and 11
+    """ViT-B/16 as the paper uses it (supplementary A, after ViTDet): torchvision's blocks, so that
+    its ImageNet weights load, with attention inside 14 x 14 windows except in blocks 2, 5, 8 and 11
     (global), drop-path rising to 0.1 over the blocks, and a simple pyramid neck to stride 32:
     2 x 2 max-pool, 1 x 1 conv, LayerNorm, 3 x 3 conv, LayerNorm (new weights). Position embeddings
     (trained at 224 px) are interpolated to the patch grid. Left out: ViTDet's relative position
@@ -223,15 +228,17 @@ class ViTDetB(nn.Module):
         self.drop = nn.ModuleList(torchvision.ops.StochasticDepth(drop_path * i / (n - 1), "row")
                                   for i in range(n))
         LayerNorm2d = torchvision.models.convnext.LayerNorm2d
-        self.neck = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(768, 256, 1, bias=False), LayerNorm2d(256),
+        self.neck = nn.Sequential(nn.MaxPool2d(2),
+                                  nn.Conv2d(768, 256, 1, bias=False), LayerNorm2d(256),
                                   nn.Conv2d(256, 256, 3, padding=1, bias=False), LayerNorm2d(256))
 
     def forward(self, x):
-        x = self.conv_proj(x)                                             # (B, 768, h, w), stride 16
+        x = self.conv_proj(x)                                       # (B, 768, h, w), stride 16
         B, C, h, w = x.shape
         pos = self.encoder.pos_embedding[:, 1:]                           # drop the class token's
         g = math.isqrt(pos.shape[1])
-        pos = F.interpolate(pos.reshape(1, g, g, C).permute(0, 3, 1, 2), size=(h, w), mode="bicubic")
+        pos = pos.reshape(1, g, g, C).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=(h, w), mode="bicubic")
         x = (x + pos).permute(0, 2, 3, 1)                                 # (B, h, w, 768)
         for i, (block, drop) in enumerate(zip(self.encoder.layers, self.drop)):
             if i in self.global_blocks:
@@ -246,7 +253,8 @@ class ViTDetB(nn.Module):
         s = self.window
         x = F.pad(x, (0, 0, 0, -w % s, 0, -h % s))
         H, W = x.shape[1:3]
-        x = x.view(B, H // s, s, W // s, s, C).transpose(2, 3).reshape(-1, s * s, C)   # (B*wins, s*s, C)
+        windows = x.view(B, H // s, s, W // s, s, C).transpose(2, 3)
+        x = windows.reshape(-1, s * s, C)                           # (B * windows, s * s, C)
         x = vit_block(block, x, drop)
         x = x.view(B, H // s, W // s, s, s, C).transpose(2, 3).reshape(B, H, W, C)
         return x[:, :h, :w]
@@ -268,7 +276,8 @@ def sine_positions(padding, d):
     """2-D sine position encoding, normalized to the unpadded image (as DETR).
     padding (B, h, w) True at padding -> (B, h*w, d)."""
     inside = (~padding).float()
-    y = inside.cumsum(1) / (inside.cumsum(1)[:, -1:, :] + 1e-6) * 2 * math.pi   # (B, h, w) in (0, 2pi]
+    # (B, h, w) in (0, 2pi]
+    y = inside.cumsum(1) / (inside.cumsum(1)[:, -1:, :] + 1e-6) * 2 * math.pi
     x = inside.cumsum(2) / (inside.cumsum(2)[:, :, -1:] + 1e-6) * 2 * math.pi
     freq = 10000 ** (2 * (torch.arange(d // 4, device=padding.device) / (d // 2)))   # (d/4,)
 
@@ -321,7 +330,8 @@ class FFN(nn.Sequential):
 
 class EncoderLayer(nn.Module):
     """Post-norm: x = norm(x + attn(x + pos, x + pos, x)); x = norm(x + ffn(x)). Dropout (as the
-    authors' detrex layers): on the attention weights and in and after the FFN, not after attention."""
+    authors' detrex layers): on the attention weights and in and after the FFN, not after
+    attention."""
 
     def __init__(self, d, heads, ffn, dropout):
         super().__init__()
@@ -347,7 +357,8 @@ class DecoderLayer(nn.Module):
     Self-attention runs per sequence: the n sequences of each image are folded into the batch,
     x is (B*n, L, d). Cross-attention unfolds them into one query list per image, (B, n*L, d),
     against that image's memory (B, hw, d): no sequence gets its own copy of the memory.
-    Sequence positions `pos` (L, d) go to the self-attention queries/keys and cross-attention queries.
+    Sequence positions `pos` (L, d) go to the self-attention queries/keys and cross-attention
+    queries.
     Dropout as in EncoderLayer: attention weights and FFN, not the attention outputs.
     """
 
@@ -360,7 +371,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, pos, memory):
         q = x + pos
-        x = self.norm1(x + self.self_attn(q, q, x))                   # bi-directional: no causal mask
+        x = self.norm1(x + self.self_attn(q, q, x))         # bi-directional: no causal mask
         return self.cross_attention_and_ffn(x, pos, memory)
 
     def cross_attention_and_ffn(self, x, pos, memory):
@@ -389,8 +400,8 @@ class MAD(nn.Module):
         for p in [*self.encoder.parameters(), *self.decoder.parameters()]:
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)                    # as the authors' code
-        self.dec_norm = nn.LayerNorm(d)                     # shared by the outputs of every decoder layer
-        self.embed = nn.Embedding(vocab.size, d)            # input tokens AND the head's class weights
+        self.dec_norm = nn.LayerNorm(d)                     # shared by every decoder layer's output
+        self.embed = nn.Embedding(vocab.size, d)            # input tokens AND the head's weights
         if cfg.sine_coords:
             with torch.no_grad():
                 self.embed.weight[vocab.coord:vocab.vis] = coordinate_embeddings(vocab.num_bins, d)
@@ -416,7 +427,8 @@ class MAD(nn.Module):
                             f"not {images.dtype}")
         x = images.float().div(255).sub(self.mean).div(self.std).masked_fill(padding[:, None], 0.0)
         f = self.proj(self.backbone(x))                                   # (B, d, h, w)
-        padding = F.interpolate(padding[:, None].float(), size=f.shape[-2:])[:, 0].bool()   # (B, h, w)
+        padding = F.interpolate(padding[:, None].float(), size=f.shape[-2:])
+        padding = padding[:, 0].bool()                                    # (B, h, w)
         pos = sine_positions(padding, f.shape[1])                         # (B, hw, d)
         x = f.flatten(2).transpose(1, 2)                                  # (B, hw, d)
         attend = ~padding.flatten(1)[:, None, None, :]                    # (B, 1, 1, hw)
@@ -457,9 +469,10 @@ class MAD(nn.Module):
         return self.logits(h[..., PROMPT_LEN:, :], task).log_softmax(-1)
 
     def forward(self, batch, tasks=TASKS):
-        """3.2 masked training. batch: data.collate's dict (keys in data.py). Returns (sums, counts),
-        {task: (layers,)}: each decoder layer's summed cross-entropy over its masked targets, and
-        their number; weighted_loss turns them into eq. 1 (train.py counts over all processes)."""
+        """3.2 masked training. batch: data.collate's dict (keys in data.py). Returns
+        (sums, counts), {task: (layers,)}: each decoder layer's summed cross-entropy over its
+        masked targets, and their number; weighted_loss turns them into eq. 1 (train.py counts
+        over all processes)."""
         memory = self.encode(batch["images"], batch["padding"])   # the image is encoded once (3.4)
         # detection last: its matching waits for the device, best with the other tasks' work queued
         out = {t: LOSSES[t](self, batch, memory) for t in sorted(tasks, key=lambda t: t == "det")}
@@ -496,7 +509,7 @@ class MAD(nn.Module):
         if "kpt" in tasks and self.vocab.person >= 0:
             res.update(person_keypoints(self, det, memory, orig_sizes))
         if "cap" in tasks:
-            res["caption_ids"] = caption(self, memory)                     # (B, L) SentencePiece ids
+            res["caption_ids"] = caption(self, memory)            # (B, L) SentencePiece ids
         out = [{k: v[b] for k, v in res.items()} for b in range(len(sizes))]
         for o in out:
             if "keypoints" in o:
@@ -603,16 +616,18 @@ def prompted_loss(model, batch, memory, task):
     """Segmentation and keypoints: the prompt (task token, box, class) fixes the target, so no
     matching. prompt (B, S, PROMPT_LEN), sequences and weights (B, S, L)."""
     prompt, seqs, weight = batch[f"{task}_prompt"], batch[f"{task}_seq"], batch[f"{task}_weight"]
-    inputs, masked, src = masked_copies(seqs, model.partial_masks, model.vocab.mask_token)  # (B, C, L)
+    # (B, C, L): C copies of each sequence
+    inputs, masked, src = masked_copies(seqs, model.partial_masks, model.vocab.mask_token)
     logp = model.log_probs(prompt[:, src], inputs, memory, task)      # (layers, B, C, L, V)
     target = seqs[:, src] - model.vocab.task_range(task)[0]
     return masked_nll(logp, target, weight[:, src] * masked)
 
 
 def caption_loss(model, batch, memory):
-    """Captioning: the fully masked copy is ONE sequence per image, trained towards the reference it
-    predicts best (best_reference, per layer); the partly masked copies hold every reference, with one
-    random visible token of each replaced by a random text token (3.1 sequence augmentation)."""
+    """Captioning: the fully masked copy is ONE sequence per image, trained towards the reference
+    it predicts best (best_reference, per layer); the partly masked copies hold every reference,
+    with one random visible token of each replaced by a random text token (3.1 sequence
+    augmentation)."""
     v, refs, weight = model.vocab, batch["cap_seq"], batch["cap_weight"]   # (B, R, L)
     lo, hi = v.task_range("cap")
     masked, src = model.partial_masks(refs.shape, device=refs.device)      # (B, P, L)
@@ -658,7 +673,7 @@ def best_reference(logp, refs, counted):
     mean cross-entropy over its counted positions (a reference with none is never chosen).
     logp (layers, B, L, V), refs and counted (B, R, L) -> target and weight (layers, B, L)."""
     layers, (_, R, L) = len(logp), refs.shape
-    index = refs[None, ..., None].expand(layers, -1, -1, -1, 1)                  # (layers, B, R, L, 1)
+    index = refs[None, ..., None].expand(layers, -1, -1, -1, 1)         # (layers, B, R, L, 1)
     nll = -logp[:, :, None].expand(-1, -1, R, -1, -1).gather(-1, index)[..., 0]  # (layers, B, R, L)
     mean = (nll * counted).sum(-1) / counted.sum(-1).clamp(min=1)                # (layers, B, R)
     best = mean.masked_fill(counted.sum(-1) == 0, float("inf")).argmin(-1)       # (layers, B)
@@ -690,7 +705,8 @@ def match_detections(logp, inputs, masked, gt, vocab, forced_cost=1e4):
     visible = ~masked.view(B, c, Q, BOX_LEN, 1)
     nll = torch.where(visible, (~shown).to(nll.dtype) * forced_cost, nll)
     cost = nll.mean(4).float().cpu()                                  # (layers, B, C, Q, G)
-    cost = cost.nan_to_num(nan=1e9, posinf=1e9, neginf=-1e9)   # for scipy; the loss check stops on NaN
+    # for scipy; the loss check stops a run on NaN
+    cost = cost.nan_to_num(nan=1e9, posinf=1e9, neginf=-1e9)
     target = torch.zeros(n_layers, B, c, Q, BOX_LEN, dtype=torch.long)
     target[..., 4] = vocab.noise - lo
     weight = torch.zeros(n_layers, B, c, Q, BOX_LEN)
@@ -698,8 +714,10 @@ def match_detections(logp, inputs, masked, gt, vocab, forced_cost=1e4):
     rows = [(l, b, k, *linear_sum_assignment(cost[l, b, k, :, : sizes[b]]))
             for l in range(n_layers) for b in range(B) for k in range(c) if sizes[b]]
     if rows:
-        l, b, k, q, g = (torch.as_tensor(np.concatenate([np.broadcast_to(r[i], r[3].shape) for r in rows]))
-                         for i in range(5))
+        # each pair (q, g) matched, with its (layer, image, copy)
+        columns = [np.concatenate([np.broadcast_to(r[i], r[3].shape) for r in rows])
+                   for i in range(5)]
+        l, b, k, q, g = (torch.as_tensor(c) for c in columns)
         target[l, b, k, q] = gt_pad.cpu()[b, g]
         weight[l, b, k, q] = 1
     return target.flatten(3).to(logp.device), weight.flatten(3).to(logp.device)
@@ -751,8 +769,8 @@ def confidence_order(conf, generator):
 
 
 # The weight of a re-masked position's new logits, given how often it was decoded before
-# (Table 7's ensemble): a running mean of the stages, or the authors' captions' (ensemble + new) / 2,
-# under which later stages weigh more.
+# (Table 7's ensemble): a running mean of the stages, or the authors' captions'
+# (ensemble + new) / 2, under which later stages weigh more.
 
 def running_mean_weight(count):
     return 1 / (count + 1)
@@ -809,11 +827,13 @@ def softmax_over_allowed_tokens(logits, vocab):
     return allowed(logits, "det", vocab).softmax(-1)
 
 
-DETECTION_SCORES = {"all": softmax_over_all_detection_tokens, "classes": softmax_over_allowed_tokens}
+DETECTION_SCORES = {"all": softmax_over_all_detection_tokens,
+                    "classes": softmax_over_allowed_tokens}
 
 
 def box_prompts(det, task_token, index, vocab):
-    """Prompts [task, x0, y0, x1, y1, class] (B, K, PROMPT_LEN) from the detections at index (B, K)."""
+    """Prompts [task, x0, y0, x1, y1, class] (B, K, PROMPT_LEN) from the detections at index
+    (B, K)."""
     boxes = det["box_tokens"].gather(1, index[..., None].expand(-1, -1, 4))
     cls = det["labels"].gather(1, index)[..., None] + vocab.cls
     return torch.cat([torch.full_like(cls, task_token), boxes, cls], -1)
@@ -832,14 +852,15 @@ def segment(model, det, memory, boxes, sizes):
 
 
 def person_keypoints(model, det, memory, orig_sizes):
-    """Keypoints of the top-K detections, persons first by score; kpt_is_person marks the persons."""
+    """Keypoints of the top-K detections, persons first by score; kpt_is_person marks the
+    persons."""
     v, K = model.vocab, min(model.cfg.seg_topk, det["scores"].shape[1])
     is_person = det["labels"] == v.person                             # (B, Q), sorted by score
     index = (~is_person).float().argsort(dim=-1, stable=True)[:, :K]  # persons first, by score
     logits = model.decode_sequences(box_prompts(det, v.kpt, index, v), KPT_LEN, memory, "kpt",
                                     model.cfg.kpt_ratios, confidence_order)
     prob = allowed(logits, "kpt", v).softmax(-1)
-    xy, vis = keypoints_from_probs(prob, v)                           # (B, K, 17, 2) tokens, (B, K, 17)
+    xy, vis = keypoints_from_probs(prob, v)             # (B, K, 17, 2) tokens, (B, K, 17)
     xy = to_pixels(xy.flatten(2), orig_sizes, v).unflatten(2, (NUM_KEYPOINTS, 2))
     return dict(keypoints=torch.cat([xy, vis[..., None]], -1), kpt_index=index,
                 kpt_is_person=is_person.gather(1, index))
@@ -847,8 +868,10 @@ def person_keypoints(model, det, memory, orig_sizes):
 
 def caption(model, memory):
     """Caption tokens (B, L) of the multi-stage masked inference (SentencePiece ids)."""
-    prompt = model.vocab.cap_prompt.to(memory.tokens.device).expand(len(memory.tokens), 1, PROMPT_LEN)
-    logits = model.decode_sequences(prompt, model.cfg.caption_len, memory, "cap", model.cfg.cap_ratios)
+    B = len(memory.tokens)
+    prompt = model.vocab.cap_prompt.to(memory.tokens.device).expand(B, 1, PROMPT_LEN)
+    logits = model.decode_sequences(prompt, model.cfg.caption_len, memory, "cap",
+                                    model.cfg.cap_ratios)
     return logits[:, 0].argmax(-1)
 
 
@@ -865,7 +888,7 @@ def keypoints_from_probs(prob, vocab):
 def to_pixels(coords, orig_sizes, vocab):
     """Coordinate tokens (B, n, 2k) alternating x, y -> bin centres in pixels of the original
     images (B, n, 2k): x by the width, y by the height. Boxes keep their corner order."""
-    wh = orig_sizes.flip(-1).to(coords.device, torch.float32)[:, None, None]   # (B, 1, 1, 2): (w, h)
+    wh = orig_sizes.flip(-1).to(coords.device, torch.float32)[:, None, None]   # (B, 1, 1, 2)
     return (vocab.dequantize(coords).unflatten(-1, (-1, 2)) * wh).flatten(-2)
 
 
@@ -879,7 +902,8 @@ def paste_masks(prob, boxes, H, W, chunk=16):
         centre = torch.arange(size, dtype=torch.float32, device=lo.device) + 0.5
         u = (centre - lo[:, None]) / (hi - lo).clamp(min=1e-3)[:, None] * m - 0.5
         inside = (centre >= lo[:, None]) & (centre < hi[:, None])
-        w = (1 - (u.clamp(0, m - 1)[..., None] - torch.arange(m, device=lo.device)).abs()).clamp(min=0)
+        distance = (u.clamp(0, m - 1)[..., None] - torch.arange(m, device=lo.device)).abs()
+        w = (1 - distance).clamp(min=0)
         return w * inside[..., None]
     M = prob.shape[-1]
     out = torch.empty(len(prob), H, W, dtype=torch.bool, device=prob.device)
@@ -946,7 +970,8 @@ class ARBaseline(MAD):
             prompt, seqs, weight = ar_sequences(batch, task, self.vocab)   # (B, n, 6), (B, n, L) x2
             start = torch.full_like(seqs[..., :1], self.vocab.start)
             h = self.decode(torch.cat([prompt, start, seqs[..., :-1]], -1), memory, all_layers=True)
-            logp = self.logits(h[..., PROMPT_LEN:, :], task).log_softmax(-1)   # (layers, B, n, L, V)
+            # (layers, B, n, L, V)
+            logp = self.logits(h[..., PROMPT_LEN:, :], task).log_softmax(-1)
             out[task] = masked_nll(logp, seqs - self.vocab.task_range(task)[0], weight)
         return {t: s for t, (s, _) in out.items()}, {t: c for t, (_, c) in out.items()}
 
@@ -955,10 +980,12 @@ class ARBaseline(MAD):
 
     def generate(self, prompt, L, memory, task, use_cache=True):
         """Greedy decoding to the full length L, one token per decoder pass, with a key/value cache
-        in every self-attention layer (without: re-decode the whole prefix). prompt (B, n, PROMPT_LEN)
-        -> logits (B, n, L, V) of the steps, each restricted to the tokens allowed there."""
+        in every self-attention layer (without: re-decode the whole prefix).
+        prompt (B, n, PROMPT_LEN) -> logits (B, n, L, V) of the steps, each restricted to the tokens
+        allowed there."""
         lo = self.vocab.task_range(task)[0]
-        x = torch.cat([prompt, torch.full_like(prompt[..., :1], self.vocab.start)], -1)   # (B, n, 7)
+        start_token = torch.full_like(prompt[..., :1], self.vocab.start)
+        x = torch.cat([prompt, start_token], -1)                          # (B, n, 7)
         caches = [dict() for _ in self.decoder] if use_cache else None
         steps = []
         for t in range(L):
@@ -968,14 +995,15 @@ class ARBaseline(MAD):
                 h = self.decode_step(x[..., -1:], memory, caches, PROMPT_LEN + t)
             else:
                 h = self.decode(x, memory)
-            logits = allowed(self.logits(h[..., -1:, :], task), task, self.vocab, offset=t)   # (B, n, 1, V)
+            logits = self.logits(h[..., -1:, :], task)                   # (B, n, 1, V)
+            logits = allowed(logits, task, self.vocab, offset=t)
             steps.append(logits)
             x = torch.cat([x, logits.argmax(-1) + lo], -1)
         return torch.cat(steps, 2)
 
     def decode_step(self, tokens, memory, caches, start):
-        """tokens (B, n, l) at sequence positions start.. -> hidden states (B, n, l, d); every layer's
-        cache gains their keys and values."""
+        """tokens (B, n, l) at sequence positions start.. -> hidden states (B, n, l, d); every
+        layer's cache gains their keys and values."""
         B, n, l = tokens.shape
         x = self.embed(tokens).flatten(0, 1)
         pos = self.seq_pos[start:start + l]
@@ -999,7 +1027,9 @@ def causal_self_attention(attn, q, x, cache=None):
 
 
 def ar_sequences(batch, task, v):
-    """Teacher-forcing sequences of the baseline: (prompt (B, n, PROMPT_LEN), tokens (B, n, L), weight)."""
+    """Teacher-forcing sequences of the baseline: (prompt (B, n, PROMPT_LEN), tokens (B, n, L),
+    weight)."""
+
     if task in ("seg", "kpt"):
         return batch[f"{task}_prompt"], batch[f"{task}_seq"], batch[f"{task}_weight"]
     if task == "cap":

@@ -29,7 +29,7 @@ import synthetic
 # Processes. torchrun sets RANK; without it there is one process and every helper is a no-op.
 
 WAIT_TIMEOUT = timedelta(hours=4)   # how long processes wait for rank 0 (scoring an evaluation)
-wait_group = None                   # a gloo group for Python objects and waits, apart from gradients
+wait_group = None                   # a gloo group for Python objects and waits (not gradients)
 
 
 def init_processes(device, timeout_min=30.0):
@@ -44,8 +44,9 @@ def init_processes(device, timeout_min=30.0):
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = f"cuda:{gpu_index(local_rank, torch.cuda.device_count())}"
         torch.cuda.set_device(device)                  # before NCCL's first collective
-    # torchrun keeps its store across --max-restarts: a restarted attempt would find the addresses of
-    # the processes it replaces there (gloo: "connection refused"), so each attempt keys its own
+    # torchrun keeps its store across --max-restarts: a restarted attempt would find the
+    # addresses of the processes it replaces there (gloo: "connection refused"), so each
+    # attempt keys its own
     timeout = timedelta(minutes=timeout_min)
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -61,8 +62,9 @@ def gpu_index(local_rank, visible):
     if visible == 1:
         return 0
     if not 0 <= local_rank < visible:
-        raise SystemExit(f"LOCAL_RANK {local_rank}, but this process sees {visible} GPU(s): give "
-                         f"each process one (CUDA_VISIBLE_DEVICES) or start at most {visible} per node")
+        raise SystemExit(f"LOCAL_RANK {local_rank}, but this process sees {visible} GPU(s): "
+                         f"give each process one (CUDA_VISIBLE_DEVICES) or start at most "
+                         f"{visible} per node")
     return local_rank
 
 
@@ -146,15 +148,17 @@ def warn_small_shm(workers):
     ends them with 'Bus error'."""
     if workers and os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").total < 2 ** 30:
         size = shutil.disk_usage("/dev/shm").total / 2 ** 20
-        print(f"warning: /dev/shm holds {size:.0f} MB: data-loader workers may die with 'Bus error'. "
-              f"Give the container more (docker run --shm-size 8g) or use --workers 0", flush=True)
+        print(f"warning: /dev/shm holds {size:.0f} MB: data-loader workers may die with "
+              f"'Bus error'. Give the container more (docker run --shm-size 8g) or use "
+              f"--workers 0", flush=True)
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints
 
 def save_checkpoint(path, state):
-    """Atomic: write a temporary file, fsync, rename. A crash mid-write leaves the old file intact."""
+    """Atomic: write a temporary file, fsync, rename. A crash mid-write leaves the old file
+    intact."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -217,7 +221,8 @@ def find_run(out, resume, rank):
 
 
 def check_shared(out, rank):
-    """Every process sees the file rank 0 writes into `out`, or the run stops naming who does not."""
+    """Every process sees the file rank 0 writes into `out`, or the run stops naming who does
+    not."""
     probe = os.path.join(out, broadcast(f".shared-{socket.gethostname()}-{os.getpid()}"))
     if rank == 0:
         open(probe, "w").close()
@@ -230,8 +235,8 @@ def check_shared(out, rank):
     if blind:
         raise SystemExit(f"--out {out} is not shared by every node: processes {blind} do not see "
                          f"{probe}, which rank 0 wrote. Rank 0 writes the checkpoints and the "
-                         f"tokenizer there: put --out on a filesystem that every node mounts at the "
-                         f"same path")
+                         f"tokenizer there: put --out on a filesystem that every node mounts "
+                         f"at the same path")
 
 
 def continue_run(ckpt, cfg, tc, given, path):
@@ -257,9 +262,9 @@ def continue_run(ckpt, cfg, tc, given, path):
         diff = "; ".join(f"{flag(k)} {then[k]} there, {asked[k]} here" for k in changed)
         if tc.resume:
             free = ", ".join(flag(k) for k in CHANGEABLE_AT_RESUME[:-2])
-            raise SystemExit(f"{path}: {diff}: that would change the run. At resume only {free} may "
-                             f"change, and --epochs / --max-steps grow; start a new run with "
-                             f"another --out")
+            raise SystemExit(f"{path}: {diff}: that would change the run. At resume only "
+                             f"{free} may change, and --epochs / --max-steps grow; start a new "
+                             f"run with another --out")
         raise SystemExit(f"{path} holds a run with other settings ({diff}): continue it with "
                          f"`python train.py --out {tc.out} --resume`, or start this run with "
                          f"another --out")
@@ -283,7 +288,7 @@ def rng_state(device):
 def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and str(device).startswith("cuda"):
-        cuda = state["cuda"]                             # (a list of every device's: older checkpoints)
+        cuda = state["cuda"]                     # (a list of every device's: older checkpoints)
         if isinstance(cuda, list):
             cuda = cuda[torch.device(device).index or 0]
         torch.cuda.set_rng_state(cuda, device)
@@ -308,8 +313,9 @@ def save_run(path, model, optimizer, scaler, cfg, tc, dataset, tokenizer, step, 
 
 
 def restore(ckpt, model, optimizer, scaler, seed, rank, device):
-    """The checkpoint's weights, optimizer, GradScaler and this rank's RNG state (a rank the run did
-    not have gets a stream of its own, seeded by its rank and the step). -> the step to continue at."""
+    """The checkpoint's weights, optimizer, GradScaler and this rank's RNG state (a rank the run
+    did not have gets a stream of its own, seeded by its rank and the step). -> the step to
+    continue at."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -357,13 +363,15 @@ def caption_tokenizer(root, out, vocab_size, ckpt):
     return mad.CaptionTokenizer(model) if model else None
 
 
-IMAGENET_WEIGHTS = {"r50": "ResNet50_Weights", "swin_b": "Swin_B_Weights", "vit_b": "ViT_B_16_Weights"}
+IMAGENET_WEIGHTS = {"r50": "ResNet50_Weights", "swin_b": "Swin_B_Weights",
+                    "vit_b": "ViT_B_16_Weights"}
 NEW_PARTS = ("neck.",)                # backbone parts that ImageNet classifiers do not have
 
 
 def load_backbone_weights(backbone, name, path=None):
     """ImageNet weights into `backbone`: from a local state-dict file when `path` is given, else
-    through torchvision's weights API (downloads once into the torch hub cache). -> what was loaded."""
+    through torchvision's weights API (downloads once into the torch hub cache). -> what was
+    loaded."""
     if path:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -382,9 +390,11 @@ def load_backbone_weights(backbone, name, path=None):
             state = weights.get_state_dict(progress=False)
         except Exception as e:
             raise SystemExit(f"--pretrained: could not fetch torchvision's {weights} "
-                             f"({type(e).__name__}: {e}). Without a network, pass --backbone-weights "
-                             f"FILE (a state dict of torchvision's model, saved where it can be "
-                             f"downloaded), or --no-pretrained to train from random weights") from None
+                             f"({type(e).__name__}: {e}). Without a network, pass "
+                             f"--backbone-weights FILE (a state dict of torchvision's model, "
+                             f"saved where it can be downloaded), or --no-pretrained to train "
+                             f"from random weights") from None
+
         what = f"ImageNet weights ({weights})"
     missing, _ = backbone.load_state_dict(state, strict=False)   # the classifier head is not ours
     missing = [k for k in missing if not k.startswith(NEW_PARTS)]

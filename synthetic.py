@@ -39,8 +39,8 @@ def ensure_synthetic_coco(root, num_train, num_val):
         shutil.rmtree(tmp, ignore_errors=True)
 
 SHAPES = {3: "circle", 5: "square", 8: "triangle", 11: "diamond"}       # sparse ids, like COCO's
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
-           "purple": (150, 60, 190), "orange": (240, 130, 30)}
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+           "yellow": (230, 200, 30), "purple": (150, 60, 190), "orange": (240, 130, 30)}
 NUMBERS = ["no", "one", "two", "three", "four"]
 
 
@@ -48,7 +48,8 @@ def shape_polygon(name, x0, y0, s):
     """Vertices of a shape filling the square box (x0, y0, s)."""
     cx, cy, r = x0 + s / 2, y0 + s / 2, s / 2
     if name == "circle":
-        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 24, endpoint=False)]
+        angles = np.linspace(0, 2 * math.pi, 24, endpoint=False)
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles]
     if name == "square":
         return [(x0, y0), (x0 + s, y0), (x0 + s, y0 + s), (x0, y0 + s)]
     if name == "triangle":
@@ -59,11 +60,12 @@ def shape_polygon(name, x0, y0, s):
 def stick_figure(x0, y0, h, rng):
     """17 COCO keypoints of a standing person of height h, and polygons for its head and limbs."""
     w = 0.5 * h
-    arm, leg = rng.uniform(-0.15, 0.25), rng.uniform(0.0, 0.12)           # pose: arm raise, leg spread
-    unit = [(0.5, 0.1), (0.55, 0.08), (0.45, 0.08), (0.6, 0.1), (0.4, 0.1), (0.75, 0.26), (0.25, 0.26),
+    arm, leg = rng.uniform(-0.15, 0.25), rng.uniform(0.0, 0.12)       # pose: arm raise, leg spread
+    unit = [(0.5, 0.1), (0.55, 0.08), (0.45, 0.08), (0.6, 0.1), (0.4, 0.1),
+            (0.75, 0.26), (0.25, 0.26),
             (0.85, 0.42 - arm), (0.15, 0.42 - arm), (0.92, 0.58 - 2 * arm), (0.08, 0.58 - 2 * arm),
-            (0.65, 0.56), (0.35, 0.56), (0.68 + leg, 0.77), (0.32 - leg, 0.77), (0.7 + 2 * leg, 0.96),
-            (0.3 - 2 * leg, 0.96)]
+            (0.65, 0.56), (0.35, 0.56),
+            (0.68 + leg, 0.77), (0.32 - leg, 0.77), (0.7 + 2 * leg, 0.96), (0.3 - 2 * leg, 0.96)]
     kp = [(x0 + u * w, y0 + v * h) for u, v in unit]
     t = 0.035 * h                                                         # half the limb thickness
     polys = [[(kp[0][0] + 0.1 * h * math.cos(a), kp[0][1] + 0.1 * h * math.sin(a))
@@ -74,7 +76,8 @@ def stick_figure(x0, y0, h, rng):
         (xa, ya), (xb, yb) = kp[a], kp[b]
         n = math.hypot(xb - xa, yb - ya) + 1e-6
         dx, dy = -(yb - ya) / n * t, (xb - xa) / n * t
-        polys.append([(xa + dx, ya + dy), (xb + dx, yb + dy), (xb - dx, yb - dy), (xa - dx, ya - dy)])
+        polys.append([(xa + dx, ya + dy), (xb + dx, yb + dy),
+                      (xb - dx, yb - dy), (xa - dx, ya - dy)])
     return kp, polys
 
 
@@ -103,8 +106,8 @@ def draw_scene(rng, W, H):
     objects, boxes = [], []
     for _ in range(rng.randint(1, 4)):
         is_person = rng.random() < 0.35
-        for _try in range(10):                                             # little overlap, not none
-            if is_person:                                                  # a standing figure, h x h/2
+        for _try in range(10):                                         # little overlap, not none
+            if is_person:                                              # a standing figure, h x h/2
                 h = rng.uniform(0.45, 0.8) * H
                 x0, y0 = rng.uniform(0, W - 0.5 * h), rng.uniform(0, H - h)
                 box = (x0, y0, x0 + 0.5 * h, y0 + h)
@@ -124,13 +127,15 @@ def draw_scene(rng, W, H):
                 draw.polygon(p, fill=colour)
             vis = [0 if rng.random() < 0.1 else (1 if rng.random() < 0.1 else 2) for _ in kp]
             keypoints = [c for (x, y), v in zip(kp, vis) for c in ((x, y, v) if v else (0, 0, 0))]
-            objects.append(dict(name="person", category_id=1, polys=polys, keypoints=keypoints, x=box[0]))
+            objects.append(dict(name="person", category_id=1, polys=polys, keypoints=keypoints,
+                                x=box[0]))
         else:
             cid = rng.choice(list(SHAPES))
             colour = rng.choice(list(COLOURS))
             poly = shape_polygon(SHAPES[cid], box[0], box[1], box[2] - box[0])
             draw.polygon(poly, fill=COLOURS[colour])
-            objects.append(dict(name=SHAPES[cid], category_id=cid, colour=colour, polys=[poly], x=box[0]))
+            objects.append(dict(name=SHAPES[cid], category_id=cid, colour=colour, polys=[poly],
+                                x=box[0]))
     return image, objects
 
 
@@ -144,11 +149,13 @@ def box_iou(a, b):
 def make_synthetic_coco(root, num_train, num_val, image_size=128, seed=0, aspect=1.0):
     """Write the synthetic set under root in the standard COCO layout (deterministic for a seed)."""
     H, W = image_size, round(image_size * aspect)
-    categories = [dict(id=1, name="person", supercategory="person", keypoints=KEYPOINTS, skeleton=SKELETON)]
+    categories = [dict(id=1, name="person", supercategory="person", keypoints=KEYPOINTS,
+                       skeleton=SKELETON)]
     categories += [dict(id=i, name=n, supercategory="shape") for i, n in SHAPES.items()]
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     ann_id = 1
-    for split, count, split_seed in (("train2017", num_train, seed), ("val2017", num_val, seed + 1_000_003)):
+    splits = (("train2017", num_train, seed), ("val2017", num_val, seed + 1_000_003))
+    for split, count, split_seed in splits:
         rng = random.Random(split_seed)
         os.makedirs(os.path.join(root, split), exist_ok=True)
         images, instances, keypoints, captions = [], [], [], []
@@ -159,10 +166,12 @@ def make_synthetic_coco(root, num_train, num_val, image_size=128, seed=0, aspect
             image.save(os.path.join(root, split, name), quality=90)
             images.append(dict(id=image_id, file_name=name, width=W, height=H))
             for o in objects:
-                rle = mask_utils.merge(mask_utils.frPyObjects([sum(map(list, p), []) for p in o["polys"]], H, W))
+                flat = [sum(map(list, p), []) for p in o["polys"]]
+                rle = mask_utils.merge(mask_utils.frPyObjects(flat, H, W))
                 ann = dict(id=ann_id, image_id=image_id, category_id=o["category_id"], iscrowd=0,
-                           segmentation=[[round(c, 2) for p in poly for c in p] for poly in o["polys"]],
-                           area=float(mask_utils.area(rle)), bbox=[round(c, 2) for c in mask_utils.toBbox(rle).tolist()])
+                           segmentation=[[round(c, 2) for c in poly] for poly in flat],
+                           area=float(mask_utils.area(rle)),
+                           bbox=[round(c, 2) for c in mask_utils.toBbox(rle).tolist()])
                 instances.append(ann)
                 if o["name"] == "person":
                     keypoints.append(dict(ann, keypoints=[round(c, 2) for c in o["keypoints"]],
@@ -172,8 +181,9 @@ def make_synthetic_coco(root, num_train, num_val, image_size=128, seed=0, aspect
                 captions.append(dict(id=ann_id, image_id=image_id, caption=c))
                 ann_id += 1
         common = dict(info=dict(description="MAD synthetic COCO"), licenses=[], images=images)
-        for kind, anns, cats in (("instances", instances, categories), ("person_keypoints", keypoints, categories[:1]),
-                                 ("captions", captions, None)):
+        files = (("instances", instances, categories),
+                 ("person_keypoints", keypoints, categories[:1]), ("captions", captions, None))
+        for kind, anns, cats in files:
             d = dict(common, annotations=anns, **({"categories": cats} if cats else {}))
             with open(os.path.join(root, "annotations", f"{kind}_{split}.json"), "w") as f:
                 json.dump(d, f)
@@ -206,7 +216,9 @@ def random_batch(cfg, vocab, B, H, W, seed=0, n_gt=3):
         images=images, padding=padding,
         det_seq=det_seq, det_gt=[det_seq[b, :n_gt].clone() for b in range(B)],
         seg_prompt=prompt(vocab.seg), seg_seq=seg_seq, seg_weight=torch.ones(B, S, M * M),
-        kpt_prompt=prompt(vocab.kpt), kpt_seq=coords(B, S, KPT_LEN), kpt_weight=torch.ones(B, S, KPT_LEN),
+        kpt_prompt=prompt(vocab.kpt), kpt_seq=coords(B, S, KPT_LEN),
+        kpt_weight=torch.ones(B, S, KPT_LEN),
+
         cap_seq=torch.randint(vocab.text, vocab.size, (B, R, L), generator=g),
         cap_weight=torch.ones(B, R, L),
         size=torch.tensor([[H, W]] * B), orig_size=torch.tensor([[2 * H, 3 * W]] * B),

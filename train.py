@@ -1,11 +1,11 @@
 """Train MAD on COCO, or on the synthetic set: the configuration, then the training loop.
 
-    python train.py --demo                                # synthetic data, tiny model: minutes on a CPU
-    torchrun --nproc_per_node 8 train.py --backbone r50   # COCO in data/coco ($COCO_ROOT), the paper's recipe
+    python train.py --demo                               # synthetic set, tiny model: CPU is enough
+    torchrun --nproc_per_node 8 train.py --backbone r50  # COCO in data/coco ($COCO_ROOT)
     torchrun --nnodes 2 --node-rank N --nproc-per-node 8 --rdzv-endpoint HOST:29500 \\
-        train.py --backbone swin_b --out /shared/swin       # two nodes
-    python train.py --backbone r50 --accum-steps 8        # the paper's batch 16 on one GPU
-    python train.py --out runs/mad --resume               # continue runs/mad with its own settings
+        train.py --backbone swin_b --out /shared/swin      # two nodes
+    python train.py --backbone r50 --accum-steps 8       # the paper's batch 16 on one GPU
+    python train.py --out runs/mad --resume              # continue runs/mad, its own settings
 
 Every field of mad.Config and TrainConfig is a flag (--mask-ratio 0.6, --cap-ratios 1,0.7 ...);
 --backbone picks the model preset and the paper's schedule (Table 9) first, explicit flags win.
@@ -34,12 +34,12 @@ import runtime
 @dataclass
 class TrainConfig:
     data: str = os.environ.get("COCO_ROOT", "data/coco")   # COCO-layout root, or "synthetic"
-    out: str = "runs/mad"             # the run: checkpoints, log.jsonl, evaluations (all nodes share it)
+    out: str = "runs/mad"             # checkpoints, log.jsonl, evaluations (all nodes share it)
     epochs: int = 50
-    lr_drop: int = 40                 # epoch at which the learning rate drops x0.1 (lr_schedule "step")
-    lr_schedule: str = "step"         # step: x0.1 at lr_drop (paper) | cosine: to 0 at the last step
+    lr_drop: int = 40                 # epoch of the x0.1 learning-rate drop (schedule "step")
+    lr_schedule: str = "step"         # step: x0.1 at lr_drop (paper) | cosine: to 0 at the end
     warmup: int = 0                   # steps of linear learning-rate warm-up
-    hold: int = 0                     # cosine: steps at the full rate after the warm-up, then the decay
+    hold: int = 0                     # cosine: steps at the full rate after the warm-up
     batch_size: int = 16              # global: over all processes and accumulation steps
     accum_steps: int = 1              # gradient accumulation (the paper's batch on fewer GPUs)
     lr: float = 1e-4
@@ -58,10 +58,10 @@ class TrainConfig:
     workers: int = 4
     seed: int = 0
     resume: bool = False              # continue OUT/last.pt with its own settings
-    demo: bool = False                # synthetic set, tiny model, 1,800 steps, evaluation at the end
+    demo: bool = False                # synthetic set, tiny model, 1,800 steps, then an evaluation
     spm_vocab: int = 8000             # SentencePiece vocabulary trained on the train captions
-    skip_bad_images: bool = False     # skip (and count) missing or corrupt images instead of failing
-    augment: bool = True              # flip, crop, multi-scale / LSJ (off: the fixed evaluation resize)
+    skip_bad_images: bool = False     # skip (and count) missing or corrupt images, do not fail
+    augment: bool = True              # flip, crop, multi-scale / LSJ (off: the evaluation resize)
     pretrained: bool = True           # torchvision ImageNet backbone weights (needs a network once)
     backbone_weights: str = ""        # ... or a local state-dict file of them
     pg_timeout: float = 30.0          # minutes a collective waits for another process, then fails
@@ -160,7 +160,8 @@ def main(argv=None):
 
     steps_per_epoch = len(dataset) // tc.batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"{len(dataset)} images are fewer than one global batch of {tc.batch_size}")
+        raise SystemExit(f"{len(dataset)} images are fewer than one global batch "
+                         f"of {tc.batch_size}")
     total = tc.epochs * steps_per_epoch
     total = min(tc.max_steps, total) if tc.max_steps else total
     if rank == 0:
@@ -169,8 +170,9 @@ def main(argv=None):
         micro = tc.batch_size // (world * tc.accum_steps)
         params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"{cfg.backbone}: {weights}; {precision}; {len(dataset):,} images, tasks "
-              f"{', '.join(dataset.tasks)}; {world} process(es) x {micro} images x {tc.accum_steps} "
-              f"accumulation = global batch {tc.batch_size}; {steps_per_epoch:,} steps/epoch, "
+              f"{', '.join(dataset.tasks)}; {world} process(es) x {micro} images "
+              f"x {tc.accum_steps} accumulation = global batch {tc.batch_size}; "
+              f"{steps_per_epoch:,} steps/epoch, "
               f"{total:,} steps; {params:.1f}M parameters", flush=True)
     runtime.warn_small_shm(tc.workers)
     train(ddp_model, model, optimizer, scaler, autocast, dataset, tokenizer, cfg, tc, step, total,
@@ -191,7 +193,7 @@ def train(ddp_model, model, optimizer, scaler, autocast, dataset, tokenizer, cfg
         runtime.save_run(path, model, optimizer, scaler, cfg, tc, dataset, tokenizer, step, epoch,
                          device)
     t0, start_step, logged, seen = time.time(), step, step, 0
-    sums = torch.zeros(1 + len(dataset.tasks))           # total and per-task losses since the last log
+    sums = torch.zeros(1 + len(dataset.tasks))           # total and task losses since the last log
     while step < total:
         epoch = step // steps_per_epoch
         start = (step - epoch * steps_per_epoch) * tc.batch_size
@@ -252,7 +254,8 @@ def start_model(cfg, tc, dataset, device, ckpt):
         weights = runtime.load_backbone_weights(model.backbone, cfg.backbone,
                                                 tc.backbone_weights or None)
     groups = model.param_groups(tc.lr, tc.backbone_lr, tc.weight_decay)
-    optimizer = torch.optim.AdamW(groups, fused=device.startswith("cuda"))   # one kernel, all params
+    # fused: one kernel updates all parameters
+    optimizer = torch.optim.AdamW(groups, fused=device.startswith("cuda"))
     for g in optimizer.param_groups:
         g["base_lr"] = g["lr"]                           # lr_factor scales it at every step
     return model, optimizer, weights
@@ -268,11 +271,12 @@ def rank_order(n, seed, epoch, rank, world, start):
 
 def epoch_batches(dataset, tc, epoch, start, rank, world, micro, device):
     """This process's batches of an epoch, from global position `start` on (rank_order)."""
-    dataset.set_epoch(epoch)                             # augmentation depends on (seed, epoch, index)
+    dataset.set_epoch(epoch)                             # augmentation: from (seed, epoch, index)
     order = rank_order(len(dataset), tc.seed, epoch, rank, world, start)
+    worker_seeds = torch.Generator().manual_seed(tc.seed + epoch)
     loader = torch.utils.data.DataLoader(
-        dataset, micro, sampler=order, num_workers=tc.workers, collate_fn=pad_to_128, drop_last=True,
-        pin_memory=device.startswith("cuda"), generator=torch.Generator().manual_seed(tc.seed + epoch))
+        dataset, micro, sampler=order, num_workers=tc.workers, collate_fn=pad_to_128,
+        drop_last=True, pin_memory=device.startswith("cuda"), generator=worker_seeds)
     return iter(loader)
 
 
@@ -314,7 +318,7 @@ def train_step(ddp_model, model, micro_batches, tasks, optimizer, scaler, autoca
     if K > 1:
         rng, counts = [], []
         for b in micro_batches:
-            rng.append(runtime.rng_state(device))        # the RNG state each micro-batch's masks use
+            rng.append(runtime.rng_state(device))        # the RNG state this batch's masks use
             with torch.no_grad(), autocast:
                 counts.append(model(b, tasks)[1])
         normalizers = {t: runtime.all_reduce_mean(sum(c[t] for c in counts)) / K for t in tasks}
@@ -323,7 +327,8 @@ def train_step(ddp_model, model, micro_batches, tasks, optimizer, scaler, autoca
         if K > 1:
             runtime.set_rng_state(rng[k], device)
         last = k == K - 1
-        with (ddp_model.no_sync() if ddp_model is not model and not last else nullcontext()), autocast:
+        hold_gradients = ddp_model is not model and not last    # DDP: reduce once, at the last
+        with (ddp_model.no_sync() if hold_gradients else nullcontext()), autocast:
             nll, counts = ddp_model(batch, tasks)
             counted = normalizers or {t: runtime.all_reduce_mean(c) for t, c in counts.items()}
             loss, parts = mad.weighted_loss(nll, counted, model.cfg.task_weights)
@@ -341,15 +346,18 @@ def train_step(ddp_model, model, micro_batches, tasks, optimizer, scaler, autoca
 
 def stop_on_non_finite(losses, tasks, step, epoch, path):
     bad = [f"{t}={v:.4g}" for t, v in zip(tasks, losses[1:].tolist()) if not math.isfinite(v)]
-    raise SystemExit(f"non-finite loss at step {step + 1} (epoch {epoch}): {', '.join(bad) or 'total'}; "
-                     f"stopped without saving, {path} holds the last good state")
+    raise SystemExit(f"non-finite loss at step {step + 1} (epoch {epoch}): "
+                     f"{', '.join(bad) or 'total'}; stopped without saving, "
+                     f"{path} holds the last good state")
 
 
 def log(step, total, epoch, avg, tasks, optimizer, images_per_s, eta, out):
     losses = dict(zip(("loss", *tasks), avg.tolist()))
     lr = optimizer.param_groups[0]["lr"]
-    print(f"step {step}/{total} epoch {epoch} " + " ".join(f"{k} {v:.3f}" for k, v in losses.items())
-          + f" lr {lr:.1e} {images_per_s:.1f} img/s ETA {eta / 60:.1f} min", flush=True)
+    shown = " ".join(f"{k} {v:.3f}" for k, v in losses.items())
+    print(f"step {step}/{total} epoch {epoch} {shown} lr {lr:.1e} {images_per_s:.1f} img/s "
+          f"ETA {eta / 60:.1f} min", flush=True)
+
     with open(os.path.join(out, "log.jsonl"), "a") as f:
         f.write(json.dumps(dict(step=step, epoch=epoch, lr=lr, images_per_s=images_per_s, **losses))
                 + "\n")
