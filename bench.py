@@ -5,12 +5,15 @@ reported as ratios. Benchmarks print numbers; test_mad.py checks correctness. Ne
 
     python bench.py                 # the speed/memory table (tiny and r50, random weights, CPU)
     python bench.py --json          # the same numbers as JSON
-    python bench.py --quick         # tiny rows only, one repetition (seconds; the test suite runs it)
+    python bench.py --quick         # tiny rows only, one repetition (seconds; the test suite
+                                    # runs it)
     python bench.py --device cuda   # GPU: latency of tiny/r50/swin_b in fp32 and bf16, r50 training
     python bench.py --device cuda --compile   # the same, every model through torch.compile (AR too)
-    python bench.py --ablation      # paper Tables 2, 3, 7, 8 on the synthetic set, 2 seeds (hours on 2 cores)
+    python bench.py --ablation      # paper Tables 2, 3, 7, 8 on the synthetic set, 2 seeds
+                                    # (hours on 2 cores)
     python bench.py --ablation --tables 2 --seeds 0   # one table, one seed
-    python bench.py --coco-scale    # annotations at COCO train2017's counts: load time, memory per process
+    python bench.py --coco-scale    # annotations at COCO train2017's counts: load time,
+                                    # memory per process
     python bench.py --tiny-variants # the demo's training images/s for variants of the tiny model
 """
 import argparse
@@ -70,7 +73,8 @@ def image_batch(cfg, B=1, device="cpu"):
     Hp, Wp = -(-H // 32) * 32, -(-W // 32) * 32
     pad = torch.ones(B, Hp, Wp, dtype=torch.bool)
     pad[:, :H, :W] = False
-    return torch.randint(0, 256, (B, 3, Hp, Wp), dtype=torch.uint8).to(device), pad.to(device), torch.tensor([[H, W]] * B)
+    return (torch.randint(0, 256, (B, 3, Hp, Wp), dtype=torch.uint8).to(device), pad.to(device),
+            torch.tensor([[H, W]] * B))
 
 
 class TaskTimer:
@@ -99,8 +103,8 @@ class TaskTimer:
                 return fn(*a, **k)
             return call
         model.encode = lambda *a, **k: part("encode", encode, *a, **k)
-        model.decode_sequences = lambda prompt, L, memory, task, *a, **k: part(task, decode_sequences, prompt, L, memory,
-                                                                                task, *a, **k)
+        model.decode_sequences = lambda prompt, L, memory, task, *a, **k: part(
+            task, decode_sequences, prompt, L, memory, task, *a, **k)
         for name in ("decode", "decode_step"):
             if hasattr(model, name):
                 setattr(model, name, counted(getattr(model, name)))
@@ -118,7 +122,8 @@ class TaskTimer:
 
 
 # masked inference as in the paper's Table 2: keypoints in 2 stages too (the default is one)
-ROWS = [("MAD one stage", dict(kpt_ratios=(1.0,), cap_ratios=(1.0,))), ("MAD masked inference", dict(kpt_ratios=(1.0, 0.7))),
+ROWS = [("MAD one stage", dict(kpt_ratios=(1.0,), cap_ratios=(1.0,))),
+        ("MAD masked inference", dict(kpt_ratios=(1.0, 0.7))),
         ("AR + KV cache", dict(decoder="ar"))]
 
 
@@ -129,7 +134,8 @@ def inference_latency(preset, reps, device="cpu", dtype=None, compile=False):
     weights = build(preset).state_dict()
     gpu = str(device).startswith("cuda")
     rows = {}
-    with torch.inference_mode(), torch.autocast(str(device).split(":")[0], dtype=dtype, enabled=dtype is not None):
+    with torch.inference_mode(), torch.autocast(str(device).split(":")[0], dtype=dtype,
+                                                enabled=dtype is not None):
         for k, (name, over) in enumerate(ROWS):
             model = build(preset, over.get("decoder", "mad"))
             model.load_state_dict(weights)
@@ -141,12 +147,13 @@ def inference_latency(preset, reps, device="cpu", dtype=None, compile=False):
             inputs = image_batch(model.cfg, 1, device)
             timer = TaskTimer(model, device)
             if gpu or k == 0:
-                timer.run(*inputs)                                             # warm-up (compilation)
+                timer.run(*inputs)                                 # warm-up (compilation)
             n = reps if "AR" not in name else 1
             rows[name] = min((timer.run(*inputs) for _ in range(n)), key=lambda r: r["total"])
             if gpu:
                 timer.split = False
-                rows[name].update(min((timer.run(*inputs) for _ in range(n)), key=lambda r: r["total"]))
+                rows[name].update(min((timer.run(*inputs) for _ in range(n)),
+                                      key=lambda r: r["total"]))
     return rows
 
 
@@ -157,7 +164,8 @@ def decoder_vs_torch(reps):
     cfg = Config()
     ours = MAD(cfg, Vocab(80, cfg.num_bins, 1000), backbone=(torch.nn.Identity(), 256)).eval()
     layer = torch.nn.TransformerDecoderLayer(cfg.d_model, cfg.heads, cfg.ffn, 0.0, batch_first=True)
-    theirs = torch.nn.TransformerDecoder(layer, cfg.dec_layers, norm=torch.nn.LayerNorm(cfg.d_model)).eval()
+    theirs = torch.nn.TransformerDecoder(layer, cfg.dec_layers,
+                                         norm=torch.nn.LayerNorm(cfg.d_model)).eval()
     memory = torch.randn(1, 25 * 42, cfg.d_model)
     enc = mad.Memory(memory, memory, torch.ones(1, 1, 1, 25 * 42, dtype=torch.bool))
     rows = {}
@@ -187,7 +195,7 @@ def model_flop_utilization(preset, peak, reps):
     model = build(preset)
     inputs = image_batch(model.cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    model.requires_grad_(False)                 # FlopCounterMode's module hooks need this in inference
+    model.requires_grad_(False)          # FlopCounterMode's module hooks need this in inference
     with torch.no_grad():
         f = flops_of(lambda: model.predict(*inputs))
         t = timed(lambda: model.predict(*inputs), reps)
@@ -231,7 +239,8 @@ def peak_rss_mib():
 
 
 def bf16_autocast_on_cpu(reps):
-    """A tiny training step (batch 8, 128 px) in fp32 vs under bf16 autocast (train.py --amp on CPU)."""
+    """A tiny training step (batch 8, 128 px) in fp32 vs under bf16 autocast (train.py --amp on
+    CPU)."""
     model = build("tiny").train()
     batch = random_train_batch(model, 8, 128, 128)
 
@@ -244,18 +253,21 @@ def bf16_autocast_on_cpu(reps):
 
 
 def target_building_vs_jpeg(reps):
-    """Building every task's targets of one 800 x 1333 image (train transform) vs decoding its JPEG."""
+    """Building every task's targets of one 800 x 1333 image (train transform) vs decoding its
+    JPEG."""
     import tempfile
     from PIL import Image
     with tempfile.TemporaryDirectory() as root:
         synthetic.make_synthetic_coco(root, 4, 0, image_size=800, seed=0, aspect=1333 / 800)
         cfg = Config(**PRESETS["r50"])
-        ds = evaluate.quiet(data.CocoMultiTask, root, "train2017", cfg, None, True)   # keep --json clean
+        # quiet: keeps --json clean
+        ds = evaluate.quiet(data.CocoMultiTask, root, "train2017", cfg, None, True)
         path = os.path.join(root, "train2017", ds.ann.image(0)[0])
         jpeg = open(path, "rb").read()
         t_jpeg = timed(lambda: Image.open(io.BytesIO(jpeg)).convert("RGB").load(), reps)
         t_item = timed(lambda: ds[0], reps)
-    return dict(jpeg_ms=1e3 * t_jpeg, getitem_ms=1e3 * t_item, targets_ms=1e3 * (t_item - t_jpeg),   # + resize
+    return dict(jpeg_ms=1e3 * t_jpeg, getitem_ms=1e3 * t_item,
+                targets_ms=1e3 * (t_item - t_jpeg),   # + resize
                 ratio_targets_to_jpeg=(t_item - t_jpeg) / t_jpeg)
 
 
@@ -268,9 +280,10 @@ def backbones():
         images, pad, _ = image_batch(model.cfg)
         with torch.inference_mode():
             t = timed(lambda: model.encode(images, pad), 1)
-        rows[preset] = dict(params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-                            backbone_params_m=sum(p.numel() for p in model.backbone.parameters()) / 1e6,
-                            encode_s=t, size=list(images.shape[-2:]))
+        rows[preset] = dict(
+            params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+            backbone_params_m=sum(p.numel() for p in model.backbone.parameters()) / 1e6,
+            encode_s=t, size=list(images.shape[-2:]))
     return rows
 
 
@@ -280,12 +293,14 @@ def speed_table(reps, quick=False):
     res = dict(device="cpu", threads=torch.get_num_threads(), matmul_peak_gflops=peak / 1e9)
     for preset in ("tiny",) if quick else ("tiny", "r50"):
         res[f"latency_{preset}"] = inference_latency(preset, reps)
-        res[f"flop_utilization_{preset}"] = model_flop_utilization(preset, peak, reps if preset == "tiny" else 1)
+        res[f"flop_utilization_{preset}"] = model_flop_utilization(
+            preset, peak, reps if preset == "tiny" else 1)
     res["train_tiny_b8_128"] = training_throughput("tiny", 8, 128, 128, reps)
     res["bf16_autocast_cpu"] = bf16_autocast_on_cpu(reps)
     if not quick:
         res["decoder_vs_torch"] = decoder_vs_torch(reps)
-        res["train_r50_b1_800x1333"] = training_throughput("r50", 1, 800, 1333, 1)   # batch 2: out of 24 GiB
+        # batch 1 (batch 2: out of 24 GiB)
+        res["train_r50_b1_800x1333"] = training_throughput("r50", 1, 800, 1333, 1)
         res["targets_vs_jpeg"] = target_building_vs_jpeg(5)
         res["backbones"] = backbones()
     return res
@@ -309,7 +324,7 @@ def training_step_on_gpu(preset, B, H, W, dtype, compile, steps):
         opt.step()
         opt.zero_grad(set_to_none=True)
     for _ in range(2):
-        step()                                                                 # warm-up, compilation
+        step()                                                     # warm-up, compilation
     torch.cuda.reset_peak_memory_stats()
     t = timed(step, steps, "cuda")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -317,9 +332,11 @@ def training_step_on_gpu(preset, B, H, W, dtype, compile, steps):
         step()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type != torch.autograd.DeviceType.CPU]
-    kernels = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 1e6
+    kernels = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+                  for e in events) / 1e6
     return dict(step_s=t, images_per_s=B / t, gpu_busy=kernels / t, kernel_s=kernels,
-                launches=sum(e.count for e in events), peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+                launches=sum(e.count for e in events),
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
 
 
 def gpu_table(reps, compile, quick=False):
@@ -329,10 +346,12 @@ def gpu_table(reps, compile, quick=False):
     res = dict(device=torch.cuda.get_device_name(), compile=compile)
     for preset in ("tiny",) if quick else ("tiny", "r50", "swin_b"):
         for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            res[f"latency_{preset}_{precision}"] = inference_latency(preset, reps, "cuda", dtype, compile)
+            res[f"latency_{preset}_{precision}"] = inference_latency(
+                preset, reps, "cuda", dtype, compile)
     preset, B, H, W = ("tiny", 8, 128, 128) if quick else ("r50", 2, 800, 1333)
     for precision, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
-        res[f"train_{preset}_b{B}_{H}x{W}_{precision}"] = training_step_on_gpu(preset, B, H, W, dtype, compile, reps)
+        res[f"train_{preset}_b{B}_{H}x{W}_{precision}"] = training_step_on_gpu(
+            preset, B, H, W, dtype, compile, reps)
     return res
 
 
@@ -340,15 +359,19 @@ def print_latency(rows, title):
     print(f"\n{title} (ms)")
     print(f"{'':22s}" + "".join(f"{k:>9s}" for k in ("encode", *TASKS, "total", "passes")))
     for name, r in rows.items():
-        print(f"{name:22s}" + "".join(f"{1e3 * r.get(k, 0):9.1f}" for k in ("encode", *TASKS, "total"))
+        print(f"{name:22s}"
+              + "".join(f"{1e3 * r.get(k, 0):9.1f}" for k in ("encode", *TASKS, "total"))
               + f"{r['passes']:9d}")
-    ar, m1, mi = rows["AR + KV cache"]["total"], rows["MAD one stage"]["total"], rows["MAD masked inference"]["total"]
-    print(f"AR / MAD one stage = {ar / m1:.1f}x, AR / MAD masked inference = {ar / mi:.1f}x; moving MAD's results "
-          f"(masks at full size) to the CPU adds {1e3 * rows['MAD masked inference']['to_cpu']:.1f} ms")
+    ar, m1, mi = (rows["AR + KV cache"]["total"], rows["MAD one stage"]["total"],
+                  rows["MAD masked inference"]["total"])
+    print(f"AR / MAD one stage = {ar / m1:.1f}x, AR / MAD masked inference = {ar / mi:.1f}x; "
+          f"moving MAD's results (masks at full size) to the CPU adds "
+          f"{1e3 * rows['MAD masked inference']['to_cpu']:.1f} ms")
 
 
 def print_gpu_table(res):
-    print(f"{res['device']}, torch {torch.__version__}, torch.compile {'on' if res['compile'] else 'off'}"
+    print(f"{res['device']}, torch {torch.__version__}, "
+          f"torch.compile {'on' if res['compile'] else 'off'}"
           f"; per-task columns synchronized, totals not")
     for key, rows in res.items():
         if key.startswith("latency_"):
@@ -356,39 +379,46 @@ def print_gpu_table(res):
             print_latency(rows, f"inference latency, batch 1, {preset}, {precision}")
     for key, r in res.items():
         if key.startswith("train_"):
-            print(f"\n{key}: {1e3 * r['step_s']:.0f} ms/step, {r['images_per_s']:.1f} images/s, GPU busy "
-                  f"{100 * r['gpu_busy']:.0f}% ({1e3 * r['kernel_s']:.0f} ms of kernels, {r['launches']} launches), "
-                  f"peak {r['peak_gib']:.1f} GiB")
+            print(f"\n{key}: {1e3 * r['step_s']:.0f} ms/step, {r['images_per_s']:.1f} images/s, "
+                  f"GPU busy {100 * r['gpu_busy']:.0f}% ({1e3 * r['kernel_s']:.0f} ms of kernels, "
+                  f"{r['launches']} launches), peak {r['peak_gib']:.1f} GiB")
 
 
 def print_table(res):
-    print(f"torch {torch.__version__}, {res['threads']} threads, fp32 matmul peak {res['matmul_peak_gflops']:.1f} GFLOP/s")
+    print(f"torch {torch.__version__}, {res['threads']} threads, "
+          f"fp32 matmul peak {res['matmul_peak_gflops']:.1f} GFLOP/s")
     presets = [p for p in ("tiny", "r50") if f"latency_{p}" in res]
     for preset in presets:
         print_latency(res[f"latency_{preset}"], f"inference latency, batch 1, {preset}")
     if "decoder_vs_torch" not in res:                                          # --quick
         r = res["flop_utilization_tiny"]
-        print(f"\ntiny: inference {r['infer_gflop']:.1f} GFLOP at {r['infer_pct_peak']:.0f}% of matmul peak; "
-              f"training step {r['train_gflop']:.1f} GFLOP at {r['train_pct_peak']:.0f}%")
+        print(f"\ntiny: inference {r['infer_gflop']:.1f} GFLOP at {r['infer_pct_peak']:.0f}% "
+              f"of matmul peak; training step {r['train_gflop']:.1f} GFLOP "
+              f"at {r['train_pct_peak']:.0f}%")
         r = res["train_tiny_b8_128"]
-        print(f"train_tiny_b8_128: {r['images_per_s']:.2f} images/s, peak RSS {r['peak_rss_mib']:.0f} MiB")
+        print(f"train_tiny_b8_128: {r['images_per_s']:.2f} images/s, "
+              f"peak RSS {r['peak_rss_mib']:.0f} MiB")
         return
     print("\ndecoder vs torch.nn.TransformerDecoder (inference, ms)")
     for name, r in res["decoder_vs_torch"].items():
-        print(f"  {name:12s} ours {r['ours_ms']:8.1f}  torch {r['torch_ms']:8.1f}  ratio {r['ratio']:.2f}x")
+        print(f"  {name:12s} ours {r['ours_ms']:8.1f}  torch {r['torch_ms']:8.1f}  "
+              f"ratio {r['ratio']:.2f}x")
     for preset in ("tiny", "r50"):
         r = res[f"flop_utilization_{preset}"]
-        print(f"\n{preset}: inference {r['infer_gflop']:.1f} GFLOP at {r['infer_pct_peak']:.0f}% of matmul peak; "
-              f"training step {r['train_gflop']:.1f} GFLOP at {r['train_pct_peak']:.0f}%")
+        print(f"\n{preset}: inference {r['infer_gflop']:.1f} GFLOP at {r['infer_pct_peak']:.0f}% "
+              f"of matmul peak; training step {r['train_gflop']:.1f} GFLOP "
+              f"at {r['train_pct_peak']:.0f}%")
     for key in ("train_tiny_b8_128", "train_r50_b1_800x1333"):
         r = res[key]
         print(f"{key}: {r['images_per_s']:.2f} images/s, peak RSS {r['peak_rss_mib']:.0f} MiB")
     r = res["targets_vs_jpeg"]
-    print(f"\n800x1333 image: JPEG decode {r['jpeg_ms']:.1f} ms, target building {r['targets_ms']:.1f} ms "
+    print(f"\n800x1333 image: JPEG decode {r['jpeg_ms']:.1f} ms, "
+          f"target building {r['targets_ms']:.1f} ms "
           f"({r['ratio_targets_to_jpeg']:.2f}x the decode)")
     print("\nfull model per backbone (batch 1, backbone + encoder forward)")
     for name, r in res["backbones"].items():
-        print(f"  {name:7s} {r['params_m']:6.1f}M parameters ({r['backbone_params_m']:.1f}M backbone), "
+        print(f"  {name:7s} {r['params_m']:6.1f}M parameters "
+              f"({r['backbone_params_m']:.1f}M backbone), "
               f"{r['size'][0]}x{r['size'][1]}: {r['encode_s']:.2f} s")
     r = res["bf16_autocast_cpu"]
     print(f"tiny training step on CPU: fp32 {r['fp32_s']:.2f} s, bf16 autocast {r['bf16_s']:.2f} s "
@@ -398,14 +428,17 @@ def print_table(res):
 # -----------------------------------------------------------------------------
 # COCO-scale data: annotation files at COCO train2017's counts, load time and memory
 
-COCO_SCALE = dict(images=118_287, instances=860_001, persons=262_465, captions=591_753)   # train2017's
-EXCERPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "coco_val2017_excerpt")
+# train2017's counts
+COCO_SCALE = dict(images=118_287, instances=860_001, persons=262_465, captions=591_753)
+EXCERPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata",
+                       "coco_val2017_excerpt")
 
 
 def write_coco_scale(root, empty=False, counts=COCO_SCALE, files=8, size=640):
-    """root/annotations/*_train2017.json at train2017's counts, made of the real val2017 annotations in
-    testdata/ (cycled over the images), over `files` real JPEGs (synthetic scenes, size x size) that
-    the image entries share; empty: the same images, no annotations (the baseline of the memory)."""
+    """root/annotations/*_train2017.json at train2017's counts, made of the real val2017
+    annotations in testdata/ (cycled over the images), over `files` real JPEGs (synthetic scenes,
+    size x size) that the image entries share; empty: the same images, no annotations (the
+    baseline of the memory)."""
     import random
     if os.path.exists(os.path.join(root, "annotations", "captions_train2017.json")):
         return
@@ -413,23 +446,28 @@ def write_coco_scale(root, empty=False, counts=COCO_SCALE, files=8, size=640):
     os.makedirs(os.path.join(root, "train2017"), exist_ok=True)
     rng = random.Random(0)
     for k in range(files):
-        synthetic.draw_scene(rng, size, size)[0].save(os.path.join(root, "train2017", f"{k:03d}.jpg"), quality=90)
+        synthetic.draw_scene(rng, size, size)[0].save(
+            os.path.join(root, "train2017", f"{k:03d}.jpg"), quality=90)
     n = counts["images"]
-    images = [dict(id=i + 1, file_name=f"{i % files:03d}.jpg", width=size, height=size) for i in range(n)]
-    source = {kind: json.load(open(os.path.join(EXCERPT, f"{kind}_val2017.json"))) for kind in data.FILES}
+    images = [dict(id=i + 1, file_name=f"{i % files:03d}.jpg", width=size, height=size)
+              for i in range(n)]
+    source = {kind: json.load(open(os.path.join(EXCERPT, f"{kind}_val2017.json")))
+              for kind in data.FILES}
     for kind, count in (("instances", counts["instances"]), ("person_keypoints", counts["persons"]),
                         ("captions", counts["captions"])):
         anns = source[kind]["annotations"]
-        out = [] if empty else [dict(anns[k % len(anns)], id=k + 1, image_id=k % n + 1) for k in range(count)]
+        out = [] if empty else [dict(anns[k % len(anns)], id=k + 1, image_id=k % n + 1)
+                                for k in range(count)]
+        extra = {"categories": source[kind]["categories"]} if kind != "captions" else {}
         with open(os.path.join(root, "annotations", f"{kind}_train2017.json"), "w") as f:
-            json.dump(dict(images=images, annotations=out, **({"categories": source[kind]["categories"]}
-                                                              if kind != "captions" else {})), f)
+            json.dump(dict(images=images, annotations=out, **extra), f)
 
 
 def private_mib(pid):
     """A process's private (unshared) memory: the pages it wrote since the fork, and its own."""
     with open(f"/proc/{pid}/smaps_rollup") as f:
-        return sum(int(l.split()[1]) for l in f if l.startswith(("Private_Clean", "Private_Dirty"))) / 1024
+        return sum(int(l.split()[1]) for l in f
+                   if l.startswith(("Private_Clean", "Private_Dirty"))) / 1024
 
 
 def coco_scale_child(root, batches, workers):
@@ -438,21 +476,23 @@ def coco_scale_child(root, batches, workers):
     import multiprocessing
     import train
     cfg = Config(**PRESETS["r50"])
-    tok = mad.CaptionTokenizer(data.train_caption_tokenizer(os.path.join(EXCERPT, "captions_val2017.json"),
-                                                            os.path.join(root, "spm"), 200))
+    tok = mad.CaptionTokenizer(data.train_caption_tokenizer(
+        os.path.join(EXCERPT, "captions_val2017.json"), os.path.join(root, "spm"), 200))
     t = time.perf_counter()
     ds = evaluate.quiet(data.CocoMultiTask, root, "train2017", cfg, tok, True)
     load_s = time.perf_counter() - t
     order = train.rank_order(len(ds), 0, 0, 0, 1, 0)
-    loader = torch.utils.data.DataLoader(ds, 2, sampler=order, num_workers=workers, collate_fn=train.pad_to_128)
+    loader = torch.utils.data.DataLoader(ds, 2, sampler=order, num_workers=workers,
+                                         collate_fn=train.pad_to_128)
     growth, first = {}, {}
     for k, _ in zip(range(batches), loader):
         if k in (0, batches // 5, batches // 2, batches - 1):
             mem = {p.pid: private_mib(p.pid) for p in multiprocessing.active_children()}
             first = first or mem
             growth[k + 1] = [round(mem[p] - first[p], 1) for p in sorted(first)]
-    print(json.dumps(dict(load_s=load_s, peak_rss_mib=peak_rss_mib(), images=len(ds), objects=len(ds.ann.obj_box),
-                          persons=len(ds.ann.person_box), captions=len(ds.ann.cap_span), worker_growth_mib=growth)))
+    print(json.dumps(dict(load_s=load_s, peak_rss_mib=peak_rss_mib(), images=len(ds),
+                          objects=len(ds.ann.obj_box), persons=len(ds.ann.person_box),
+                          captions=len(ds.ann.cap_span), worker_growth_mib=growth)))
 
 
 def coco_scale(root="data/coco_scale", batches=500, workers=4):
@@ -462,19 +502,21 @@ def coco_scale(root="data/coco_scale", batches=500, workers=4):
     for name, empty in (("", False), ("_empty", True)):
         write_coco_scale(root + name, empty)
     written = time.perf_counter() - t
-    mib = sum(os.path.getsize(os.path.join(root, "annotations", f)) for f in os.listdir(os.path.join(root, "annotations"))) / 2 ** 20
+    mib = sum(os.path.getsize(os.path.join(root, "annotations", f))
+              for f in os.listdir(os.path.join(root, "annotations"))) / 2 ** 20
     res = {}
     for name in ("", "_empty"):
         code = f"import bench; bench.coco_scale_child({root + name!r}, {batches}, {workers})"
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
         res[name or "full"] = json.loads(out.stdout.strip().splitlines()[-1])
     full, empty = res["full"], res["_empty"]
-    print(f"COCO-scale annotations ({full['images']:,} images, {full['objects']:,} objects, {full['persons']:,} persons "
-          f"with keypoints, {full['captions']:,} captions kept; {mib:.0f} MiB of JSON; written in {written:.0f} s): "
+    print(f"COCO-scale annotations ({full['images']:,} images, {full['objects']:,} objects, "
+          f"{full['persons']:,} persons with keypoints, {full['captions']:,} captions kept; "
+          f"{mib:.0f} MiB of JSON; written in {written:.0f} s): "
           f"load {full['load_s']:.1f} s; main process peak RSS {full['peak_rss_mib']:.0f} MiB, "
-          f"{full['peak_rss_mib'] - empty['peak_rss_mib']:.0f} MiB above the same run without annotations; "
-          f"{workers} workers' growth in private memory (MiB) after batch " +
+          f"{full['peak_rss_mib'] - empty['peak_rss_mib']:.0f} MiB above the same run without "
+          f"annotations; {workers} workers' growth in private memory (MiB) after batch " +
           "; ".join(f"{k}: {v}" for k, v in full["worker_growth_mib"].items()))
     return res
 
@@ -484,51 +526,66 @@ def coco_scale(root="data/coco_scale", batches=500, workers=4):
 
 METRICS = ("bbox_AP", "segm_AP", "keypoints_AP", "BLEU4")
 # the demo's plan, explicit: every training gets the same steps, whatever the machine's speed
-# the tables' recipe: the tiny preset's 3 decoder layers, a 100-step warm-up, then the cosine (no hold), and
-# no word shown in the fully masked caption copy (the details table's last row trains it)
-ABLATION_PLAN = dict(batch_size=8, max_steps=1000, workers=1, dec_layers=3, hold=0, cap_full_word=False)
+# the tables' recipe: the tiny preset's 3 decoder layers, a 100-step warm-up, then the cosine
+# (no hold), and no word shown in the fully masked caption copy (the details table's last row
+# trains it)
+ABLATION_PLAN = dict(batch_size=8, max_steps=1000, workers=1, dec_layers=3, hold=0,
+                     cap_full_word=False)
 # trainings: the demo's flags, then these
 TRAININGS = {"ar": ["--decoder", "ar"], "parallel": ["--mask-ratio", "1.0"], "masked": [],
-             "random_ratio": ["--mask-strategy", "random"], "multiple_ratios": ["--mask-strategy", "multiple"],
+             "random_ratio": ["--mask-strategy", "random"],
+             "multiple_ratios": ["--mask-strategy", "multiple"],
              "cap_full_word": ["--cap-full-word"],
              **{f"{t}_only": ["--tasks", t] for t in TASKS},
              **{f"{t}_only_parallel": ["--tasks", t, "--mask-ratio", "1.0"] for t in TASKS}}
 ONE_STAGE = dict(kpt_ratios=(1.0,), cap_ratios=(1.0,))
-SEPARATE = lambda suffix: {t: f"{t}_only{suffix}" for t in TASKS}          # one single-task model per column
-# table -> row -> (training, or {task: training}; inference settings; the paper's ms, det, seg, kpt, cap)
+# one single-task model per column
+SEPARATE = lambda suffix: {t: f"{t}_only{suffix}" for t in TASKS}
+# table -> row -> (training, or {task: training}; inference settings;
+#                  the paper's ms, det, seg, kpt, cap)
 TABLES = {
     "2": {"AR decoding": ("ar", {}, (3953, 27.9, 12.3, 33.4, 34.1)),
         "+ parallel decoding": ("parallel", ONE_STAGE, (137, 35.9, 29.8, 51.5, 18.2)),
         "+ masked training": ("masked", ONE_STAGE, (137, 38.9, 32.3, 54.6, 18.6)),
-        "+ masked inference": ("masked", dict(kpt_ratios=(1.0, 0.7)), (173, 38.9, 32.3, 54.7, 29.6))},
+        "+ masked inference": ("masked", dict(kpt_ratios=(1.0, 0.7)),
+                               (173, 38.9, 32.3, 54.7, 29.6))},
     "3": {"random ratio": ("random_ratio", {}, (None, 38.6, 31.9, 54.3, 29.4)),
         "multiple ratios": ("multiple_ratios", {}, (None, 38.6, 32.0, 54.2, 29.7)),
         "single ratio": ("masked", {}, (None, 38.9, 32.3, 54.7, 29.6))},
-    "7": {"w/o masked inference": ("masked", dict(cap_ratios=(1.0,), tasks=("cap",)), (None, None, None, None, 18.6)),
-        "{0.7}": ("masked", dict(cap_ratios=(1.0, 0.7), tasks=("cap",)), (None, None, None, None, 25.8)),
-        "{0.7, 0.3}": ("masked", dict(cap_ratios=(1.0, 0.7, 0.3), tasks=("cap",)), (None, None, None, None, 27.0)),
+    "7": {"w/o masked inference": ("masked", dict(cap_ratios=(1.0,), tasks=("cap",)),
+                                   (None, None, None, None, 18.6)),
+        "{0.7}": ("masked", dict(cap_ratios=(1.0, 0.7), tasks=("cap",)),
+                  (None, None, None, None, 25.8)),
+        "{0.7, 0.3}": ("masked", dict(cap_ratios=(1.0, 0.7, 0.3), tasks=("cap",)),
+                       (None, None, None, None, 27.0)),
         "{0.8, 0.6, 0.4}": ("masked", dict(tasks=("cap",)), (None, None, None, None, 29.6))},
-    # segmentation and keypoints prompted by ground-truth boxes in every row (single-task models have no detector)
-    "8": {"separate (w/o MM)": (SEPARATE("_parallel"), dict(ONE_STAGE, oracle=True), (None, 38.4, 31.2, 55.1, 20.6)),
+    # segmentation and keypoints prompted by ground-truth boxes in every row (single-task models
+    # have no detector)
+    "8": {"separate (w/o MM)": (SEPARATE("_parallel"), dict(ONE_STAGE, oracle=True),
+                                (None, 38.4, 31.2, 55.1, 20.6)),
         "separate (w/ MM)": (SEPARATE(""), dict(oracle=True), (None, 38.5, 32.1, 55.7, 30.4)),
-        "joint (w/o MM)": ("parallel", dict(ONE_STAGE, oracle=True), (None, 35.9, 29.8, 51.5, 18.2)),
+        "joint (w/o MM)": ("parallel", dict(ONE_STAGE, oracle=True),
+                           (None, 35.9, 29.8, 51.5, 18.2)),
         "joint (w/ MM)": ("masked", dict(oracle=True), (None, 38.9, 32.3, 54.7, 29.6))},
-    # inference details, on the masked-training model (the paper: keypoint re-masking +0.1 AP); the last
-    # row trains the authors' fully masked caption copy with one random word shown
-    "inference": {"captions: running mean": ("masked", dict(remask_average="running"), (None,) * 5),
-                  "captions: (ensemble + new) / 2": ("masked", dict(remask_average="halve"), (None,) * 5),
-                  "keypoints: 2 stages (1.0, 0.7)": ("masked", dict(kpt_ratios=(1.0, 0.7)), (None, None, None, 54.7, None)),
-                  "keypoints: one stage": ("masked", dict(kpt_ratios=(1.0,)), (None, None, None, 54.6, None)),
-                  "score: softmax over classes, <noise>": ("masked", dict(det_score="classes"), (None,) * 5),
-                  "score: softmax over all det. tokens": ("masked", dict(det_score="all"), (None,) * 5),
-                  "full caption copy shows a word": ("cap_full_word", {}, (None,) * 5)},
+    # inference details, on the masked-training model (the paper: keypoint re-masking +0.1 AP);
+    # the last row trains the authors' fully masked caption copy with one random word shown
+    "inference": {
+        "captions: running mean": ("masked", dict(remask_average="running"), (None,) * 5),
+        "captions: (ensemble + new) / 2": ("masked", dict(remask_average="halve"), (None,) * 5),
+        "keypoints: 2 stages (1.0, 0.7)": ("masked", dict(kpt_ratios=(1.0, 0.7)),
+                                           (None, None, None, 54.7, None)),
+        "keypoints: one stage": ("masked", dict(kpt_ratios=(1.0,)), (None, None, None, 54.6, None)),
+        "score: softmax over classes, <noise>": ("masked", dict(det_score="classes"), (None,) * 5),
+        "score: softmax over all det. tokens": ("masked", dict(det_score="all"), (None,) * 5),
+        "full caption copy shows a word": ("cap_full_word", {}, (None,) * 5)},
 }
 
 
 def trained_steps(run_dir):
     """Steps in run_dir's checkpoint (0 without one): a run killed midway is resumed, not reused."""
     path = os.path.join(run_dir, "last.pt")
-    return torch.load(path, map_location="cpu", weights_only=False)["step"] if os.path.exists(path) else 0
+    return (torch.load(path, map_location="cpu", weights_only=False)["step"]
+            if os.path.exists(path) else 0)
 
 
 def ablation(out, tables, seeds):
@@ -537,33 +594,38 @@ def ablation(out, tables, seeds):
     synthetic val split at batch 1 (an evaluation shared by several rows runs once). Per row: the
     mean over the seeds and their spread (max - min), next to the paper's numbers."""
     import train
-    flag = lambda k, v: ([f"--{'' if v else 'no-'}{k}"] if isinstance(v, bool) else [f"--{k}", str(v)])
-    demo = [x for k, v in {**train.DEMO, **ABLATION_PLAN}.items() if k not in ("out", "show", "eval_every")
-            for x in flag(k.replace("_", "-"), v)]
+    flag = lambda k, v: ([f"--{'' if v else 'no-'}{k}"] if isinstance(v, bool)
+                         else [f"--{k}", str(v)])
+    demo = [x for k, v in {**train.DEMO, **ABLATION_PLAN}.items()
+            if k not in ("out", "show", "eval_every") for x in flag(k.replace("_", "-"), v)]
     needed = {name for t in tables for training, _, _ in TABLES[t].values()
               for name in (training.values() if isinstance(training, dict) else [training])}
     runs = [(name, seed) for seed in seeds for name in sorted(needed)]
-    todo = [r for r in runs if trained_steps(os.path.join(out, f"{r[0]}_s{r[1]}")) < ABLATION_PLAN["max_steps"]]
+    todo = [r for r in runs
+            if trained_steps(os.path.join(out, f"{r[0]}_s{r[1]}")) < ABLATION_PLAN["max_steps"]]
     runtime.prepare_data("synthetic")   # generated once, before the runs start
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     running, start = {}, time.time()
     while todo or running:
-        while todo and len(running) < (os.cpu_count() or 1):                 # one run per core
+        while todo and len(running) < (os.cpu_count() or 1):        # one run per core
             name, seed = todo.pop(0)
             run_dir = os.path.join(out, f"{name}_s{seed}")
-            resume = ["--resume"] if trained_steps(run_dir) else []          # an interrupted run goes on
-            with open(run_dir + ".log", "a") as log:                          # the child holds its own copy
+            resume = ["--resume"] if trained_steps(run_dir) else []  # an interrupted run goes on
+            with open(run_dir + ".log", "a") as log:                 # the child holds its own copy
                 running[run_dir] = subprocess.Popen(
-                    [sys.executable, "train.py", *demo, "--out", run_dir, "--seed", str(seed), *TRAININGS[name], *resume],
-                    cwd=os.path.dirname(os.path.abspath(__file__)), env=env, stdout=log, stderr=subprocess.STDOUT)
+                    [sys.executable, "train.py", *demo, "--out", run_dir, "--seed", str(seed),
+                     *TRAININGS[name], *resume],
+                    cwd=os.path.dirname(os.path.abspath(__file__)), env=env, stdout=log,
+                    stderr=subprocess.STDOUT)
             print(f"{(time.time() - start) / 60:5.1f} min: training {run_dir}", flush=True)
         time.sleep(5)
         for run_dir, p in list(running.items()):
             if p.poll() is not None:
                 del running[run_dir]
                 if p.returncode != 0:
-                    raise SystemExit(f"training {run_dir} failed ({p.returncode}): see {run_dir}.log")
+                    raise SystemExit(f"training {run_dir} failed ({p.returncode}): "
+                                     f"see {run_dir}.log")
     print(f"trainings done in {(time.time() - start) / 60:.1f} min", flush=True)
     cache, results = {}, {}
     for t in tables:
@@ -572,13 +634,17 @@ def ablation(out, tables, seeds):
             for seed in seeds:
                 by_task = training if isinstance(training, dict) else dict.fromkeys(TASKS, training)
                 m = {}
-                for name in dict.fromkeys(by_task.values()):                 # each model once, for its columns
+                # each model once, for its columns
+                for name in dict.fromkeys(by_task.values()):
                     key = (name, seed, json.dumps(settings, sort_keys=True))
                     if key not in cache:
-                        cache[key] = evaluate_run(os.path.join(out, f"{name}_s{seed}"), settings, out)
-                    m.update({k: v for k, v in cache[key].items() if k not in METRICS or by_task[TASKS[METRICS.index(k)]] == name})
+                        cache[key] = evaluate_run(os.path.join(out, f"{name}_s{seed}"),
+                                                  settings, out)
+                    m.update({k: v for k, v in cache[key].items()
+                              if k not in METRICS or by_task[TASKS[METRICS.index(k)]] == name})
                 per_seed.append(m)
-            if isinstance(training, dict) or settings.get("oracle"):            # several models or passes: no one time
+            # several models or passes: no one time
+            if isinstance(training, dict) or settings.get("oracle"):
                 per_seed = [{k: v for k, v in m.items() if k != "ms_per_image"} for m in per_seed]
             results[f"table{t}/{row}"] = dict(paper=paper, seeds=per_seed)
         print_ablation_table(t, {row: results[f"table{t}/{row}"] for row in TABLES[t]}, seeds)
@@ -598,33 +664,41 @@ def evaluate_run(run_dir, settings, out):
     settings = dict(settings)
     oracle = settings.pop("oracle", False)
     # the model is built under the settings: it chooses its variants (det_score ...) when built
-    model, tokenizer = runtime.model_from_checkpoint(dict(ckpt, config={**ckpt["config"], **settings}))
+    model, tokenizer = runtime.model_from_checkpoint(
+        dict(ckpt, config={**ckpt["config"], **settings}))
     trained, metrics = model.cfg.tasks, {}
     for tasks in (("det", "cap"), ("seg", "kpt")) if oracle else (trained,):
         model.cfg.tasks = tuple(t for t in trained if t in tasks)
         if not model.cfg.tasks:
             continue
-        ds = data.CocoMultiTask(runtime.SYNTHETIC["root"], "val2017", model.cfg, tokenizer, train=False,
-                                categories=ckpt["categories"], targets=False)
-        name = os.path.basename(run_dir) + "".join(f"_{k}{v}" for k, v in sorted(settings.items())) + "_" + "".join(tasks)
+        ds = data.CocoMultiTask(runtime.SYNTHETIC["root"], "val2017", model.cfg, tokenizer,
+                                train=False, categories=ckpt["categories"], targets=False)
+        name = (os.path.basename(run_dir)
+                + "".join(f"_{k}{v}" for k, v in sorted(settings.items()))
+                + "_" + "".join(tasks))
         eval_dir = os.path.join(out, "eval", re.sub(r"[^\w.-]", "", name))
-        # an earlier evaluation of this very checkpoint under the same inference settings, defaults included
+        # an earlier evaluation of this very checkpoint under the same inference settings,
+        # defaults included
         inference = json.loads(json.dumps({k: getattr(model.cfg, k) for k in INFERENCE_FIELDS}))
-        done, used = os.path.join(eval_dir, "metrics.json"), os.path.join(eval_dir, "inference.json")
+        done, used = (os.path.join(eval_dir, "metrics.json"),
+                      os.path.join(eval_dir, "inference.json"))
         if (os.path.exists(done) and os.path.exists(used) and json.load(open(used)) == inference
                 and os.path.getmtime(done) > os.path.getmtime(os.path.join(run_dir, "last.pt"))):
             metrics.update(json.load(open(done)))
         else:
-            metrics.update(evaluate.evaluate(model, ds, tokenizer, eval_dir, batch_size=1, workers=1))
+            metrics.update(evaluate.evaluate(model, ds, tokenizer, eval_dir,
+                                             batch_size=1, workers=1))
             with open(used, "w") as f:
                 json.dump(inference, f)
     return metrics
 
 
 def print_ablation_table(t, rows, seeds):
-    print(f"\n{'Paper Table ' + t if t.isdigit() else 'Details'} on the synthetic val split (200 images): tiny, {ABLATION_PLAN['max_steps']} steps of "
+    print(f"\n{'Paper Table ' + t if t.isdigit() else 'Details'} on the synthetic val split "
+          f"(200 images): tiny, {ABLATION_PLAN['max_steps']} steps of "
           f"batch {ABLATION_PLAN['batch_size']} each, mean over seeds {seeds} (spread max - min)")
-    print(f"{'':36s}{'ms/img':>8s}" + "".join(f"{c:>13s}" for c in ("det", "seg", "kpt", "cap")) + "   | paper")
+    print(f"{'':36s}{'ms/img':>8s}" + "".join(f"{c:>13s}" for c in ("det", "seg", "kpt", "cap"))
+          + "   | paper")
     for row, r in rows.items():
         cells = []
         for k in ("ms_per_image", *METRICS):
@@ -641,27 +715,31 @@ def print_ablation_table(t, rows, seeds):
 # The demo's levers: training images/s of tiny variants on the demo's own batches
 
 TINY_VARIANTS = {"tiny preset": {}, "decoder 2 layers (demo)": dict(dec_layers=2),
-                 "encoder 1, decoder 2": dict(enc_layers=1, dec_layers=2), "encoder 3, decoder 4": dict(enc_layers=3, dec_layers=4),
-                 "d 96": dict(d_model=96), "d 192": dict(d_model=192, heads=6), "FFN 256": dict(ffn=256),
-                 "FFN 1024": dict(ffn=1024)}
+                 "encoder 1, decoder 2": dict(enc_layers=1, dec_layers=2),
+                 "encoder 3, decoder 4": dict(enc_layers=3, dec_layers=4),
+                 "d 96": dict(d_model=96), "d 192": dict(d_model=192, heads=6),
+                 "FFN 256": dict(ffn=256), "FFN 1024": dict(ffn=1024)}
 
 
 def tiny_variants(rounds=4, steps=10, batch=8):
-    """Training steps (batch 8, 128 px, no augmentation: the demo's) of every variant, in rounds that
-    take turns, so that each variant meets the same machine speed; the first round's first 5 steps of
-    each are warm-up. Same batches for all (the synthetic train split, a fixed order)."""
+    """Training steps (batch 8, 128 px, no augmentation: the demo's) of every variant, in rounds
+    that take turns, so that each variant meets the same machine speed; the first round's first 5
+    steps of each are warm-up. Same batches for all (the synthetic train split, a fixed order)."""
     import contextlib
     import tempfile
     import train
     root = runtime.prepare_data("synthetic")
     with tempfile.TemporaryDirectory() as tmp:
-        spm = data.train_caption_tokenizer(os.path.join(root, "annotations", "captions_train2017.json"),
-                                           os.path.join(tmp, "spm"), train.SCHEDULES["tiny"]["spm_vocab"])
+        spm = data.train_caption_tokenizer(
+            os.path.join(root, "annotations", "captions_train2017.json"),
+            os.path.join(tmp, "spm"), train.SCHEDULES["tiny"]["spm_vocab"])
         tokenizer = mad.CaptionTokenizer(spm)
     cfg = Config(**PRESETS["tiny"])
-    ds = evaluate.quiet(lambda: data.CocoMultiTask(root, "train2017", cfg, tokenizer, True, augment=False))
+    ds = evaluate.quiet(lambda: data.CocoMultiTask(root, "train2017", cfg, tokenizer, True,
+                                                   augment=False))
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
-    batches = [data.collate([ds[i] for i in order[k * batch:(k + 1) * batch]]) for k in range(rounds * steps)]
+    batches = [data.collate([ds[i] for i in order[k * batch:(k + 1) * batch]])
+               for k in range(rounds * steps)]
     runs = {}
     for name, change in TINY_VARIANTS.items():
         torch.manual_seed(0)
@@ -672,31 +750,41 @@ def tiny_variants(rounds=4, steps=10, batch=8):
         for model, optimizer, times in runs.values():
             for k, b in enumerate(batches[r * steps:(r + 1) * steps]):
                 t = time.perf_counter()
-                train.train_step(model, model, [b], model.cfg.tasks, optimizer, scaler, contextlib.nullcontext(), 1.0)
+                train.train_step(model, model, [b], model.cfg.tasks, optimizer, scaler,
+                                 contextlib.nullcontext(), 1.0)
                 if r > 0 or k >= 5:
                     times.append(time.perf_counter() - t)
-    res = {name: dict(params_m=sum(p.numel() for p in m.parameters()) / 1e6, images_per_s=batch * len(t) / sum(t))
+    res = {name: dict(params_m=sum(p.numel() for p in m.parameters()) / 1e6,
+                      images_per_s=batch * len(t) / sum(t))
            for name, (m, _, t) in runs.items()}
     base = res["tiny preset"]["images_per_s"]
-    print(f"training images/s, batch {batch}, 128 px, {torch.get_num_threads()} threads ({rounds} rounds of {steps} steps)")
+    print(f"training images/s, batch {batch}, 128 px, {torch.get_num_threads()} threads "
+          f"({rounds} rounds of {steps} steps)")
     for name, r in res.items():
-        print(f"  {name:22s} {r['params_m']:5.2f}M parameters {r['images_per_s']:6.1f} images/s  {r['images_per_s'] / base:4.2f}x")
+        print(f"  {name:22s} {r['params_m']:5.2f}M parameters {r['images_per_s']:6.1f} images/s  "
+              f"{r['images_per_s'] / base:4.2f}x")
     return res
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="tiny rows only, one repetition (seconds)")
-    p.add_argument("--compile", action="store_true", help="--device cuda: every model through torch.compile")
+    p.add_argument("--compile", action="store_true",
+                   help="--device cuda: every model through torch.compile")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--ablation", action="store_true", help="paper Tables 2, 3, 7, 8 on the synthetic set")
+    p.add_argument("--ablation", action="store_true",
+                   help="paper Tables 2, 3, 7, 8 on the synthetic set")
     p.add_argument("--tables", default="2,3,7,8,inference", help="--ablation: which tables")
     p.add_argument("--seeds", default="0,1", help="--ablation: training seeds of every row")
     p.add_argument("--out", default="runs/ablation", help="--ablation: models and evaluations")
-    p.add_argument("--reps", type=int, default=None, help="repetitions per row (default 3; --quick 1)")
-    p.add_argument("--coco-scale", action="store_true", help="annotations at COCO train2017's counts: load time, memory")
-    p.add_argument("--tiny-variants", action="store_true", help="the demo's training images/s for tiny variants")
+    p.add_argument("--reps", type=int, default=None,
+                   help="repetitions per row (default 3; --quick 1)")
+    p.add_argument("--coco-scale", action="store_true",
+                   help="annotations at COCO train2017's counts: load time, memory")
+    p.add_argument("--tiny-variants", action="store_true",
+                   help="the demo's training images/s for tiny variants")
     args = p.parse_args()
     if args.tiny_variants:
         return tiny_variants()

@@ -4,17 +4,19 @@ Claim -> test, section by section, in the order of the file.
 
 3.1 Task tokenization
   one vocabulary, a token range per task: test_vocabulary_layout_by_hand
-  coordinate bins and their centres: test_quantize_floors_into_bins_clamps_and_dequantize_returns_bin_centres,
+  coordinate bins and their centres:
+      test_quantize_floors_into_bins_clamps_and_dequantize_returns_bin_centres,
       test_dequantize_of_quantize_is_within_half_a_bin
   caption tokenizer: test_caption_tokenizer_round_trip_and_deterministic_training,
       test_caption_tokenizer_truncates_to_length_and_decode_stops_at_the_first_eos_or_pad,
       test_the_demo_vocabulary_keeps_every_synthetic_caption_whole
 
 3.1 Task sequences and augmentation
-  tokens in their task's range, weights: test_dataset_tokens_lie_in_task_ranges_and_weights_mark_real_targets
+  tokens in their task's range, weights:
+      test_dataset_tokens_lie_in_task_ranges_and_weights_mark_real_targets
   detection, keypoint, caption, mask targets:
       test_detection_sequence_puts_each_object_in_one_random_slot_and_noise_objects_elsewhere,
-      test_keypoint_targets_labelled_persons_first_unlabelled_keypoints_random_in_the_box_with_weight_0,
+      test_keypoint_targets_put_labelled_persons_first_and_unlabelled_points_in_the_box_at_weight_0,
       test_caption_targets_sample_references_in_training_take_the_first_in_evaluation,
       test_mask_target_of_a_filled_box_is_all_fg_and_of_a_left_half_mask_left_half
   geometry: flip, resize, crop: test_flip_twice_is_identity_and_resize_scales_boxes,
@@ -33,7 +35,8 @@ Claim -> test, section by section, in the order of the file.
   folded cross-attention: test_folded_cross_attention_equals_decoding_each_sequence_alone
   attention positions, padding:
       test_attention_adds_positions_to_queries_and_keys_only_and_ignores_padded_memory
-  token head: test_token_head_scores_cosine_similarity_times_the_learned_temperature_over_the_task_tokens
+  token head:
+      test_token_head_scores_cosine_similarity_times_the_learned_temperature_over_the_task_tokens
   sine positions: test_sine_positions_are_normalized_to_the_unpadded_image
   coordinate embeddings: test_coordinate_embeddings_start_more_similar_the_nearer_their_bins
   backbones and their weights: test_backbone_stride_32_map_and_local_weights_round_trip,
@@ -46,9 +49,10 @@ Claim -> test, section by section, in the order of the file.
       test_masking_strategies_mask_the_documented_counts
   Hungarian matching: test_matcher_finds_the_known_best_assignment,
       test_matcher_visible_tokens_force_the_match_batched_equals_per_image_and_empty_targets,
-      test_matching_cost_is_the_mean_nll_of_an_objects_five_tokens_per_layer_with_visible_tokens_forced,
+      test_matching_cost_is_the_mean_nll_of_five_tokens_per_layer_and_visible_tokens_force_it,
       test_matcher_survives_nan_and_inf_log_probs
-  losses per task and layer: test_masked_nll_sums_the_weighted_cross_entropy_per_layer_and_counts_the_weights,
+  losses per task and layer:
+      test_masked_nll_sums_the_weighted_cross_entropy_per_layer_and_counts_the_weights,
       test_loss_ignores_logits_of_unmasked_positions,
       test_task_losses_are_the_mean_nll_of_masked_targets_per_layer_and_the_total_weights_them
   caption loss, best reference, cap_full_word:
@@ -58,8 +62,10 @@ Claim -> test, section by section, in the order of the file.
 
 3.2 / 4.1 Masked inference and post-processing
   one stage = one pass: test_one_stage_of_masked_inference_is_one_decoder_pass
-  keypoint re-masking: test_keypoint_stage_2_remasks_the_36_least_confident_positions_and_keeps_the_others
-  running mean, halving: test_masked_inference_averages_the_logits_of_the_stages_that_re_masked_a_position,
+  keypoint re-masking:
+      test_keypoint_stage_2_remasks_the_36_least_confident_positions_and_keeps_the_others
+  running mean, halving:
+      test_masked_inference_averages_the_logits_of_the_stages_that_re_masked_a_position,
       test_halving_rule_weighs_later_stages_more
   detection score: test_detection_score_classes_takes_the_softmax_over_classes_and_noise_only
   batch independence: test_predictions_of_an_image_do_not_depend_on_its_batch
@@ -71,7 +77,11 @@ Claim -> test, section by section, in the order of the file.
       test_r50_default_training_step_and_predict_at_800x1333
 
 Table 2: the autoregressive baseline
-  AR inputs and targets: test_ar_baseline_trains_on_its_targets_shifted_right_by_one_with_the_objects_first
+  AR inputs and targets:
+      test_ar_baseline_trains_on_its_targets_shifted_right_by_one_with_the_objects_first,
+      test_ar_detection_sequences_put_each_images_own_objects_first
+  causal attention:
+      test_causal_self_attention_equals_a_masked_softmax_by_hand_and_drops_only_in_training
   greedy decoding, allowed tokens:
       test_allowed_tokens_per_position_and_greedy_ar_decoding_feeds_back_the_best_allowed_token
   KV cache: test_ar_greedy_decoding_with_kv_cache_equals_without
@@ -109,13 +119,17 @@ Training guarantees
   AMP, fp16: test_amp_on_the_cpu_trains_under_bf16_autocast,
       test_automatic_precision_bf16_where_native_fp16_with_a_grad_scaler_before_and_none_on_the_cpu,
       test_fp16_steps_with_a_grad_scaler_train_skip_an_overflow_and_stop_on_a_non_finite_loss
-  crashes, non-finite losses: test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable,
+  GPU settings (faked device):
+      test_training_and_evaluation_on_a_gpu_apply_tf32_and_turn_cudnn_attention_off
+  crashes, non-finite losses:
+      test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable,
       test_non_finite_loss_stops_naming_step_and_task_and_keeps_the_last_checkpoint,
       test_nan_detection_logits_stop_every_rank_cleanly_through_the_matcher
-  DDP equivalence, one GPU per process: test_ddp_two_processes_equal_one_process_on_the_joined_batch,
+  DDP equivalence, one GPU per process:
+      test_ddp_two_processes_equal_one_process_on_the_joined_batch,
       test_one_gpu_per_process_under_cuda_visible_devices
   other process counts, restarts:
-      test_resume_with_another_number_of_processes_keeps_the_global_batch_and_the_position_in_the_data,
+      test_resume_on_another_number_of_processes_keeps_the_global_batch_and_the_data_position,
       test_a_restarted_job_continues_from_its_checkpoint_and_ends_like_an_uninterrupted_run
   timeouts: test_no_process_waits_in_a_collective_while_rank_0_scores_and_all_leave_together
   two nodes: test_two_nodes_generate_their_data_share_out_or_say_which_path_is_not_shared
@@ -123,6 +137,7 @@ Training guarantees
   paper presets, pretrained weights: test_parse_args_presets_schedules_and_explicit_flags,
       test_paper_presets_load_imagenet_weights_by_default_and_offline_say_how_to_go_on
   the README's commands: test_readme_quick_start_then_evaluation_commands_work_in_a_fresh_copy
+  the demo's plan: test_the_demo_is_one_fixed_run_on_every_machine_and_repeats_exactly
   overfitting 8 images end to end: test_tiny_model_learns_all_four_tasks_on_eight_images
   bench.py --quick: test_bench_quick_mode_prints_the_tiny_rows
 
@@ -145,7 +160,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -165,9 +179,11 @@ import synthetic
 import train
 from mad import MAD, PRESETS, Config, Vocab
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")   # pycocotools + numpy 2
+# pycocotools + numpy 2
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 HERE = os.path.dirname(os.path.abspath(__file__))
-EXCERPT = os.path.join(HERE, "testdata", "coco_val2017_excerpt")   # real COCO annotations, CC BY 4.0
+# real COCO annotations, CC BY 4.0
+EXCERPT = os.path.join(HERE, "testdata", "coco_val2017_excerpt")
 
 
 # =============================================================================
@@ -185,7 +201,8 @@ def synth(tmp_path_factory):
 def tokenizer(synth, tmp_path_factory):
     """The caption tokenizer (sentencepiece, 60 pieces) trained on the synthetic set's captions."""
     prefix = str(tmp_path_factory.mktemp("spm") / "spm")
-    return mad.CaptionTokenizer(data.train_caption_tokenizer(f"{synth}/annotations/captions_train2017.json", prefix, 60))
+    return mad.CaptionTokenizer(data.train_caption_tokenizer(
+        f"{synth}/annotations/captions_train2017.json", prefix, 60))
 
 
 def tiny_cfg(**over):
@@ -207,9 +224,9 @@ def random_batch(model, B=2, size=128, n_gt=3):
 
 
 def spy(monkeypatch, owner, name, record, with_result=False):
-    """Replaces owner.name (a module's function, a class's or an object's method) by a wrapper that calls
-    the original and returns its result. The wrapper first calls record(*args, **kwargs) or, with
-    with_result, calls record(result, *args, **kwargs) after the original."""
+    """Replaces owner.name (a module's function, a class's or an object's method) by a wrapper that
+    calls the original and returns its result. The wrapper first calls record(*args, **kwargs) or,
+    with with_result, calls record(result, *args, **kwargs) after the original."""
     original = getattr(owner, name)
 
     def wrapper(*args, **kwargs):
@@ -238,14 +255,16 @@ def excerpt_root(tmp_path):
     root = tmp_path / "excerpt"
     (root / "annotations").mkdir(parents=True)
     (root / "val2017").mkdir()
-    files = {k: json.load(open(f"{EXCERPT}/{k}_val2017.json")) for k in ("instances", "person_keypoints", "captions")}
+    files = {k: json.load(open(f"{EXCERPT}/{k}_val2017.json"))
+             for k in ("instances", "person_keypoints", "captions")}
     sizes = {}
     for d in files.values():
         for a in d["annotations"]:
             x, y, w, h = a.get("bbox", [0, 0, 1, 1])
             W, H = sizes.get(a["image_id"], (64, 64))
             sizes[a["image_id"]] = (max(W, math.ceil(x + w) + 1), max(H, math.ceil(y + h) + 1))
-    images = [dict(id=i, file_name=f"{i:012d}.jpg", width=W, height=H) for i, (W, H) in sorted(sizes.items())]
+    images = [dict(id=i, file_name=f"{i:012d}.jpg", width=W, height=H)
+              for i, (W, H) in sorted(sizes.items())]
     for im in images:
         Image.new("L", (im["width"], im["height"]), 128).save(root / "val2017" / im["file_name"])
     for k, d in files.items():
@@ -254,20 +273,24 @@ def excerpt_root(tmp_path):
 
 
 def save_random_checkpoint(path, ds, tokenizer, **over):
-    """Saves a random tiny model (seed 0) over ds's vocabulary as a checkpoint at path; returns it."""
+    """Saves a random tiny model (seed 0) over ds's vocabulary as a checkpoint at path; returns
+    it."""
     torch.manual_seed(0)
     cfg = tiny_cfg(**over)
     model = MAD(cfg, ds.vocab)
-    runtime.save_checkpoint(str(path), dict(model=model.state_dict(), config=__import__("dataclasses").asdict(cfg),
-                                          vocab=ds.vocab.state_dict(), spm=tokenizer.model_bytes,
-                                          categories=ds.categories, train=dict(data=ds.root)))
+    runtime.save_checkpoint(str(path), dict(
+        model=model.state_dict(), config=__import__("dataclasses").asdict(cfg),
+        vocab=ds.vocab.state_dict(), spm=tokenizer.model_bytes,
+        categories=ds.categories, train=dict(data=ds.root)))
     return model.eval()
 
 
 def run_args(root, out, *extra):
-    """train.py flags of a small CPU run on the synthetic set from random weights: batch 8, 3 steps per epoch."""
-    return ["--data", root, "--backbone", "tiny", "--no-pretrained", "--out", str(out), "--device", "cpu", "--batch-size",
-            "8", "--workers", "0", "--epochs", "2", "--lr-drop", "1", "--spm-vocab", "60", "--log-every", "1", *extra]
+    """train.py flags of a small CPU run on the synthetic set from random weights: batch 8, 3 steps
+    per epoch."""
+    return ["--data", root, "--backbone", "tiny", "--no-pretrained", "--out", str(out),
+            "--device", "cpu", "--batch-size", "8", "--workers", "0", "--epochs", "2",
+            "--lr-drop", "1", "--spm-vocab", "60", "--log-every", "1", *extra]
 
 
 def run(cmd, timeout=600, check=True, cwd=HERE, **kw):
@@ -275,13 +298,15 @@ def run(cmd, timeout=600, check=True, cwd=HERE, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
     if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n"
+                             f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
 
 
 def torchrun(n, *args):
     """The command line of torch.distributed.run with n local processes."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={n}", *args]
 
 
 RECORD_ORDER = """
@@ -299,9 +324,11 @@ train.main(sys.argv[1:])
 
 
 def recorded_steps(out, rank, per_step):
-    """[(epoch, [dataset indices of one optimizer step]), ...] that a rank of a recorded run read."""
+    """[(epoch, [dataset indices of one optimizer step]), ...] that a rank of a recorded run
+    read."""
     rows = [json.loads(l) for l in open(out / f"order_rank{rank}.jsonl")]
-    return [(rows[k][0], [i for _, i in rows[k:k + per_step]]) for k in range(0, len(rows), per_step)]
+    return [(rows[k][0], [i for _, i in rows[k:k + per_step]])
+            for k in range(0, len(rows), per_step)]
 
 
 # =============================================================================
@@ -314,9 +341,12 @@ def test_vocabulary_layout_by_hand():
     <invis>, <fg>, <bg>, the text pieces; each task's range holds exactly its tokens."""
     v = Vocab(num_classes=5, num_bins=10, num_text=7)
     assert v.det_prompt.tolist() == [0, 1, 2, 3, 4, 5] and (v.seg, v.kpt) == (6, 7)
-    assert v.cap_prompt.tolist() == [8, 9, 10, 11, 12, 13] and (v.mask_token, v.start, v.end) == (14, 15, 16)
-    assert (v.cls, v.noise, v.coord, v.vis, v.invis, v.fg, v.bg, v.text, v.size) == (17, 22, 23, 34, 35, 36, 37, 38, 45)
-    assert {t: v.task_range(t) for t in mad.TASKS} == {"det": (17, 34), "seg": (36, 38), "kpt": (23, 36), "cap": (38, 45)}
+    assert (v.cap_prompt.tolist() == [8, 9, 10, 11, 12, 13]
+            and (v.mask_token, v.start, v.end) == (14, 15, 16))
+    assert ((v.cls, v.noise, v.coord, v.vis, v.invis, v.fg, v.bg, v.text, v.size)
+            == (17, 22, 23, 34, 35, 36, 37, 38, 45))
+    assert {t: v.task_range(t) for t in mad.TASKS} == {"det": (17, 34), "seg": (36, 38),
+                                                       "kpt": (23, 36), "cap": (38, 45)}
 
 
 def test_quantize_floors_into_bins_clamps_and_dequantize_returns_bin_centres():
@@ -333,7 +363,8 @@ def test_quantize_floors_into_bins_clamps_and_dequantize_returns_bin_centres():
 
 @pytest.mark.parametrize("bins", [7, 128, 500])
 def test_dequantize_of_quantize_is_within_half_a_bin(bins):
-    """3.1 (property): for every coordinate in [0, 1], dequantize(quantize(v)) lies within half a bin of v."""
+    """3.1 (property): for every coordinate in [0, 1], dequantize(quantize(v)) lies within half a
+    bin of v."""
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
     v = Vocab(3, bins, 0)
@@ -347,7 +378,8 @@ def test_dequantize_of_quantize_is_within_half_a_bin(bins):
 
 
 def test_caption_tokenizer_round_trip_and_deterministic_training(synth, tmp_path):
-    """3.1: the caption tokenizer trains deterministically, round-trips captions lower-cased, ends in eos."""
+    """3.1: the caption tokenizer trains deterministically, round-trips captions lower-cased, ends
+    in eos."""
     path = f"{synth}/annotations/captions_train2017.json"
     a = data.train_caption_tokenizer(path, str(tmp_path / "a"), 60)
     b = data.train_caption_tokenizer(path, str(tmp_path / "b"), 60)
@@ -359,15 +391,18 @@ def test_caption_tokenizer_round_trip_and_deterministic_training(synth, tmp_path
     for c, r in zip(caps, rows):
         assert tok.decode(r.tolist()) == c.lower()
     assert tok.decode(rows[-1].tolist()) == "a red circle"
-    odd = tok.encode(["", "ünïcødé 字 ✓", " ".join(["word"] * 200)], 20)     # never crashes; eos always there
+    # never crashes; eos always there
+    odd = tok.encode(["", "ünïcødé 字 ✓", " ".join(["word"] * 200)], 20)
     assert (odd == tok.eos).any(1).all() and odd[0, 0] == tok.eos
 
 
 def test_caption_tokenizer_truncates_to_length_and_decode_stops_at_the_first_eos_or_pad(tokenizer):
-    """3.1: captions are cut to L - 1 pieces, then eos and pad; decoding stops at the first eos or pad.
+    """3.1: captions are cut to L - 1 pieces, then eos and pad; decoding stops at the first eos or
+    pad.
 
     3.1 captions: lower-cased pieces, truncated to L - 1 pieces, then eos and pad; decoding stops at
-    the first eos or pad, whichever comes first (sentencepiece's own encode/decode as the reference)."""
+    the first eos or pad, whichever comes first (sentencepiece's own encode/decode as the
+    reference)."""
     tok = tokenizer
     long = " ".join(["a red circle"] * 20)
     rows = tok.encode(["A Red Circle", long], 8)
@@ -381,14 +416,17 @@ def test_caption_tokenizer_truncates_to_length_and_decode_stops_at_the_first_eos
 
 
 def test_the_demo_vocabulary_keeps_every_synthetic_caption_whole(tmp_path):
-    """3.1: with the demo's vocabulary every synthetic caption fits in 20 tokens, about one piece a word.
+    """3.1: with the demo's vocabulary every synthetic caption fits in 20 tokens, about one piece a
+    word.
 
     3.1: captions are padded or truncated to 20 tokens. With the demo's vocabulary size, every
     synthetic caption must fit whole (eos included), in about one piece per word. (sentencepiece
-    0.2.3's unigram trainer made 51 nearly single-letter pieces here: 31% of the captions were cut.)"""
+    0.2.3's unigram trainer made 51 nearly single-letter pieces here: 31% of the captions were
+    cut.)"""
     synthetic.make_synthetic_coco(str(tmp_path), 400, 0)
     path = str(tmp_path / "annotations/captions_train2017.json")
-    tok = mad.CaptionTokenizer(data.train_caption_tokenizer(path, str(tmp_path / "spm"), train.SCHEDULES["tiny"]["spm_vocab"]))
+    tok = mad.CaptionTokenizer(data.train_caption_tokenizer(path, str(tmp_path / "spm"),
+                                                            train.SCHEDULES["tiny"]["spm_vocab"]))
     captions = [a["caption"] for a in json.load(open(path))["annotations"]]
     pieces = [len(ids) for ids in tok.sp.encode([c.lower() for c in captions])]
     assert max(pieces) + 1 <= tiny_cfg().caption_len
@@ -399,28 +437,35 @@ def test_the_demo_vocabulary_keeps_every_synthetic_caption_whole(tmp_path):
 # 3.1 Task sequences and augmentation: data.py's targets, geometry, augmentation
 
 def test_dataset_tokens_lie_in_task_ranges_and_weights_mark_real_targets(synth, tokenizer):
-    """3.1: a sample's task sequences hold tokens of their task's range; the weights mark the real targets."""
+    """3.1: a sample's task sequences hold tokens of their task's range; the weights mark the real
+    targets."""
     cfg = tiny_cfg()
     ds = data.CocoMultiTask(synth, "train2017", cfg, tokenizer, train=True)
     v = ds.vocab
-    assert ds.tasks == ("det", "seg", "kpt", "cap") and [c["id"] for c in ds.categories] == [1, 3, 5, 8, 11]
+    assert (ds.tasks == ("det", "seg", "kpt", "cap")
+            and [c["id"] for c in ds.categories] == [1, 3, 5, 8, 11])
     n_persons = n_unlabelled = 0
     for i in range(len(ds)):
         image, t = ds[i]
         n = len(t["boxes"])
         assert image.shape[0] == 3 and tuple(image.shape[1:]) == tuple(t["size"].tolist())
         lo, hi = v.task_range("det")
-        assert t["det_seq"].shape == (cfg.num_queries, 5) and ((t["det_seq"] >= lo) & (t["det_seq"] < hi)).all()
+        assert (t["det_seq"].shape == (cfg.num_queries, 5)
+                and ((t["det_seq"] >= lo) & (t["det_seq"] < hi)).all())
         assert (t["det_seq"][:, 4] >= v.cls).all() and (t["det_seq"][:, 4] < v.noise).all()
         for obj in t["det_gt"]:                                  # each object in exactly one slot
             assert (t["det_seq"] == obj).all(1).sum() == 1
-        assert len(t["det_gt"]) == n and ((t["det_gt"][:, :4] >= v.coord) & (t["det_gt"][:, :4] <= v.coord + v.num_bins)).all()
+        assert (len(t["det_gt"]) == n
+                and ((t["det_gt"][:, :4] >= v.coord)
+                     & (t["det_gt"][:, :4] <= v.coord + v.num_bins)).all())
         rows = t["seg_weight"].any(1)
         assert rows.sum() == min(n, cfg.max_instances) and not rows[rows.sum():].any()
-        assert ((t["seg_seq"] == v.fg) | (t["seg_seq"] == v.bg)).all() and (t["seg_prompt"][:, 0] == v.seg).all()
+        assert (((t["seg_seq"] == v.fg) | (t["seg_seq"] == v.bg)).all()
+                and (t["seg_prompt"][:, 0] == v.seg).all())
         assert ((t["seg_prompt"][rows, 5] >= v.cls) & (t["seg_prompt"][rows, 5] < v.noise)).all()
         lo, hi = v.task_range("kpt")
-        assert ((t["kpt_seq"] >= lo) & (t["kpt_seq"] < hi)).all() and (t["kpt_prompt"][:, 0] == v.kpt).all()
+        assert (((t["kpt_seq"] >= lo) & (t["kpt_seq"] < hi)).all()
+                and (t["kpt_prompt"][:, 0] == v.kpt).all())
         seq, w = t["kpt_seq"].view(-1, 17, 3), t["kpt_weight"].view(-1, 17, 3)
         assert ((seq[..., 2] == v.vis) | (seq[..., 2] == v.invis)).all()
         for p in range(len(seq)):
@@ -441,7 +486,8 @@ def test_dataset_tokens_lie_in_task_ranges_and_weights_mark_real_targets(synth, 
 
 
 def test_detection_sequence_puts_each_object_in_one_random_slot_and_noise_objects_elsewhere():
-    """3.1: each object takes one random slot of the detection sequence; the other slots hold noise objects.
+    """3.1: each object takes one random slot of the detection sequence; the other slots hold noise
+    objects.
 
     3.1 detection: Q slots; at most Q objects, each in exactly one slot, at random slots; every
     other slot a noise object: a random box inside the image with x0 <= x1, y0 <= y1 and a random
@@ -452,17 +498,21 @@ def test_detection_sequence_puts_each_object_in_one_random_slot_and_noise_object
     labels = torch.arange(12) % 5
     slots_used, widths = set(), []
     for seed in range(20):
-        t = data.detection_targets(boxes, labels, 200, 100, torch.Generator().manual_seed(seed), v, cfg)
+        t = data.detection_targets(boxes, labels, 200, 100,
+                                   torch.Generator().manual_seed(seed), v, cfg)
         gt, seq = t["det_gt"], t["det_seq"]
-        assert gt.shape == (10, 5) and len({tuple(r) for r in gt.tolist()}) == 10           # 10 of the 12
+        assert gt.shape == (10, 5) and len({tuple(r) for r in gt.tolist()}) == 10   # 10 of the 12
         expected = {(math.floor(10 * k / 200 * 100), math.floor(5 * k / 100 * 100),
-                     math.floor((10 * k + 20) / 200 * 100), math.floor((5 * k + 40) / 100 * 100), k % 5)
+                     math.floor((10 * k + 20) / 200 * 100), math.floor((5 * k + 40) / 100 * 100),
+                     k % 5)
                     for k in range(12)}
         assert {(*(r[:4] - v.coord).tolist(), int(r[4] - v.cls)) for r in gt} <= expected
-        assert torch.equal(gt[:, :4], v.quantize(t["boxes"] / torch.tensor([200., 100., 200., 100.])))
+        assert torch.equal(gt[:, :4],
+                           v.quantize(t["boxes"] / torch.tensor([200., 100., 200., 100.])))
         is_gt = (seq[:, None] == gt[None]).all(-1).any(-1)
         assert is_gt.sum() == 10 and all((seq == r).all(1).sum() == 1 for r in gt)
-        few = data.detection_targets(boxes[:3], labels[:3], 200, 100, torch.Generator().manual_seed(seed), v, cfg)
+        few = data.detection_targets(boxes[:3], labels[:3], 200, 100,
+                                     torch.Generator().manual_seed(seed), v, cfg)
         noise = ~(few["det_seq"][:, None] == few["det_gt"][None]).all(-1).any(-1)
         slots_used |= set((~noise).nonzero()[:, 0].tolist())
         ns = few["det_seq"][noise]
@@ -470,34 +520,41 @@ def test_detection_sequence_puts_each_object_in_one_random_slot_and_noise_object
         assert ((ns[:, :4] >= v.coord) & (ns[:, :4] <= v.coord + 100)).all()
         assert ((ns[:, 4] >= v.cls) & (ns[:, 4] < v.noise)).all()
         widths += (ns[:, 2] - ns[:, 0]).tolist()
-    assert len(slots_used) == 10                                   # objects land in every slot over the seeds
-    assert 15 < sum(widths) / len(widths) < 50                     # noise boxes: corner + a uniform size, clipped
+    assert len(slots_used) == 10                  # objects land in every slot over the seeds
+    assert 15 < sum(widths) / len(widths) < 50    # noise boxes: corner + a uniform size, clipped
 
 
-def test_keypoint_targets_labelled_persons_first_unlabelled_keypoints_random_in_the_box_with_weight_0():
-    """3.1: keypoint targets put labelled persons first; unlabelled keypoints lie in the box, weight 0.
+def test_keypoint_targets_put_labelled_persons_first_and_unlabelled_points_in_the_box_at_weight_0():
+    """3.1: keypoint targets put labelled persons first; unlabelled keypoints lie in the box,
+    weight 0.
 
-    3.1 keypoints: up to S persons, those with a labelled keypoint first; prompt [<kpt>, box, person];
-    a labelled keypoint (v = 1 or 2) gives its coordinates and <vis>; an unlabelled one <invis> and
-    coordinates inside the box with weight 0; a person with no labelled keypoint weighs 0."""
+    3.1 keypoints: up to S persons, those with a labelled keypoint first; prompt [<kpt>, box,
+    person]; a labelled keypoint (v = 1 or 2) gives its coordinates and <vis>; an unlabelled one
+    <invis> and coordinates inside the box with weight 0; a person with no labelled keypoint
+    weighs 0."""
     cfg = tiny_cfg(max_instances=3, num_bins=100)
     v = Vocab(5, cfg.num_bins, 0, person=2)
-    boxes = torch.tensor([[0., 0., 50., 100.], [100., 0., 150., 50.], [60., 10., 90., 90.], [20., 20., 40., 40.]])
+    boxes = torch.tensor([[0., 0., 50., 100.], [100., 0., 150., 50.], [60., 10., 90., 90.],
+                          [20., 20., 40., 40.]])
     kpts = torch.zeros(4, 17, 3)
-    kpts[1, :, 0], kpts[1, :, 1], kpts[1, :, 2] = torch.linspace(101, 149, 17), torch.linspace(1, 49, 17), 2
+    kpts[1, :, 0], kpts[1, :, 1], kpts[1, :, 2] = (torch.linspace(101, 149, 17),
+                                                   torch.linspace(1, 49, 17), 2)
     kpts[1, 3, 2], kpts[1, 7, 2] = 1, 0                            # occluded (labelled), unlabelled
     kpts[2, 5] = torch.tensor([70., 40., 2.])                     # one labelled keypoint only
     for seed in range(6):
-        t = data.keypoint_targets(boxes, kpts, 200, 100, torch.Generator().manual_seed(seed), v, cfg)
-        prompt, seq, weight = t["kpt_prompt"], t["kpt_seq"].view(3, 17, 3), t["kpt_weight"].view(3, 17, 3)
+        t = data.keypoint_targets(boxes, kpts, 200, 100, torch.Generator().manual_seed(seed),
+                                  v, cfg)
+        prompt, seq, weight = (t["kpt_prompt"], t["kpt_seq"].view(3, 17, 3),
+                               t["kpt_weight"].view(3, 17, 3))
         assert (prompt[:, 0] == v.kpt).all() and (prompt[:, 5] == v.cls + 2).all()
         first = {tuple((prompt[r, 1:5] - v.coord).tolist()) for r in (0, 1)}
-        assert first == {(50, 0, 75, 50), (30, 10, 45, 90)}                # persons 1 and 2, in either order
-        assert not weight[2].any()                                         # person 0 or 3: none labelled
+        assert first == {(50, 0, 75, 50), (30, 10, 45, 90)}   # persons 1 and 2, in either order
+        assert not weight[2].any()                            # person 0 or 3: none labelled
         for r in (0, 1):
             k = 1 if prompt[r, 1] - v.coord == 50 else 2
             lab = kpts[k, :, 2] > 0
-            assert weight[r, :, 2].all() and torch.equal(weight[r, :, 0] > 0, lab) and torch.equal(weight[r, :, 1] > 0, lab)
+            assert (weight[r, :, 2].all() and torch.equal(weight[r, :, 0] > 0, lab)
+                    and torch.equal(weight[r, :, 1] > 0, lab))
             assert torch.equal(seq[r, :, 2], torch.where(lab, v.vis, v.invis))
             x = torch.floor(kpts[k, :, 0] / 200 * 100).long() + v.coord
             y = torch.floor(kpts[k, :, 1] / 100 * 100).long() + v.coord
@@ -508,7 +565,8 @@ def test_keypoint_targets_labelled_persons_first_unlabelled_keypoints_random_in_
 
 
 def test_caption_targets_sample_references_in_training_take_the_first_in_evaluation(tokenizer):
-    """3.1: training samples R caption references, evaluation takes the first R; a missing one weighs 0.
+    """3.1: training samples R caption references, evaluation takes the first R; a missing one
+    weighs 0.
 
     3.1 captioning: up to R references per image, encoded with eos and padding (every position
     of a reference is a target, padding included); training samples R of them at random,
@@ -535,11 +593,12 @@ def flip_t(W, H):
 
 
 def test_mask_target_of_a_filled_box_is_all_fg_and_of_a_left_half_mask_left_half():
-    """3.1: mask targets: a box-filling polygon is all <fg>, its left half the left half (flipped: right)."""
+    """3.1: mask targets: a box-filling polygon is all <fg>, its left half the left half (flipped:
+    right)."""
     H, W = 80, 120
     ident = data.affine(W, H, (0.0, 0.0, float(W), float(H)), (W, H), flip=False)
-    full = [[20, 10, 60, 10, 60, 50, 20, 50]]                          # polygon filling box (20, 10, 60, 50)
-    left = [[20, 10, 40, 10, 40, 50, 20, 50]]                          # the left half of it
+    full = [[20, 10, 60, 10, 60, 50, 20, 50]]   # polygon filling box (20, 10, 60, 50)
+    left = [[20, 10, 40, 10, 40, 50, 20, 50]]   # the left half of it
     box = torch.tensor([[20., 10., 60., 50.]])
     m = data.mask_in_boxes([full, left], box.repeat(2, 1), H, W, ident, 16)
     assert m[0].all()
@@ -550,7 +609,8 @@ def test_mask_target_of_a_filled_box_is_all_fg_and_of_a_left_half_mask_left_half
 
 
 def test_flip_twice_is_identity_and_resize_scales_boxes():
-    """Geometry: flipping twice is the identity, a flip swaps left and right; a 2x resize doubles boxes."""
+    """Geometry: flipping twice is the identity, a flip swaps left and right; a 2x resize doubles
+    boxes."""
     W, H = 100, 60
     boxes = torch.tensor([[10., 5., 40., 50.], [0., 0., 100., 60.]])
     kpts = torch.rand(2, 17, 3) * torch.tensor([W, H, 0]) + torch.tensor([0, 0, 2.0])
@@ -558,22 +618,24 @@ def test_flip_twice_is_identity_and_resize_scales_boxes():
     b2, _ = data.transform_boxes(data.transform_boxes(boxes, t)[0], t)
     assert torch.allclose(b2, boxes)
     once = data.transform_keypoints(kpts, t)
-    assert torch.allclose(once[:, 1, 0], W - kpts[:, 2, 0])                    # left eye <- right eye
+    assert torch.allclose(once[:, 1, 0], W - kpts[:, 2, 0])     # left eye <- right eye
     assert torch.allclose(data.transform_keypoints(once, t), kpts, atol=1e-5)
     mask = np.zeros((H, W), np.uint8)
-    mask[10:40, 20:26] = mask[34:40, 20:35] = 1                                # an L in box (20, 10, 35, 40)
+    mask[10:40, 20:26] = mask[34:40, 20:35] = 1                 # an L in box (20, 10, 35, 40)
     rle = __import__("pycocotools.mask", fromlist=["encode"]).encode(np.asfortranarray(mask))
     fb = data.transform_boxes(torch.tensor([[20., 10., 35., 40.]]), t)[0]
     m1 = data.mask_in_boxes([rle], fb, H, W, t, 8)
-    m0 = data.mask_in_boxes([rle], torch.tensor([[20., 10., 35., 40.]]), H, W, data.affine(W, H, (0., 0., W, H), (W, H), False), 8)
-    assert not torch.equal(m0, m0.flip(-1))                                    # a flip shows
-    assert torch.equal(m1.flip(-1), m0)                                        # flipping the mask twice
+    m0 = data.mask_in_boxes([rle], torch.tensor([[20., 10., 35., 40.]]), H, W,
+                            data.affine(W, H, (0., 0., W, H), (W, H), False), 8)
+    assert not torch.equal(m0, m0.flip(-1))                     # a flip shows
+    assert torch.equal(m1.flip(-1), m0)                         # flipping the mask twice
     r = data.affine(W, H, (0.0, 0.0, float(W), float(H)), (2 * W, 2 * H), flip=False)
     assert torch.allclose(data.transform_boxes(boxes, r)[0], 2 * boxes)
 
 
 def test_resize_size_fits_the_shorter_side_unless_the_longer_exceeds_the_maximum():
-    """Supplementary A resize: shorter side to `short`, unless the longer side would pass max_size."""
+    """Supplementary A resize: shorter side to `short`, unless the longer side would pass
+    max_size."""
     assert data.resize_size(640, 480, 800, 1333) == (1067, 800)
     assert data.resize_size(480, 640, 800, 1333) == (800, 1067)
     assert data.resize_size(1000, 200, 800, 1333) == (1333, 267)          # the longer side caps it
@@ -612,10 +674,11 @@ def test_boxes_and_keypoints_through_a_crop_away_from_the_origin_a_resize_and_a_
         expected = [[25., 5., 45., 25.], [0., 25., 5., 30.]]
     assert torch.allclose(out, torch.tensor(expected))
     i = torch.arange(17, dtype=torch.float32)
-    kpts = torch.stack([40 + 3 * i, 25 + 2 * i, torch.full((17,), 2.0)], -1)[None]   # distinct positions
-    kpts[0, 16, :2] = torch.tensor([10.0, 50.0])                                       # left of the crop
-    kpts[0, 3, 2] = 1                                                                  # labelled, occluded
-    kpts[0, 5, 2] = 0                                                                  # unlabelled
+    # distinct positions
+    kpts = torch.stack([40 + 3 * i, 25 + 2 * i, torch.full((17,), 2.0)], -1)[None]
+    kpts[0, 16, :2] = torch.tensor([10.0, 50.0])    # left of the crop
+    kpts[0, 3, 2] = 1                               # labelled, occluded
+    kpts[0, 5, 2] = 0                               # unlabelled
     got = data.transform_keypoints(kpts, t)[0]
     src = keypoint_flip_by_name() if flip else list(range(17))
     for j in range(17):
@@ -635,7 +698,8 @@ def pycocotools_mask():
 
 @pytest.mark.parametrize("flip", [False, True])
 def test_mask_targets_through_a_crop_away_from_the_origin_and_a_flip_by_hand(flip):
-    """3.1: mask targets follow a crop away from the origin and a flip; a box cut by the crop keeps its part.
+    """3.1: mask targets follow a crop away from the origin and a flip; a box cut by the crop keeps
+    its part.
 
     3.1 segmentation target: the mask inside the box, resampled to M x M from the original mask.
     A 40 x 40 px box on a 200 x 120 image, an L of whole 5-px bins (left 3 columns, bottom 2 rows),
@@ -657,14 +721,16 @@ def test_mask_targets_through_a_crop_away_from_the_origin_and_a_flip_by_hand(fli
     cut = np.zeros((H, W), np.uint8)
     cut[20:60, 45:60] = 1                                    # the right half of what the crop keeps
     box, keep = data.transform_boxes(torch.tensor([[20., 20., 60., 60.]]), t)
-    grid = data.mask_in_boxes([pycocotools_mask().encode(np.asfortranarray(cut))], box, H, W, t, 6)[0]
+    grid = data.mask_in_boxes([pycocotools_mask().encode(np.asfortranarray(cut))], box, H, W,
+                              t, 6)[0]
     expected = torch.zeros(6, 6, dtype=torch.bool)
     expected[:, 3:] = True
     assert keep.all() and torch.equal(grid, expected.flip(-1) if flip else expected)
 
 
 def test_a_box_cut_by_a_crop_is_clipped_to_the_crop_and_keeps_every_visible_pixel():
-    """Augmentation: a box cut by a crop is clipped to the crop and keeps every visible pixel of its object.
+    """Augmentation: a box cut by a crop is clipped to the crop and keeps every visible pixel of its
+    object.
 
     Boxes after a crop: we intersect the box with the crop (as DETR); the authors take the
     tight box of the cropped mask. The intersection never cuts a visible pixel of the object (it
@@ -673,18 +739,22 @@ def test_a_box_cut_by_a_crop_is_clipped_to_the_crop_and_keeps_every_visible_pixe
     H, W = 100, 100
     crop = (0.0, 0.0, 50.0, 100.0)                                        # the left half
     t = data.affine(W, H, crop, (50, 100), flip=False)
-    for polygon, fills in (([20, 20, 80, 20, 80, 80, 20, 80], True), ([20, 80, 80, 80, 80, 20], False)):
-        mask = torch.from_numpy(data.decode_segmentation([polygon], H, W))[:, :50].bool()   # what the crop keeps
+    for polygon, fills in (([20, 20, 80, 20, 80, 80, 20, 80], True),
+                           ([20, 80, 80, 80, 80, 20], False)):
+        # what the crop keeps
+        mask = torch.from_numpy(data.decode_segmentation([polygon], H, W))[:, :50].bool()
         ys, xs = mask.nonzero(as_tuple=True)
         tight = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
         box, keep = data.transform_boxes(torch.tensor([[20., 20., 80., 80.]]), t)
         assert keep.all() and torch.equal(box[0], torch.tensor([20., 20., 50., 80.]))
-        assert (box[0, :2] <= tight[:2]).all() and (box[0, 2:] >= tight[2:] - 1).all()   # contains the pixels
-        assert ((box[0] - tight).abs().max() <= 1) == fills                  # tight only for the filled box
+        # contains the pixels
+        assert (box[0, :2] <= tight[:2]).all() and (box[0, 2:] >= tight[2:] - 1).all()
+        assert ((box[0] - tight).abs().max() <= 1) == fills   # tight only for the filled box
 
 
 def test_augmentation_is_deterministic_per_epoch_and_index(synth, tokenizer):
-    """Augmentation depends on (epoch, index) only: the same sample twice is equal, another epoch differs."""
+    """Augmentation depends on (epoch, index) only: the same sample twice is equal, another epoch
+    differs."""
     ds = data.CocoMultiTask(synth, "train2017", tiny_cfg(), tokenizer, train=True, seed=3)
     a, b = ds[5], ds[5]
     assert torch.equal(a[0], b[0]) and torch.equal(a[1]["det_seq"], b[1]["det_seq"])
@@ -698,7 +768,8 @@ def sampled_transforms(cfg, n, W=200, H=120, augment=True):
 
 
 def test_multiscale_augmentation_draws_every_shorter_side_flips_and_crops_half_the_time():
-    """Supplementary A: multi-scale augmentation draws every shorter side, flips and crops half the time.
+    """Supplementary A: multi-scale augmentation draws every shorter side, flips and crops half the
+    time.
 
     Supplementary A, ResNet / Swin: shorter side in 480..800 step 32 (800 included), longer side
     <= 1333, a horizontal flip half the time, a DETR crop (384..600 after resizing the short side to
@@ -714,13 +785,16 @@ def test_multiscale_augmentation_draws_every_shorter_side_flips_and_crops_half_t
     for t in crops:
         x, y, w, h = t["crop"]
         assert x >= 0 and y >= 0 and x + w <= 200 + 1e-6 and y + h <= 120 + 1e-6
-        assert abs(t["out_size"][0] / w - t["out_size"][1] / h) < 0.02 * t["out_size"][0] / w   # no distortion
-    half = sampled_transforms(tiny_cfg(image_size=400, max_size=1333), 200)   # image_size 400: every length / 2
+        # no distortion
+        assert abs(t["out_size"][0] / w - t["out_size"][1] / h) < 0.02 * t["out_size"][0] / w
+    # image_size 400: every length / 2
+    half = sampled_transforms(tiny_cfg(image_size=400, max_size=1333), 200)
     assert {min(t["out_size"]) for t in half} == set(range(240, 401, 16))
 
 
 def test_lsj_augmentation_scales_by_0_3_to_2_into_a_fixed_canvas():
-    """Supplementary A: large-scale jitter scales by 0.3 to 2 into a fixed 1024 canvas, flips half the time.
+    """Supplementary A: large-scale jitter scales by 0.3 to 2 into a fixed 1024 canvas, flips half
+    the time.
 
     Supplementary A, ViT: large-scale jitter; the image is scaled by s in [0.3, 2.0] x 1024 / its
     longer side, a random crop keeps at most a 1024 canvas of it, flips half the time."""
@@ -734,10 +808,12 @@ def test_lsj_augmentation_scales_by_0_3_to_2_into_a_fixed_canvas():
         scales.append(s * max(W, H) / 1024)
         assert abs(t["out_size"][1] / h - s) < 0.01 * s and max(t["out_size"]) <= 1024
         assert 0 <= x and 0 <= y and x + w <= W + 1e-6 and y + h <= H + 1e-6
-        assert w == pytest.approx(min(W, 1024 / s), rel=0.01) and h == pytest.approx(min(H, 1024 / s), rel=0.01)
+        assert (w == pytest.approx(min(W, 1024 / s), rel=0.01)
+                and h == pytest.approx(min(H, 1024 / s), rel=0.01))
     assert 0.3 <= min(scales) < 0.4 and 1.9 < max(scales) <= 2.0
     assert 100 < sum(t["flip"] for t in ts) < 200
-    assert sampled_transforms(cfg, 1, W, H, augment=False)[0]["out_size"] == (1024, 640)   # test time: resize only
+    # test time: resize only
+    assert sampled_transforms(cfg, 1, W, H, augment=False)[0]["out_size"] == (1024, 640)
 
 
 def write_coco(root, images, split="val2017"):
@@ -750,20 +826,23 @@ def write_coco(root, images, split="val2017"):
     ims, inst, kps, caps, ann_id = [], [], [], [], 1
     for k, im in enumerate(images, 1):
         ims.append(dict(id=k, file_name=f"{k:06d}.png", width=im["W"], height=im["H"]))
-        Image.new("RGB", (im["W"], im["H"]), (100, 120, 140)).save(os.path.join(root, split, f"{k:06d}.png"))
+        Image.new("RGB", (im["W"], im["H"]), (100, 120, 140)).save(
+            os.path.join(root, split, f"{k:06d}.png"))
         for cid, poly in im.get("objects", []) + [(1, p) for p, _ in im.get("persons", [])]:
             xs, ys = poly[0::2], poly[1::2]
-            ann = dict(id=ann_id, image_id=k, category_id=cid, iscrowd=0, segmentation=[poly], area=1.0,
-                       bbox=[min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)])
+            ann = dict(id=ann_id, image_id=k, category_id=cid, iscrowd=0, segmentation=[poly],
+                       area=1.0, bbox=[min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)])
             inst.append(ann)
             for p, kp in im.get("persons", []):
                 if p is poly:
-                    kps.append(dict(ann, keypoints=[float(c) for c in np.asarray(kp).flatten()], num_keypoints=17))
+                    kps.append(dict(ann, keypoints=[float(c) for c in np.asarray(kp).flatten()],
+                                    num_keypoints=17))
             ann_id += 1
         for c in im.get("captions", []):
             caps.append(dict(id=ann_id, image_id=k, caption=c))
             ann_id += 1
-    for kind, anns, c in (("instances", inst, cats), ("person_keypoints", kps, cats[:1]), ("captions", caps, None)):
+    for kind, anns, c in (("instances", inst, cats), ("person_keypoints", kps, cats[:1]),
+                          ("captions", caps, None)):
         d = dict(images=ims, annotations=anns, **({"categories": c} if c else {}))
         with open(os.path.join(root, "annotations", f"{kind}_{split}.json"), "w") as f:
             json.dump(d, f)
@@ -773,14 +852,16 @@ def write_coco(root, images, split="val2017"):
 def person_keypoints(x0, y0, w, h):
     """17 labelled keypoints at distinct positions inside a box; two unlabelled, one occluded."""
     i = np.arange(17)
-    kp = np.stack([x0 + (i + 0.5) * w / 17, y0 + h * (0.1 + 0.8 * ((7 * i) % 17) / 17), np.full(17, 2.0)], 1)
+    kp = np.stack([x0 + (i + 0.5) * w / 17, y0 + h * (0.1 + 0.8 * ((7 * i) % 17) / 17),
+                   np.full(17, 2.0)], 1)
     kp[4] = kp[9] = 0
     kp[2, 2] = 1
     return kp
 
 
-GOLDEN_SET = [dict(W=200, H=120, objects=[(5, [40, 20, 55, 20, 55, 50, 80, 50, 80, 60, 40, 60]),   # an L
-                                          (3, rect(150, 70, 190, 110))],
+GOLDEN_SET = [dict(W=200, H=120,
+                   objects=[(5, [40, 20, 55, 20, 55, 50, 80, 50, 80, 60, 40, 60]),   # an L
+                            (3, rect(150, 70, 190, 110))],
                    persons=[(rect(95, 10, 135, 115), person_keypoints(95, 10, 40, 105))],
                    captions=["a square and a person", "one circle", "two shapes and one person",
                              "a person to the right of a square"])]
@@ -791,9 +872,12 @@ def expected_targets(ds, t, image_id):
     output size and flip, and the vocabulary (independently of data.py's geometry)."""
     v, bins = ds.vocab, ds.cfg.num_bins
     ow, oh = t["out_size"]
-    def q(val, size):                  # the bin of val / size; either one when float rounding decides
-        return {v.coord + min(max(math.floor(val / size * bins + e), 0), bins) for e in (-1e-4, 1e-4)}
-    anns = [a for a in load_json(Path(ds.root) / "annotations/instances_val2017.json")["annotations"]
+    # the bin of val / size; either one when float rounding decides
+    def q(val, size):
+        return {v.coord + min(max(math.floor(val / size * bins + e), 0), bins)
+                for e in (-1e-4, 1e-4)}
+    anns = [a for a in
+            load_json(Path(ds.root) / "annotations/instances_val2017.json")["annotations"]
             if a["image_id"] == image_id]
     boxes = []
     for a in anns:
@@ -834,16 +918,19 @@ def test_every_task_target_follows_each_augmentation(tmp_path, tokenizer, mode, 
         assert tuple(tg["size"].tolist()) == (oh, ow)
         boxes, q = expected_targets(ds, t, 1)
         got = sorted(tg["boxes"].tolist())
-        assert len(got) == len(boxes) and np.allclose(got, sorted(b for b, _, _ in boxes), atol=1e-3)
-        want = {v.cls + label: [q(b[0], ow), q(b[1], oh), q(b[2], ow), q(b[3], oh)] for b, label, _ in boxes}
-        gt = {row[4]: row[:4] for row in tg["det_gt"].tolist()}          # the labels are distinct here
+        assert (len(got) == len(boxes)
+                and np.allclose(got, sorted(b for b, _, _ in boxes), atol=1e-3))
+        want = {v.cls + label: [q(b[0], ow), q(b[1], oh), q(b[2], ow), q(b[3], oh)]
+                for b, label, _ in boxes}
+        gt = {row[4]: row[:4] for row in tg["det_gt"].tolist()}   # the labels are distinct here
         assert gt.keys() == want.keys() and all(c in s for k in gt for c, s in zip(gt[k], want[k]))
         for row in tg["det_gt"]:                           # each object in exactly one slot
             assert (tg["det_seq"] == row).all(1).sum() == 1
         for r in range(int(tg["seg_weight"].any(1).sum())):
             prompt = tg["seg_prompt"][r].tolist()
             assert prompt[0] == v.seg and prompt[1:5] == gt[prompt[5]]
-            x0, y0, x1, y1 = [float(c) for c in tg["boxes"][[w[:4] for w in tg["det_gt"].tolist()].index(prompt[1:5])]]
+            box_row = [w[:4] for w in tg["det_gt"].tolist()].index(prompt[1:5])
+            x0, y0, x1, y1 = [float(c) for c in tg["boxes"][box_row]]
             grid = (tg["seg_seq"][r] == v.fg).view(8, 8)
             for i in range(8):
                 for j in range(8):
@@ -868,7 +955,8 @@ def test_every_task_target_follows_each_augmentation(tmp_path, tokenizer, mode, 
                 assert seq[j, 2] == (v.vis if labelled else v.invis)
                 if labelled:
                     assert int(seq[j, 0]) in q(ex, ow) and int(seq[j, 1]) in q(ey, oh), (epoch, j)
-    assert len({s["flip"] for s in seen}) == 2 and cells > 500 and agree / cells > 0.9, agree / cells
+    assert (len({s["flip"] for s in seen}) == 2 and cells > 500
+            and agree / cells > 0.9), agree / cells
 
 
 @pytest.mark.parametrize("aspect", [1.5, 0.6])
@@ -882,9 +970,11 @@ def test_non_square_images_keep_x_and_y_apart_in_targets_and_post_processing(tmp
     root = tmp_path / "set"
     synthetic.make_synthetic_coco(str(root), 1, 6, aspect=aspect)
     cfg = tiny_cfg()
-    ds = data.CocoMultiTask(str(root), "val2017", cfg, None, train=False)     # the fixed evaluation resize
-    v, model = ds.vocab, MAD(cfg, ds.vocab)
-    coco = {k: load_json(root / f"annotations/{k}_val2017.json") for k in ("instances", "person_keypoints")}
+    # the fixed evaluation resize
+    ds = data.CocoMultiTask(str(root), "val2017", cfg, None, train=False)
+    v = ds.vocab
+    coco = {k: load_json(root / f"annotations/{k}_val2017.json")
+            for k in ("instances", "person_keypoints")}
     n_boxes = n_keypoints = 0
     for i in range(len(ds)):
         _, t = ds[i]
@@ -897,27 +987,32 @@ def test_non_square_images_keep_x_and_y_apart_in_targets_and_post_processing(tmp
         # ... and through post-processing to original pixels, against the annotated boxes
         px = mad.to_pixels(t["det_gt"][None, :, :4], t["orig_size"][None], v)[0].view(-1, 2, 2)
         annotated = torch.tensor([[x, y, x + bw, y + bh] for a in coco["instances"]["annotations"]
-                                  if a["image_id"] == t["image_id"] for x, y, bw, bh in [a["bbox"]]]).view(-1, 2, 2)
+                                  if a["image_id"] == t["image_id"]
+                                  for x, y, bw, bh in [a["bbox"]]]).view(-1, 2, 2)
         assert len(px) == len(annotated) > 0
         for box in px:                                        # each decoded box has its annotation
             assert ((box - annotated).abs() <= orig_bin).all(-1).all(-1).any(), (box, annotated)
         n_boxes += len(px)
         # keypoints: labelled x, y tokens against the annotation of the person their prompt names
-        persons = [a for a in coco["person_keypoints"]["annotations"] if a["image_id"] == t["image_id"]]
+        persons = [a for a in coco["person_keypoints"]["annotations"]
+                   if a["image_id"] == t["image_id"]]
         seq, weight = t["kpt_seq"].view(-1, 17, 3), t["kpt_weight"].view(-1, 17, 3)
         for p in range(len(seq)):
             if not weight[p].any():
                 continue
             prompt = v.dequantize(t["kpt_prompt"][p, 1:5]).view(2, 2) * torch.tensor([w, h])
-            boxes = torch.tensor([[x, y, x + bw, y + bh] for x, y, bw, bh in (a["bbox"] for a in persons)])
+            boxes = torch.tensor([[x, y, x + bw, y + bh]
+                                  for x, y, bw, bh in (a["bbox"] for a in persons)])
             boxes = boxes.view(-1, 2, 2) * torch.tensor([w / W, h / H])
             near = ((prompt - boxes).abs() <= resized_bin).all(-1).all(-1)
             assert near.sum() == 1, (prompt, boxes)                  # the prompt names one person
-            kp = torch.tensor(persons[int(near.nonzero()[0, 0])]["keypoints"], dtype=torch.float32).view(17, 3)
+            kp = torch.tensor(persons[int(near.nonzero()[0, 0])]["keypoints"],
+                              dtype=torch.float32).view(17, 3)
             labelled = weight[p, :, 0] == 1
             assert torch.equal(labelled, kp[:, 2] > 0)
-            tokens = seq[p, labelled, :2]                                        # (k, 2) x, y tokens
-            assert ((v.dequantize(tokens) * torch.tensor([w, h]) - kp[labelled, :2] * torch.tensor([w / W, h / H])).abs()
+            tokens = seq[p, labelled, :2]                            # (k, 2) x, y tokens
+            assert ((v.dequantize(tokens) * torch.tensor([w, h])
+                     - kp[labelled, :2] * torch.tensor([w / W, h / H])).abs()
                     <= resized_bin).all()
             px = mad.to_pixels(tokens.flatten()[None, None], t["orig_size"][None], v).view(-1, 2)
             assert ((px - kp[labelled, :2]).abs() <= orig_bin).all()
@@ -929,21 +1024,22 @@ def test_non_square_images_keep_x_and_y_apart_in_targets_and_post_processing(tmp
 # 3.3 Architecture: the bidirectional decoder, attention, token head, embeddings, backbones
 
 def test_decoder_is_bidirectional_and_sequences_do_not_leak():
-    """3.3: the decoder is bidirectional (the first position sees the last); sequences do not mix."""
+    """3.3: the decoder is bidirectional (the first position sees the last); sequences do not
+    mix."""
     model = tiny_model()
     batch = random_batch(model)
     with torch.no_grad():
         enc = model.encode(batch["images"], batch["padding"])
         tokens = torch.randint(0, model.vocab.size, (2, 3, 30))
-        base = model.decode(tokens, enc)                                     # (B, n, L, d)
+        base = model.decode(tokens, enc)                              # (B, n, L, d)
         last = tokens.clone()
-        last[0, 1, -1] = (last[0, 1, -1] + 1) % model.vocab.size            # only the last token of seq 1
+        last[0, 1, -1] = (last[0, 1, -1] + 1) % model.vocab.size      # only the last token of seq 1
         changed = model.decode(last, enc)
         other = tokens.clone()
-        other[0, 2] = torch.randint(0, model.vocab.size, (30,))              # another sequence, same image
+        other[0, 2] = torch.randint(0, model.vocab.size, (30,))       # another sequence, same image
         leaked = model.decode(other, enc)
-    assert (changed[0, 1, 0] - base[0, 1, 0]).abs().max() > 1e-4            # first position sees the last
-    assert torch.allclose(leaked[0, :2], base[0, :2], atol=1e-6)            # seqs 0, 1 unchanged
+    assert (changed[0, 1, 0] - base[0, 1, 0]).abs().max() > 1e-4      # first position sees the last
+    assert torch.allclose(leaked[0, :2], base[0, :2], atol=1e-6)      # seqs 0, 1 unchanged
 
 
 def test_folded_cross_attention_equals_decoding_each_sequence_alone():
@@ -963,8 +1059,8 @@ def test_attention_adds_positions_to_queries_and_keys_only_and_ignores_padded_me
 
     3.3 (as DETR): positions go to the queries and keys, never to the values; cross-attention
     attends to the unpadded image tokens only. With every query and key projection zeroed, attention
-    is uniform: a layer's output then cannot depend on the positions, and cross-attention returns the
-    mean of the values of the unpadded memory tokens (by hand)."""
+    is uniform: a layer's output then cannot depend on the positions, and cross-attention returns
+    the mean of the values of the unpadded memory tokens (by hand)."""
     torch.manual_seed(0)
     d = 16
     layer = mad.DecoderLayer(d, 2, 32, 0.0).eval()
@@ -975,7 +1071,7 @@ def test_attention_adds_positions_to_queries_and_keys_only_and_ignores_padded_me
                 lin.weight.zero_(); lin.bias.zero_()
     x, memory = torch.randn(2, 5, d), torch.randn(1, 7, d)
     attend = torch.ones(1, 1, 1, 7, dtype=torch.bool)
-    attend[..., 5:] = False                                                   # the last 2 tokens are padding
+    attend[..., 5:] = False                                 # the last 2 tokens are padding
     with torch.no_grad():
         a = layer(x, torch.randn(5, d), mad.Memory(memory, memory + torch.randn(1, 7, d), attend))
         b = layer(x, torch.randn(5, d), mad.Memory(memory, memory + torch.randn(1, 7, d), attend))
@@ -984,9 +1080,10 @@ def test_attention_adds_positions_to_queries_and_keys_only_and_ignores_padded_me
         e2 = enc_layer(memory, torch.randn(1, 7, d), attend)
         assert torch.allclose(e1, e2, atol=1e-5)
         changed = memory.clone()
-        changed[:, 5:] += 100.0                                               # padding tokens: no effect
+        changed[:, 5:] += 100.0                             # padding tokens: no effect
         assert torch.allclose(layer(x, torch.zeros(5, d), mad.Memory(changed, changed, attend)),
-                              layer(x, torch.zeros(5, d), mad.Memory(memory, memory, attend)), atol=1e-5)
+                              layer(x, torch.zeros(5, d), mad.Memory(memory, memory, attend)),
+                              atol=1e-5)
         cross = layer.cross_attn(torch.randn(1, 10, d), memory, memory, attend)
         mean_value = layer.cross_attn.out(layer.cross_attn.v(memory[:, :5]).mean(1))
         assert torch.allclose(cross, mean_value.expand(1, 10, d), atol=1e-5)
@@ -996,15 +1093,15 @@ def test_token_head_scores_cosine_similarity_times_the_learned_temperature_over_
     """3.3: the token head scores exp(s) x cosine(MLP(h), embedding) over the task's own tokens.
 
     3.3 token head: the logit of a token is exp(s) x cos(MLP(h), its embedding), over the task's own
-    tokens only: a token whose embedding points along MLP(h) scores exactly exp(s), the most any can,
-    and scaling MLP(h) changes nothing."""
+    tokens only: a token whose embedding points along MLP(h) scores exactly exp(s), the most any
+    can, and scaling MLP(h) changes nothing."""
     model = tiny_model()
     v = model.vocab
     h = torch.randn(3, model.cfg.d_model)
     with torch.no_grad():
         z = model.head(h)
         lo, hi = v.task_range("kpt")
-        model.embed.weight[lo + 4] = z[1] * 3.0                               # along the head's output for h[1]
+        model.embed.weight[lo + 4] = z[1] * 3.0             # along the head's output for h[1]
         out = model.logits(h, "kpt")
         scale = model.logit_scale.exp()
         assert out.shape == (3, hi - lo) and (out.abs() <= scale + 1e-4).all()
@@ -1019,8 +1116,9 @@ def test_sine_positions_are_normalized_to_the_unpadded_image():
     """3.3: sine image positions are normalized to the unpadded image (as DETR; by hand).
 
     3.3 image positions (as DETR): y and x are cumulative counts over the unpadded pixels scaled to
-    (0, 2 pi], encoded as sin and cos at frequencies 10000^(4k/d); the valid region of a padded image
-    gets the codes of the same image unpadded (2 x 3 tokens padded to 3 x 5 here; d = 8, by hand)."""
+    (0, 2 pi], encoded as sin and cos at frequencies 10000^(4k/d); the valid region of a padded
+    image gets the codes of the same image unpadded (2 x 3 tokens padded to 3 x 5 here; d = 8, by
+    hand)."""
     pad = torch.ones(1, 3, 5, dtype=torch.bool)
     pad[:, :2, :3] = False
     got = mad.sine_positions(pad, 8).view(3, 5, 8)
@@ -1035,23 +1133,27 @@ def test_sine_positions_are_normalized_to_the_unpadded_image():
 
 
 def test_coordinate_embeddings_start_more_similar_the_nearer_their_bins():
-    """3.3: coordinate embeddings start as sine codes, more similar the nearer their bins (off: random)."""
+    """3.3: coordinate embeddings start as sine codes, more similar the nearer their bins (off:
+    random)."""
     cfg = tiny_cfg()
     vocab = Vocab(5, cfg.num_bins, 10)
     coords = MAD(cfg, vocab).embed.weight[vocab.coord:vocab.vis].detach()     # (bins + 1, d)
     assert torch.equal(coords, mad.coordinate_embeddings(cfg.num_bins, cfg.d_model))
     e = torch.nn.functional.normalize(coords, dim=-1)
-    sim = e[64] @ e.t()                                                         # bin 64 against every bin
+    sim = e[64] @ e.t()                                                   # bin 64 against every bin
     near_to_far = sim[[64, 65, 66, 68, 72, 80]]
     assert (near_to_far.diff() < 0).all() and sim[65] > 0.8 and sim[128] < 0.2
-    assert torch.allclose(coords.norm(dim=1), torch.tensor(cfg.d_model ** 0.5))   # the scale of an N(0, 1) row
+    # the scale of an N(0, 1) row
+    assert torch.allclose(coords.norm(dim=1), torch.tensor(cfg.d_model ** 0.5))
     off = MAD(tiny_cfg(sine_coords=False), vocab).embed.weight[vocab.coord:vocab.vis].detach()
     assert not torch.allclose(off, coords)
 
 
-@pytest.mark.parametrize("name,channels", [("tiny", 256), ("r50", 2048), ("swin_b", 1024), ("swin_b384", 1024), ("vit_b", 256)])
+@pytest.mark.parametrize("name,channels", [("tiny", 256), ("r50", 2048), ("swin_b", 1024),
+                                           ("swin_b384", 1024), ("vit_b", 256)])
 def test_backbone_stride_32_map_and_local_weights_round_trip(name, channels, tmp_path):
-    """3.3: each backbone gives a stride-32 map of its channels; its weights round-trip through a file."""
+    """3.3: each backbone gives a stride-32 map of its channels; its weights round-trip through a
+    file."""
     torch.manual_seed(0)
     backbone, c = mad.BACKBONES[name]()
     x = torch.randn(1, 3, 128, 192)
@@ -1068,8 +1170,10 @@ def test_backbone_stride_32_map_and_local_weights_round_trip(name, channels, tmp
         assert torch.equal(other.eval()(x), y)
 
 
-def test_vit_b_attends_within_windows_except_in_its_global_blocks_and_loads_torchvision_weights(tmp_path):
-    """Supplementary A: ViT-B attends within windows except in its global blocks; torchvision weights load.
+def test_vit_b_attends_within_windows_except_in_its_global_blocks_and_loads_torchvision_weights(
+        tmp_path):
+    """Supplementary A: ViT-B attends within windows except in its global blocks; torchvision
+    weights load.
 
     Supplementary A (ViTDet): blocks 2, 5, 8, 11 attend globally, the others within 14 x 14 windows:
     a change in one window reaches another only through a global block. The backbone keeps
@@ -1079,40 +1183,49 @@ def test_vit_b_attends_within_windows_except_in_its_global_blocks_and_loads_torc
     torch.manual_seed(0)
     vit = mad.ViTDetB().eval()
     assert vit.global_blocks == {2, 5, 8, 11} and vit.window == 14
-    x = torch.randn(1, 28, 28, 768)                                            # 2 x 2 windows of 14 x 14
+    x = torch.randn(1, 28, 28, 768)                         # 2 x 2 windows of 14 x 14
     y = x.clone()
-    y[0, 0, 0] += 1.0                                                          # a change in the top-left window
+    y[0, 0, 0] += 1.0                                       # a change in the top-left window
     with torch.no_grad():
         local = [vit.windowed(vit.encoder.layers[0], t, torch.nn.Identity()) for t in (x, y)]
-        full = [mad.vit_block(vit.encoder.layers[2], t.flatten(1, 2), torch.nn.Identity()).view(1, 28, 28, 768) for t in (x, y)]
-    assert not torch.equal(local[0][0, :14, :14], local[1][0, :14, :14])      # its own window changes
-    assert torch.equal(local[0][0, 14:, 14:], local[1][0, 14:, 14:])          # another window does not
-    assert not torch.allclose(full[0][0, 14:, 14:], full[1][0, 14:, 14:])     # through a global block it does
+        full = [mad.vit_block(vit.encoder.layers[2], t.flatten(1, 2),
+                              torch.nn.Identity()).view(1, 28, 28, 768) for t in (x, y)]
+    # its own window changes; another window does not; through a global block it does
+    assert not torch.equal(local[0][0, :14, :14], local[1][0, :14, :14])
+    assert torch.equal(local[0][0, 14:, 14:], local[1][0, 14:, 14:])
+    assert not torch.allclose(full[0][0, 14:, 14:], full[1][0, 14:, 14:])
     torch.save(torchvision.models.vit_b_16().state_dict(), tmp_path / "vit.pt")
     runtime.load_backbone_weights(vit, "vit_b", str(tmp_path / "vit.pt"))
-    assert torch.equal(vit.encoder.layers[5].mlp[0].weight, torch.load(tmp_path / "vit.pt")["encoder.layers.encoder_layer_5.mlp.0.weight"])
+    assert torch.equal(
+        vit.encoder.layers[5].mlp[0].weight,
+        torch.load(tmp_path / "vit.pt")["encoder.layers.encoder_layer_5.mlp.0.weight"])
     swin, ours = torchvision.models.swin_b().state_dict(), mad.SwinB().state_dict()
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in swin.items() if not k.startswith("head.")}
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in swin.items()
+                                                     if not k.startswith("head.")}
 
 
 def test_torchvision_resnet50_state_dict_loads_every_r50_backbone_tensor(tmp_path):
-    """README: a torchvision resnet50 state dict as --backbone-weights loads every r50 backbone tensor.
+    """README: a torchvision resnet50 state dict as --backbone-weights loads every r50 backbone
+    tensor.
 
     README, offline weights: a state dict saved from torchvision's resnet50 (its key layout, fc.*
     and BatchNorm's num_batches_tracked included), passed as --backbone-weights, loads every tensor
     of the r50 backbone; the classifier is ignored."""
     import torchvision
     torch.manual_seed(1)
-    saved = {k: torch.randn_like(v) if v.is_floating_point() else v          # random: no tensor equals its init
+    # random: no tensor equals its init
+    saved = {k: torch.randn_like(v) if v.is_floating_point() else v
              for k, v in torchvision.models.resnet50().state_dict().items()}
     torch.save(saved, tmp_path / "r50.pt")
-    assert train.parse_args(["--backbone", "r50", "--backbone-weights", str(tmp_path / "r50.pt")])[1].backbone_weights \
-        == str(tmp_path / "r50.pt")
+    assert (train.parse_args(["--backbone", "r50",
+                              "--backbone-weights", str(tmp_path / "r50.pt")])[1].backbone_weights
+            == str(tmp_path / "r50.pt"))
     torch.manual_seed(0)
     backbone, _ = mad.BACKBONES["r50"]()
     runtime.load_backbone_weights(backbone, "r50", str(tmp_path / "r50.pt"))
     own = backbone.state_dict()
-    assert set(own) == {k for k in saved if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    assert set(own) == {k for k in saved
+                        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
     for k in own:
         assert torch.equal(own[k], saved[k]), k
     assert torch.equal(backbone.layer4[2].conv3.weight, saved["layer4.2.conv3.weight"])
@@ -1121,7 +1234,8 @@ def test_torchvision_resnet50_state_dict_loads_every_r50_backbone_tensor(tmp_pat
 
 @pytest.mark.parametrize("name", ["r50", "swin_b", "vit_b"])
 def test_training_step_with_each_backbone(name):
-    """3.3: with each paper backbone a training step gives a finite loss and gradients in the backbone.
+    """3.3: with each paper backbone a training step gives a finite loss and gradients in the
+    backbone.
 
     The full model (paper widths) with each backbone, one step at a reduced image size."""
     torch.manual_seed(0)
@@ -1139,16 +1253,19 @@ def test_training_step_with_each_backbone(name):
 # 3.2 Masked training: masking, Hungarian matching, the losses, the optimizer's groups
 
 def test_masking_hides_exactly_round_ratio_n():
-    """3.2: random masking hides exactly round(0.7 L) tokens of each sequence, in another draw elsewhere."""
+    """3.2: random masking hides exactly round(0.7 L) tokens of each sequence, in another draw
+    elsewhere."""
     for L in (5, 20, 57, 262, 500):
         m = mad.random_mask((4, 3, L), 0.7, "cpu")
         assert (m.sum(-1) == round(0.7 * L)).all()
-    assert not torch.equal(mad.random_mask((1, 1, 500), 0.7, "cpu"), mad.random_mask((1, 1, 500), 0.7, "cpu"))
+    assert not torch.equal(mad.random_mask((1, 1, 500), 0.7, "cpu"),
+                           mad.random_mask((1, 1, 500), 0.7, "cpu"))
 
 
 @pytest.mark.parametrize("strategy", ["fixed", "random", "multiple"])
 def test_masking_strategies_mask_the_documented_counts(strategy):
-    """Table 3: the fixed, random and multiple masking strategies mask the documented counts per copy.
+    """Table 3: the fixed, random and multiple masking strategies mask the documented counts per
+    copy.
 
     Table 3: one partly masked copy hiding round(0.7 L) tokens of each sequence (fixed); one whose
     ratio is drawn per sequence from [0.6, 0.8] (random); or two copies hiding round(0.6 L) and
@@ -1159,12 +1276,14 @@ def test_masking_strategies_mask_the_documented_counts(strategy):
     inputs, masked, src = mad.masked_copies(seqs, model.partial_masks, model.vocab.mask_token)
     copies = 3 if strategy == "multiple" else 2
     assert inputs.shape == masked.shape == (4, copies * 6, 57) and masked[:, :6].all()
-    assert torch.equal(inputs[~masked], seqs.repeat(1, copies, 1)[~masked]) and (inputs[masked] == model.vocab.mask_token).all()
-    counts = masked[:, 6:].sum(-1)                                               # (4, (copies - 1) * 6)
+    assert (torch.equal(inputs[~masked], seqs.repeat(1, copies, 1)[~masked])
+            and (inputs[masked] == model.vocab.mask_token).all())
+    counts = masked[:, 6:].sum(-1)                                    # (4, (copies - 1) * 6)
     if strategy == "fixed":
         assert (counts == round(0.7 * 57)).all()
     elif strategy == "random":
-        assert ((counts >= round(0.6 * 57)) & (counts <= round(0.8 * 57))).all() and len(counts.unique()) > 3
+        assert (((counts >= round(0.6 * 57)) & (counts <= round(0.8 * 57))).all()
+                and len(counts.unique()) > 3)
     else:
         assert (counts[:, :6] == round(0.6 * 57)).all() and (counts[:, 6:] == round(0.8 * 57)).all()
     assert torch.equal(src, torch.arange(6).repeat(copies))
@@ -1179,7 +1298,8 @@ def det_logp(v, Q, B=1, layers=1, c=1):
 
 
 def test_matcher_finds_the_known_best_assignment():
-    """3.2: Hungarian matching finds the known best assignment; unmatched slots learn <noise> and no box."""
+    """3.2: Hungarian matching finds the known best assignment; unmatched slots learn <noise> and no
+    box."""
     v = Vocab(5, 50, 10)
     Q, lo = 6, v.task_range("det")[0]
     gt = torch.tensor([[v.coord + 1, v.coord + 2, v.coord + 3, v.coord + 4, v.cls + 0],
@@ -1201,7 +1321,8 @@ def test_matcher_finds_the_known_best_assignment():
 
 
 def test_matcher_visible_tokens_force_the_match_batched_equals_per_image_and_empty_targets():
-    """3.2: visible tokens force the match; batched matching equals per image; no objects: all <noise>."""
+    """3.2: visible tokens force the match; batched matching equals per image; no objects: all
+    <noise>."""
     v = Vocab(5, 50, 10)
     Q, lo = 5, v.task_range("det")[0]
     g = torch.Generator().manual_seed(0)
@@ -1209,22 +1330,25 @@ def test_matcher_visible_tokens_force_the_match_batched_equals_per_image_and_emp
                       torch.randint(v.cls, v.noise, (n, 1), generator=g)], 1) for n in (3, 0, 2)]
     logp = torch.randn(2, 3, 2, 5 * Q, v.vis - lo, generator=g).log_softmax(-1)
     masked = torch.rand(3, 2, 5 * Q, generator=g) < 0.7
-    masked[:, 0] = True                                                      # copy 0 fully masked
-    inputs = torch.where(masked, v.mask_token, torch.randint(v.cls, v.vis, (3, 2, 5 * Q), generator=g))
-    inputs[0, 1, 15:20] = gts[0][1]                                          # slot 3 shows object 1 ...
-    masked[0, 1, 15:20] = torch.tensor([False, True, False, True, False])   # ... partly visible
+    masked[:, 0] = True                                                 # copy 0 fully masked
+    inputs = torch.where(masked, v.mask_token,
+                         torch.randint(v.cls, v.vis, (3, 2, 5 * Q), generator=g))
+    inputs[0, 1, 15:20] = gts[0][1]                                     # slot 3 shows object 1 ...
+    masked[0, 1, 15:20] = torch.tensor([False, True, False, True, False])  # ... partly visible
     target, weight = mad.match_detections(logp, inputs, masked, gts, v)
-    assert (target[:, 0, 1, 15:20] == gts[0][1] - lo).all()                  # in every layer
-    for b in range(3):                                                       # batched == per image
-        t1, w1 = mad.match_detections(logp[:, b:b + 1], inputs[b:b + 1], masked[b:b + 1], gts[b:b + 1], v)
+    assert (target[:, 0, 1, 15:20] == gts[0][1] - lo).all()             # in every layer
+    for b in range(3):                                                  # batched == per image
+        t1, w1 = mad.match_detections(logp[:, b:b + 1], inputs[b:b + 1], masked[b:b + 1],
+                                      gts[b:b + 1], v)
         assert torch.equal(t1[:, 0], target[:, b]) and torch.equal(w1[:, 0], weight[:, b])
-    assert (weight[:, 1].view(2, 2, Q, 5)[..., :4] == 0).all()              # no objects: all <noise>
+    assert (weight[:, 1].view(2, 2, Q, 5)[..., :4] == 0).all()          # no objects: all <noise>
     assert (target[:, 1].view(2, 2, Q, 5)[..., 4] == v.noise - lo).all()
-    assert (weight[:, 0].view(2, 2, Q, 5)[..., 0].sum(-1) == 3).all()        # every object matched once
+    assert (weight[:, 0].view(2, 2, Q, 5)[..., 0].sum(-1) == 3).all()   # every object matched once
 
 
-def test_matching_cost_is_the_mean_nll_of_an_objects_five_tokens_per_layer_with_visible_tokens_forced():
-    """3.2: the matching cost is each layer's mean NLL of an object's 5 tokens, visible tokens forced.
+def test_matching_cost_is_the_mean_nll_of_five_tokens_per_layer_and_visible_tokens_force_it():
+    """3.2: the matching cost is each layer's mean NLL of an object's 5 tokens, visible tokens
+    forced.
 
     3.2 Hungarian matching, per layer: cost(slot, object) = mean over its 5 tokens of -log p, so
     a slot sure of the class but far off in its box loses to one close in the box; at a visible
@@ -1234,23 +1358,26 @@ def test_matching_cost_is_the_mean_nll_of_an_objects_five_tokens_per_layer_with_
     lo = v.task_range("det")[0]
     V = v.task_range("det")[1] - lo
     obj = torch.tensor([[v.coord + 2, v.coord + 4, v.coord + 6, v.coord + 8, v.cls + 1]])
-    logp = torch.full((2, 1, 1, 10, V), -5.0)                                  # 2 layers, 2 slots
+    logp = torch.full((2, 1, 1, 10, V), -5.0)                       # 2 layers, 2 slots
     # layer 0: slot 0 sure of the class (-0.1) but 4 box tokens at -4; slot 1 box at -1, class at -4
     logp[0, 0, 0, 4, obj[0, 4] - lo] = -0.1
     logp[0, 0, 0, :4].scatter_(-1, (obj[0, :4] - lo)[:, None], -4.0)
     logp[0, 0, 0, 5:9].scatter_(-1, (obj[0, :4] - lo)[:, None], -1.0)
     logp[0, 0, 0, 9, obj[0, 4] - lo] = -4.0
-    logp[1] = logp[0].view(1, 1, 2, 5, V).flip(2).view(1, 1, 10, V)          # layer 1: the slots swapped
+    # layer 1: the slots swapped
+    logp[1] = logp[0].view(1, 1, 2, 5, V).flip(2).view(1, 1, 10, V)
     masked = torch.ones(1, 1, 10, dtype=torch.bool)
-    target, weight = mad.match_detections(logp, torch.full((1, 1, 10), v.mask_token), masked, [obj], v)
-    matched = weight.view(2, 2, 5)[..., 0] == 1                                # (layers, slots)
-    assert matched.tolist() == [[False, True], [True, False]]                 # mean: 3.22 > 1.6 in layer 0
+    target, weight = mad.match_detections(logp, torch.full((1, 1, 10), v.mask_token), masked,
+                                          [obj], v)
+    matched = weight.view(2, 2, 5)[..., 0] == 1                     # (layers, slots)
+    # mean: 3.22 > 1.6 in layer 0
+    assert matched.tolist() == [[False, True], [True, False]]
     # a visible wrong token forces the cost: slot 1 shows another x0 at a visible position
     inputs = torch.full((1, 1, 10), v.mask_token)
     inputs[0, 0, 5], masked[0, 0, 5] = v.coord + 3, False
     target, weight = mad.match_detections(logp, inputs, masked, [obj], v)
     assert (weight.view(2, 2, 5)[..., 0] == 1).tolist() == [[True, False], [True, False]]
-    inputs[0, 0, 5] = obj[0, 0]                                                # the object's own token: cost 0
+    inputs[0, 0, 5] = obj[0, 0]                                     # the object's own token: cost 0
     logp[1, 0, 0, 5:10] = -3.0
     target, weight = mad.match_detections(logp, inputs, masked, [obj], v)
     assert (weight.view(2, 2, 5)[..., 0] == 1).tolist() == [[False, True], [True, False]]
@@ -1268,27 +1395,29 @@ def test_matcher_survives_nan_and_inf_log_probs():
     gt = torch.tensor([[v.coord + 1, v.coord + 2, v.coord + 3, v.coord + 4, v.cls + 1],
                        [v.coord + 7, v.coord + 8, v.coord + 9, v.coord + 9, v.cls + 2]])
     logp = det_logp(v, Q, layers=2)
-    logp[0, ..., 3:8, :] = float("nan")                                       # slot 0 and 1 rows
-    logp[1, ..., :, gt[0, 4] - lo] = float("-inf")                            # an impossible class
+    logp[0, ..., 3:8, :] = float("nan")                         # slot 0 and 1 rows
+    logp[1, ..., :, gt[0, 4] - lo] = float("-inf")              # an impossible class
     masked = torch.ones(1, 1, 5 * Q, dtype=torch.bool)
-    target, weight = mad.match_detections(logp, torch.full((1, 1, 5 * Q), v.mask_token), masked, [gt], v)
+    target, weight = mad.match_detections(logp, torch.full((1, 1, 5 * Q), v.mask_token), masked,
+                                          [gt], v)
     for layer in range(2):
         matched = weight[layer, 0, 0].view(Q, 5)[:, 0] == 1
-        assert matched.sum() == 2                                             # both objects, once each
+        assert matched.sum() == 2                               # both objects, once each
         rows = target[layer, 0, 0].view(Q, 5)[matched]
         assert sorted(rows[:, 4].tolist()) == sorted((gt[:, 4] - lo).tolist())
     loss, _ = mad.masked_nll(logp, target, weight * masked)
-    assert torch.isnan(loss[0]) and torch.isinf(loss[1])                      # the training loop stops on these
+    assert torch.isnan(loss[0]) and torch.isinf(loss[1])        # the training loop stops on these
 
 
 def test_masked_nll_sums_the_weighted_cross_entropy_per_layer_and_counts_the_weights():
     """Eq. 1's parts: per layer, the sum of -log p(target) x weight, and the sum of the weights."""
     logp = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]],
-                                   [[0.2, 0.2, 0.6], [0.7, 0.2, 0.1]]]))           # (layers 2, L 2, V 3)
+                                   [[0.2, 0.2, 0.6], [0.7, 0.2, 0.1]]]))   # (layers 2, L 2, V 3)
     target = torch.tensor([2, 1])
     weight = torch.tensor([1.0, 0.5])
     sums, counts = mad.masked_nll(logp, target, weight)
-    assert np.allclose(sums.tolist(), [-math.log(0.25) - 0.5 * math.log(0.8), -math.log(0.6) - 0.5 * math.log(0.2)])
+    assert np.allclose(sums.tolist(), [-math.log(0.25) - 0.5 * math.log(0.8),
+                                       -math.log(0.6) - 0.5 * math.log(0.2)])
     assert counts.tolist() == [1.5, 1.5]
 
 
@@ -1300,7 +1429,8 @@ def fixed_masks_and_log_probs(model, monkeypatch, bump):
     seen = dict(mask={}, inputs={}, logp={}, last=None)
 
     def fixed_mask(shape, ratio, device):
-        seen["last"] = torch.rand(shape, generator=g).argsort(-1).argsort(-1) < round(ratio * shape[-1])
+        seen["last"] = (torch.rand(shape, generator=g).argsort(-1).argsort(-1)
+                        < round(ratio * shape[-1]))
         return seen["last"]
 
     def fixed_log_probs(prompt, inputs, enc, task):
@@ -1317,26 +1447,29 @@ def fixed_masks_and_log_probs(model, monkeypatch, bump):
 
 @pytest.mark.parametrize("task", ["det", "seg", "cap"])
 def test_loss_ignores_logits_of_unmasked_positions(task, monkeypatch):
-    """Eq. 1: the loss ignores the logits of unmasked positions and changes with those of masked ones."""
+    """Eq. 1: the loss ignores the logits of unmasked positions and changes with those of masked
+    ones."""
     model = tiny_model()
     batch = random_batch(model)
     enc = model.encode(batch["images"], batch["padding"])
     seen = {}
 
-    def loss():                                                               # summed CE per layer
-        bump = lambda t, logits: logits.add_(seen.get("bump", 0))             # (patched anew: each pass draws
-        fake = fixed_masks_and_log_probs(model, monkeypatch, bump)            # the same masks and log-probs)
-        torch.manual_seed(5)                                                  # the same shown / random words
+    def loss():                                                   # summed CE per layer
+        bump = lambda t, logits: logits.add_(seen.get("bump", 0))  # (patched anew: each pass draws
+        fake = fixed_masks_and_log_probs(model, monkeypatch, bump)  # the same masks and log-probs)
+        torch.manual_seed(5)                                      # the same shown / random words
         total = mad.LOSSES[task](model, batch, enc)[0]
         seen["inputs"] = fake["inputs"][task]
         return total
     base = loss()
-    visible = seen["inputs"] != model.vocab.mask_token                              # (B, 1+n, L): the partly masked
-    assert visible.any() and (~visible).any()                                 # copy's, and the full copy's word
+    visible = seen["inputs"] != model.vocab.mask_token            # (B, 1+n, L): the partly masked
+    assert visible.any() and (~visible).any()                     # copy's, and the full copy's word
     lo, hi = model.vocab.task_range(task)
-    seen["bump"] = torch.randn(*visible.shape, hi - lo) * 5 * visible[..., None]   # unmasked logits only
+    # unmasked logits only
+    seen["bump"] = torch.randn(*visible.shape, hi - lo) * 5 * visible[..., None]
     assert torch.allclose(loss(), base, atol=1e-5)
-    seen["bump"] = torch.randn(*visible.shape, hi - lo) * ~visible[..., None]   # masked ones: must change
+    # masked ones: must change
+    seen["bump"] = torch.randn(*visible.shape, hi - lo) * ~visible[..., None]
     assert not torch.allclose(loss(), base, atol=1e-3)
 
 
@@ -1346,29 +1479,34 @@ def mean_nll(logp, target, counted):
     return nll[counted].sum() / counted.sum()
 
 
-def test_task_losses_are_the_mean_nll_of_masked_targets_per_layer_and_the_total_weights_them(monkeypatch):
-    """Eq. 1: each task's loss is the mean NLL of its masked targets per layer; the total weights the tasks.
+def test_task_losses_are_the_mean_nll_of_masked_targets_per_layer_and_the_total_weights_them(
+        monkeypatch):
+    """Eq. 1: each task's loss is the mean NLL of its masked targets per layer; the total weights
+    the tasks.
 
     Eq. 1 and supplementary C: per task and decoder layer, the loss is the mean -log p(target) over
-    the masked positions that have a target (weight > 0); a task's loss sums its layers; the total is
-    1.5 det + 2.7 seg + 0.5 kpt + 0.3 cap. Fixed log-probs and masks; the slots holding the 3
+    the masked positions that have a target (weight > 0); a task's loss sums its layers; the total
+    is 1.5 det + 2.7 seg + 0.5 kpt + 0.3 cap. Fixed log-probs and masks; the slots holding the 3
     objects are sure of them, so the detection matching is unambiguous (other slots: <noise>)."""
-    model = tiny_model(cap_full_word=False)                       # every position of the full copy counts
+    model = tiny_model(cap_full_word=False)             # every position of the full copy counts
     v = model.vocab
-    batch = random_batch(model)                                    # B = 2, objects in slots 0-2
+    batch = random_batch(model)                         # B = 2, objects in slots 0-2
     B, Q = batch["det_seq"].shape[:2]
     g = torch.Generator().manual_seed(1)
-    batch["seg_weight"][1, 2:] = 0                                 # padding rows
-    batch["kpt_weight"] = (torch.rand(batch["kpt_weight"].shape, generator=g) < 0.7).float()   # unlabelled
-    batch["cap_weight"][0, 3:] = 0                                 # image 0 has 3 captions ...
-    batch["cap_weight"][1, :, 12:] = 0                             # ... image 1 short ones
-    full_ref = (0, 2)                                              # the reference layer 0 / layer 1 fits best
+    batch["seg_weight"][1, 2:] = 0                      # padding rows
+    # some keypoints unlabelled
+    batch["kpt_weight"] = (torch.rand(batch["kpt_weight"].shape, generator=g) < 0.7).float()
+    batch["cap_weight"][0, 3:] = 0                      # image 0 has 3 captions ...
+    batch["cap_weight"][1, :, 12:] = 0                  # ... image 1 short ones
+    full_ref = (0, 2)                                   # the reference layer 0 / layer 1 fits best
 
     def bump(task, logits):
         lo = v.task_range(task)[0]
         if task == "det":
-            gt = torch.stack(batch["det_gt"]).flatten(1) - lo           # (B, 15) tokens of slots 0-2
-            logits[..., :15, :].scatter_(-1, gt[None, :, None, :, None].expand(2, B, 2, 15, 1), 10.0)
+            # (B, 15) tokens of slots 0-2
+            gt = torch.stack(batch["det_gt"]).flatten(1) - lo
+            logits[..., :15, :].scatter_(
+                -1, gt[None, :, None, :, None].expand(2, B, 2, 15, 1), 10.0)
         if task == "cap":
             for layer, r in enumerate(full_ref):
                 logits[layer, :, 0].scatter_(-1, batch["cap_seq"][:, r, :, None] - lo, 10.0)
@@ -1376,19 +1514,21 @@ def test_task_losses_are_the_mean_nll_of_masked_targets_per_layer_and_the_total_
     total, parts = model.loss(batch)
 
     expected = {}
-    for task in ("seg", "kpt"):                                    # copies: fully masked, then partly
+    for task in ("seg", "kpt"):                         # copies: fully masked, then partly
         lo = v.task_range(task)[0]
         seqs, has = batch[f"{task}_seq"], batch[f"{task}_weight"] > 0
         counted = torch.cat([has, has & seen["mask"][task]], 1)
         target = seqs.repeat(1, 2, 1) - lo
         expected[task] = sum(mean_nll(seen["logp"][task][l], target, counted) for l in range(2))
     lo = v.task_range("det")[0]
-    target = torch.full((B, Q, 5), v.noise - lo)                   # unmatched slots: <noise> class only
+    target = torch.full((B, Q, 5), v.noise - lo)        # unmatched slots: <noise> class only
     has = torch.zeros(B, Q, 5, dtype=torch.bool)
     has[..., 4] = True
     target[:, :3], has[:, :3] = torch.stack(batch["det_gt"]) - lo, True
-    counted = torch.stack([torch.ones(B, 5 * Q, dtype=torch.bool), seen["mask"]["det"][:, 0]], 1) & has.view(B, 1, -1)
-    expected["det"] = sum(mean_nll(seen["logp"]["det"][l], target.view(B, 1, -1).expand(B, 2, -1), counted)
+    counted = (torch.stack([torch.ones(B, 5 * Q, dtype=torch.bool), seen["mask"]["det"][:, 0]], 1)
+               & has.view(B, 1, -1))
+    expected["det"] = sum(mean_nll(seen["logp"]["det"][l],
+                                   target.view(B, 1, -1).expand(B, 2, -1), counted)
                           for l in range(2))
     lo = v.task_range("cap")[0]
     refs, has = batch["cap_seq"] - lo, batch["cap_weight"] > 0
@@ -1401,54 +1541,67 @@ def test_task_losses_are_the_mean_nll_of_masked_targets_per_layer_and_the_total_
     assert total.item() == pytest.approx(weighted.item(), rel=1e-6)
 
 
-def test_caption_loss_picks_each_layers_best_reference_by_mean_nll_and_perturbs_one_visible_token(monkeypatch):
-    """3.2: the caption loss takes each layer's best reference by mean NLL and perturbs one visible token.
+def test_caption_loss_picks_each_layers_best_reference_by_mean_nll_and_perturbs_one_visible_token(
+        monkeypatch):
+    """3.2: the caption loss takes each layer's best reference by mean NLL and perturbs one visible
+    token.
 
     3.1 / 3.2 captioning: the fully masked copy learns, per decoder layer, the reference of lowest
-    MEAN cross-entropy under that layer's prediction (here: layer 0 a long reference over a short one
-    of lower summed CE, layer 1 another); the partly masked copy holds every reference, its masked
-    positions <mask>, exactly one visible token replaced by a random text token (the full copy all
-    <mask> here: cap_full_word off; its shown word is tested below)."""
+    MEAN cross-entropy under that layer's prediction (here: layer 0 a long reference over a short
+    one of lower summed CE, layer 1 another); the partly masked copy holds every reference, its
+    masked positions <mask>, exactly one visible token replaced by a random text token (the full
+    copy all <mask> here: cap_full_word off; its shown word is tested below)."""
     model = tiny_model(max_captions=5, cap_full_word=False)
     v = model.vocab
     lo, hi = v.task_range("cap")
     batch = random_batch(model)
     B, R, L = batch["cap_seq"].shape
-    batch["cap_seq"] = lo + (7 * torch.arange(R)[:, None] + torch.arange(L)) % v.num_text   # refs differ everywhere
+    # refs differ everywhere
+    batch["cap_seq"] = lo + (7 * torch.arange(R)[:, None] + torch.arange(L)) % v.num_text
     batch["cap_seq"] = batch["cap_seq"].expand(B, R, L).clone()
-    batch["cap_weight"][:, 3, 5:] = 0                                          # reference 3: 5 tokens
-    batch["cap_weight"][:, 4] = 0                                              # no reference 4
+    batch["cap_weight"][:, 3, 5:] = 0                       # reference 3: 5 tokens
+    batch["cap_weight"][:, 4] = 0                           # no reference 4
 
-    def bump(task, logits):                 # full copy: layer 0 p(ref 0) high, p(ref 3) less; layer 1 p(ref 1)
+    # full copy: layer 0 p(ref 0) high, p(ref 3) less; layer 1 p(ref 1)
+    def bump(task, logits):
         logits[:, :, 0] *= 0.1
-        logits[0, :, 0].scatter_add_(-1, batch["cap_seq"][:, 0, :, None] - lo, torch.full((B, L, 1), 4.0))
-        logits[0, :, 0].scatter_add_(-1, batch["cap_seq"][:, 3, :, None] - lo, torch.full((B, L, 1), 3.0))
-        logits[1, :, 0].scatter_add_(-1, batch["cap_seq"][:, 1, :, None] - lo, torch.full((B, L, 1), 4.0))
+        logits[0, :, 0].scatter_add_(-1, batch["cap_seq"][:, 0, :, None] - lo,
+                                     torch.full((B, L, 1), 4.0))
+        logits[0, :, 0].scatter_add_(-1, batch["cap_seq"][:, 3, :, None] - lo,
+                                     torch.full((B, L, 1), 3.0))
+        logits[1, :, 0].scatter_add_(-1, batch["cap_seq"][:, 1, :, None] - lo,
+                                     torch.full((B, L, 1), 4.0))
     seen = fixed_masks_and_log_probs(model, monkeypatch, bump)
-    torch.manual_seed(0)                                       # (a seed where no random token equals the one it replaces)
+    # (a seed where no random token equals the one it replaces)
+    torch.manual_seed(0)
     sums, counts = mad.caption_loss(model, batch, None)
 
     refs, has = batch["cap_seq"] - lo, batch["cap_weight"] > 0
     logp, partial = seen["logp"]["cap"], seen["mask"]["cap"]
-    full_nll = -logp[:, :, :1].expand(-1, -1, R, -1, -1).gather(-1, refs[None, ..., None].expand(2, -1, -1, -1, 1))[..., 0]
-    full_sum = (full_nll * has).sum(-1)                                       # (layers, B, R)
-    mean = (full_sum / has.sum(-1)).nan_to_num(float("inf"))                 # no reference 4: never best
-    assert (mean[0].argmin(-1) == 0).all() and (full_sum[0, :, :4].argmin(-1) == 3).all()   # sums disagree
+    full_nll = -logp[:, :, :1].expand(-1, -1, R, -1, -1).gather(
+        -1, refs[None, ..., None].expand(2, -1, -1, -1, 1))[..., 0]
+    full_sum = (full_nll * has).sum(-1)                             # (layers, B, R)
+    mean = (full_sum / has.sum(-1)).nan_to_num(float("inf"))        # no reference 4: never best
+    # sums disagree
+    assert (mean[0].argmin(-1) == 0).all() and (full_sum[0, :, :4].argmin(-1) == 3).all()
     assert (mean[1].argmin(-1) == 1).all()
     for layer, r in enumerate((0, 1)):
         counted = torch.cat([has[:, r:r + 1], has & partial], 1)
         target = torch.cat([refs[:, r:r + 1], refs], 1)
         nll = -logp[layer].gather(-1, target[..., None])[..., 0]
-        assert counts[layer] == counted.sum() and sums[layer].item() == pytest.approx(nll[counted].sum().item(), rel=1e-6)
-    inputs = seen["inputs"]["cap"]                                            # (B, 1 + R, L)
+        assert (counts[layer] == counted.sum()
+                and sums[layer].item() == pytest.approx(nll[counted].sum().item(), rel=1e-6))
+    inputs = seen["inputs"]["cap"]                                  # (B, 1 + R, L)
     assert (inputs[:, 0] == v.mask_token).all() and (inputs[:, 1:][partial] == v.mask_token).all()
     changed = (inputs[:, 1:] != batch["cap_seq"]) & ~partial
     assert (changed.sum(-1) == 1).all()
     assert ((inputs[:, 1:][changed] >= lo) & (inputs[:, 1:][changed] < hi)).all()
 
 
-def test_cap_full_word_shows_one_random_word_in_the_fully_masked_copy_and_trains_the_rest(monkeypatch):
-    """README: --cap-full-word shows one random word in the fully masked caption copy and trains the rest.
+def test_cap_full_word_shows_one_random_word_in_the_fully_masked_copy_and_trains_the_rest(
+        monkeypatch):
+    """README: --cap-full-word shows one random word in the fully masked caption copy and trains the
+    rest.
 
     README, where we differ (--cap-full-word, the default, as in the authors' code): the fully
     masked caption copy shows exactly one random text token, which is not a training target; its
@@ -1458,7 +1611,7 @@ def test_cap_full_word_shows_one_random_word_in_the_fully_masked_copy_and_trains
         model = tiny_model(max_captions=3, cap_full_word=on)
         lo, hi = model.vocab.task_range("cap")
         batch = random_batch(model)
-        batch["cap_weight"][:] = 1                                             # every position a real token
+        batch["cap_weight"][:] = 1                                    # every position a real token
         seen = fixed_masks_and_log_probs(model, monkeypatch, lambda task, logits: None)
         sums, counts = mad.caption_loss(model, batch, None)
         full, partial = seen["inputs"]["cap"][:, 0], seen["mask"]["cap"]      # (B, L), (B, R, L)
@@ -1470,7 +1623,8 @@ def test_cap_full_word_shows_one_random_word_in_the_fully_masked_copy_and_trains
 
 
 def test_adamw_groups_lower_the_backbone_lr_and_spare_normalization_from_weight_decay():
-    """Supplementary A: AdamW groups give the backbone its lr and spare normalization from weight decay.
+    """Supplementary A: AdamW groups give the backbone its lr and spare normalization from weight
+    decay.
 
     Supplementary A and the authors' code: the backbone trains at the backbone learning rate; the
     LayerNorm / GroupNorm weights and biases get no weight decay; every trainable parameter is in
@@ -1478,9 +1632,11 @@ def test_adamw_groups_lower_the_backbone_lr_and_spare_normalization_from_weight_
     model = tiny_model()
     groups = model.param_groups(1e-3, 1e-4, 0.05)
     ids = [id(p) for g in groups for p in g["params"]]
-    assert sorted(ids) == sorted(id(p) for p in model.parameters() if p.requires_grad) and len(set(ids)) == len(ids)
+    assert (sorted(ids) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+            and len(set(ids)) == len(ids))
     backbone = {id(p) for p in model.backbone.parameters()}
-    norms = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))}
+    norms = {id(m.weight) for m in model.modules()
+             if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))}
     for g in groups:
         for p in g["params"]:
             assert g["lr"] == (1e-4 if id(p) in backbone else 1e-3)
@@ -1507,22 +1663,27 @@ def test_one_stage_of_masked_inference_is_one_decoder_pass(monkeypatch):
     with torch.no_grad():
         enc = model.encode(batch["images"], batch["padding"])
         for task, L, prompt in [("det", 5 * model.cfg.num_queries, v.det_prompt.expand(2, 1, 6)),
-                                ("kpt", 51, batch["kpt_prompt"]), ("cap", model.cfg.caption_len, v.cap_prompt.expand(2, 1, 6))]:
-            h = decode(torch.cat([prompt, torch.full((*prompt.shape[:2], L), v.mask_token)], -1), enc)[..., 6:, :]
+                                ("kpt", 51, batch["kpt_prompt"]),
+                                ("cap", model.cfg.caption_len, v.cap_prompt.expand(2, 1, 6))]:
+            h = decode(torch.cat([prompt, torch.full((*prompt.shape[:2], L), v.mask_token)], -1),
+                       enc)[..., 6:, :]
             for order in (mad.random_order, mad.confidence_order):
                 passes.clear()
                 logits = mad.refine(model, prompt, L, enc, task, (1.0,), order)
                 assert len(passes) == 1 and (passes[0][..., 6:] == v.mask_token).all(), task
                 assert torch.allclose(logits, model.logits(h, task), atol=1e-6), task
         passes.clear()
-        model.vocab.person = int(model.predict(batch["images"], batch["padding"], batch["orig_size"], tasks=("det",))[0]["labels"][0])
+        model.vocab.person = int(model.predict(batch["images"], batch["padding"],
+                                               batch["orig_size"], tasks=("det",))[0]["labels"][0])
         passes.clear()
         model.predict(batch["images"], batch["padding"], batch["orig_size"])
-    assert [p.shape[-1] for p in passes] == [6 + 5 * model.cfg.num_queries, 6 + model.cfg.grid_size ** 2, 6 + 51,
+    assert [p.shape[-1] for p in passes] == [6 + 5 * model.cfg.num_queries,
+                                             6 + model.cfg.grid_size ** 2, 6 + 51,
                                              6 + model.cfg.caption_len]
 
 
-def test_keypoint_stage_2_remasks_the_36_least_confident_positions_and_keeps_the_others(monkeypatch):
+def test_keypoint_stage_2_remasks_the_36_least_confident_positions_and_keeps_the_others(
+        monkeypatch):
     """4.1: keypoint stage 2 re-masks the 36 least confident positions and feeds back the other 15.
 
     3.2 / 4.1: keypoints in the paper's 2 stages (--kpt-ratios 1.0,0.7; the default is one, as the
@@ -1533,14 +1694,16 @@ def test_keypoint_stage_2_remasks_the_36_least_confident_positions_and_keeps_the
     batch = random_batch(model)
     v, lo = model.vocab, model.vocab.task_range("kpt")[0]
     calls = []
-    spy(monkeypatch, model, "decode", lambda h, tokens, enc, **kw: calls.append((tokens.clone(), h)), with_result=True)
+    spy(monkeypatch, model, "decode",
+        lambda h, tokens, enc, **kw: calls.append((tokens.clone(), h)), with_result=True)
     prompt = batch["kpt_prompt"]                                                # (2, 4, 6)
     with torch.no_grad():
         enc = model.encode(batch["images"], batch["padding"])
         mad.refine(model, prompt, 51, enc, "kpt", model.cfg.kpt_ratios, mad.confidence_order)
         assert len(calls) == 2
         (first, h1), (second, _) = calls
-        conf, tokens = mad.allowed(model.logits(h1[..., 6:, :], "kpt"), "kpt", v).softmax(-1).max(-1)
+        conf, tokens = (mad.allowed(model.logits(h1[..., 6:, :], "kpt"), "kpt", v)
+                        .softmax(-1).max(-1))
     assert (first[..., 6:] == v.mask_token).all() and torch.equal(second[..., :6], prompt)
     remasked = second[..., 6:] == v.mask_token
     assert (remasked.sum(-1) == 36).all()
@@ -1563,21 +1726,27 @@ def test_masked_inference_averages_the_logits_of_the_stages_that_re_masked_a_pos
     g = torch.Generator().manual_seed(0)
     stage_logits = [torch.randn(B, n, L, v.num_text, generator=g) * 3 for _ in range(3)]
     inputs = []
-    monkeypatch.setattr(model, "decode", lambda tokens, enc: inputs.append(tokens) or torch.zeros(*tokens.shape, 1))
+    monkeypatch.setattr(model, "decode",
+                        lambda tokens, enc: inputs.append(tokens) or torch.zeros(*tokens.shape, 1))
     monkeypatch.setattr(model, "logits", lambda h, task: stage_logits[len(inputs) - 1])
-    logits = mad.refine(model, v.cap_prompt.expand(B, n, 6), L, None, "cap", (1.0, 0.8, 0.6), mad.random_order)
-    remasked = torch.stack([x[..., 6:] == v.mask_token for x in inputs])               # (stages, B, n, L)
+    logits = mad.refine(model, v.cap_prompt.expand(B, n, 6), L, None, "cap", (1.0, 0.8, 0.6),
+                        mad.random_order)
+    remasked = torch.stack([x[..., 6:] == v.mask_token for x in inputs])   # (stages, B, n, L)
     assert (remasked.sum(-1) == torch.tensor([20, 16, 12])[:, None, None]).all()
     count = remasked.sum(0)
     assert set(count.unique().tolist()) == {1, 2, 3}
-    mean = lambda k: sum(l * m[..., None] for l, m in zip(stage_logits[:k], remasked)) / remasked[:k].sum(0)[..., None]
-    for k in (1, 2):                                    # the tokens fed back are the argmax of the average so far
-        assert torch.equal(inputs[k][..., 6:][~remasked[k]], (mean(k).argmax(-1) + lo)[~remasked[k]])
+    mean = lambda k: (sum(l * m[..., None] for l, m in zip(stage_logits[:k], remasked))
+                      / remasked[:k].sum(0)[..., None])
+    # the tokens fed back are the argmax of the average so far
+    for k in (1, 2):
+        assert torch.equal(inputs[k][..., 6:][~remasked[k]],
+                           (mean(k).argmax(-1) + lo)[~remasked[k]])
     assert torch.allclose(logits, mean(3), atol=1e-5)
 
 
 def test_halving_rule_weighs_later_stages_more(monkeypatch):
-    """Masked inference, halving rule: each re-masking halves the ensemble, so later stages weigh more.
+    """Masked inference, halving rule: each re-masking halves the ensemble, so later stages weigh
+    more.
 
     The authors' caption ensembling (remask_average "halve"): at a re-masked position
     the ensemble becomes (ensemble + new) / 2, so a position re-masked at all four stages ends with
@@ -1587,10 +1756,11 @@ def test_halving_rule_weighs_later_stages_more(monkeypatch):
     g = torch.Generator().manual_seed(0)
     stage_logits = [torch.randn(B, n, L, model.vocab.num_text, generator=g) for _ in range(4)]
     calls = []
-    monkeypatch.setattr(model, "decode", lambda tokens, enc: calls.append(1) or torch.zeros(*tokens.shape, 1))
+    monkeypatch.setattr(model, "decode",
+                        lambda tokens, enc: calls.append(1) or torch.zeros(*tokens.shape, 1))
     monkeypatch.setattr(model, "logits", lambda h, task: stage_logits[len(calls) - 1])
-    logits = mad.refine(model, model.vocab.cap_prompt.expand(B, n, 6), L, None, "cap", (1.0, 1.0, 1.0, 1.0),
-                        mad.random_order)
+    logits = mad.refine(model, model.vocab.cap_prompt.expand(B, n, 6), L, None, "cap",
+                        (1.0, 1.0, 1.0, 1.0), mad.random_order)
     expected = sum(w * l for w, l in zip((1 / 8, 1 / 8, 1 / 4, 1 / 2), stage_logits))
     assert torch.allclose(logits, expected, atol=1e-5)
 
@@ -1603,18 +1773,23 @@ def test_detection_score_classes_takes_the_softmax_over_classes_and_noise_only(m
     model = tiny_model(num_queries=1, num_bins=10, det_score="classes")
     C = model.vocab.num_classes
     det = torch.zeros(1, 1, 5, C + 1 + 11)
-    det[0, 0, 4, 1], det[0, 0, 4, C], det[0, 0, 4, C + 3] = 3.0, 1.0, 7.0   # class 1, <noise>, a coordinate
+    # class 1, <noise>, a coordinate
+    det[0, 0, 4, 1], det[0, 0, 4, C], det[0, 0, 4, C + 3] = 3.0, 1.0, 7.0
     monkeypatch.setattr(model, "logits", lambda h, task: det)
-    enc = model.encode(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, 32, 32, dtype=torch.bool))
+    enc = model.encode(torch.zeros(1, 3, 32, 32, dtype=torch.uint8),
+                       torch.zeros(1, 32, 32, dtype=torch.bool))
     with torch.no_grad():
         d = mad.detect(model, enc)
     assert d["labels"].tolist() == [[1]]
-    assert d["scores"].item() == pytest.approx(math.exp(3) / (math.exp(3) + math.exp(1) + C - 1), rel=1e-5)
-    model = tiny_model(num_queries=1, num_bins=10, det_score="all")        # the variant is chosen when built
+    assert d["scores"].item() == pytest.approx(
+        math.exp(3) / (math.exp(3) + math.exp(1) + C - 1), rel=1e-5)
+    # the variant is chosen when built
+    model = tiny_model(num_queries=1, num_bins=10, det_score="all")
     monkeypatch.setattr(model, "logits", lambda h, task: det)
     with torch.no_grad():
         d = mad.detect(model, enc)
-    assert d["scores"].item() == pytest.approx(math.exp(3) / (math.exp(3) + math.exp(1) + math.exp(7) + C - 1 + 10), rel=1e-5)
+    assert d["scores"].item() == pytest.approx(
+        math.exp(3) / (math.exp(3) + math.exp(1) + math.exp(7) + C - 1 + 10), rel=1e-5)
 
 
 def test_predictions_of_an_image_do_not_depend_on_its_batch():
@@ -1628,7 +1803,7 @@ def test_predictions_of_an_image_do_not_depend_on_its_batch():
     args = lambda s: (batch["images"][s], batch["padding"][s], batch["orig_size"][s])
     with torch.no_grad():
         top = model.predict(*args(slice(None)), tasks=("det",))[0]["labels"][0]
-        model.vocab.person = int(top)                          # untrained: "person" is a class it predicts
+        model.vocab.person = int(top)             # untrained: "person" is a class it predicts
         together = model.predict(*args(slice(None)))
         alone = [model.predict(*args(slice(b, b + 1)))[0] for b in range(3)]
     assert sum(len(o["keypoints"]) for o in together) > 3
@@ -1640,8 +1815,10 @@ def test_predictions_of_an_image_do_not_depend_on_its_batch():
         assert torch.allclose(a["keypoints"][..., 2], t["keypoints"][..., 2], atol=1e-5, rtol=0)
 
 
-def test_post_processing_turns_known_logits_into_boxes_scores_masks_keypoints_and_coco_results(monkeypatch):
-    """4.1: post-processing turns known logits into boxes, scores, masks, keypoints and COCO results.
+def test_post_processing_turns_known_logits_into_boxes_scores_masks_keypoints_and_coco_results(
+        monkeypatch):
+    """4.1: post-processing turns known logits into boxes, scores, masks, keypoints and COCO
+    results.
 
     4.1 inference and the COCO results: from known logits (3 slots, 10 bins, a 60 x 90 original
     image): corners ordered x0 <= x1 and y0 <= y1, bin centres scaled by the original width and
@@ -1651,7 +1828,8 @@ def test_post_processing_turns_known_logits_into_boxes_scores_masks_keypoints_an
     with the sparse category ids, keypoints scored by their detection. Expected values by hand."""
     model = tiny_model(num_queries=3, num_bins=10, grid_size=4)
     v, C = model.vocab, model.vocab.num_classes                       # 5 classes, person = 0
-    slots = [((7, 2, 3, 8), {0: 5.0, C: 1.0}), ((1, 1, 4, 4), {C: 6.0, 2: 3.0}), ((5, 6, 9, 9), {3: 4.0})]
+    slots = [((7, 2, 3, 8), {0: 5.0, C: 1.0}), ((1, 1, 4, 4), {C: 6.0, 2: 3.0}),
+             ((5, 6, 9, 9), {3: 4.0})]
     det = torch.zeros(1, 1, 15, C + 1 + 11)
     for s, (bins, cls) in enumerate(slots):
         for j, b in enumerate(bins):
@@ -1659,28 +1837,34 @@ def test_post_processing_turns_known_logits_into_boxes_scores_masks_keypoints_an
         for c, logit in cls.items():
             det[0, 0, 5 * s + 4, c] = logit
     seg = torch.zeros(1, 3, 16, 2)
-    seg[..., 0] = torch.tensor([4.0, 4.0, -4.0, -4.0]).repeat(4)           # p(<fg>) high in the left half
+    seg[..., 0] = torch.tensor([4.0, 4.0, -4.0, -4.0]).repeat(4)  # p(<fg>) high in the left half
     kpt = torch.zeros(1, 3, 51, 13)
-    kpt[0, :, 0::3, 3], kpt[0, :, 1::3, 6] = 9.0, 9.0                      # x bin 3, y bin 6
-    kpt[0, :, 2::3, 11] = 2.0                                              # <vis> 2, <invis> 0
+    kpt[0, :, 0::3, 3], kpt[0, :, 1::3, 6] = 9.0, 9.0             # x bin 3, y bin 6
+    kpt[0, :, 2::3, 11] = 2.0                                     # <vis> 2, <invis> 0
     cap = torch.zeros(1, 1, model.cfg.caption_len, v.num_text)
-    cap[0, 0, torch.arange(model.cfg.caption_len), torch.arange(model.cfg.caption_len) % 7 + 3] = 5.0
+    cap[0, 0, torch.arange(model.cfg.caption_len),
+        torch.arange(model.cfg.caption_len) % 7 + 3] = 5.0
     logits = dict(det=det, seg=seg, kpt=kpt, cap=cap)
-    monkeypatch.setattr(model, "logits", lambda h, task: logits[task][:, : h.shape[1]].expand(*h.shape[:3], -1))
+    monkeypatch.setattr(model, "logits",
+                        lambda h, task: logits[task][:, : h.shape[1]].expand(*h.shape[:3], -1))
     images = torch.zeros(1, 3, 64, 96, dtype=torch.uint8)
     pad = torch.zeros(1, 64, 96, dtype=torch.bool)
     with torch.no_grad():
         p = model.predict(images, pad, torch.tensor([[60, 90]]))[0]
-    z = lambda cls: sum(math.exp(l) for l in cls.values()) + (C + 1 + 11 - len(cls))   # softmax denominators
-    score = [math.exp(cls.get(c, 0.0)) / z(cls) for _, cls in slots for c in [max(range(C), key=lambda c: cls.get(c, 0.0))]]
+    # softmax denominators
+    z = lambda cls: sum(math.exp(l) for l in cls.values()) + (C + 1 + 11 - len(cls))
+    score = [math.exp(cls.get(c, 0.0)) / z(cls)
+             for _, cls in slots for c in [max(range(C), key=lambda c: cls.get(c, 0.0))]]
     order = sorted(range(3), key=lambda s: -score[s])
     assert order == [0, 2, 1]
-    assert p["labels"].tolist() == [0, 3, 2] and np.allclose(p["scores"].tolist(), [score[s] for s in order], atol=1e-6)
+    assert (p["labels"].tolist() == [0, 3, 2]
+            and np.allclose(p["scores"].tolist(), [score[s] for s in order], atol=1e-6))
     px = lambda b, size: (b + 0.5) / 10 * size
-    boxes = [[px(min(b[0], b[2]), 90), px(min(b[1], b[3]), 60), px(max(b[0], b[2]), 90), px(max(b[1], b[3]), 60)]
+    boxes = [[px(min(b[0], b[2]), 90), px(min(b[1], b[3]), 60),
+              px(max(b[0], b[2]), 90), px(max(b[1], b[3]), 60)]
              for b, _ in (slots[s] for s in order)]
     assert np.allclose(p["boxes"].tolist(), boxes, atol=1e-4)
-    for k, (x0, y0, x1, y1) in enumerate(boxes):                           # the left half of each box
+    for k, (x0, y0, x1, y1) in enumerate(boxes):                  # the left half of each box
         cols = torch.arange(90) + 0.5
         inside_rows = ((torch.arange(60) + 0.5 >= y0) & (torch.arange(60) + 0.5 < y1))
         left = (cols >= x0 + 1) & (cols < (x0 + x1) / 2 - 1)
@@ -1688,23 +1872,28 @@ def test_post_processing_turns_known_logits_into_boxes_scores_masks_keypoints_an
         assert p["masks"][k][inside_rows][:, left].all() and not p["masks"][k][:, right].any(), k
         assert not p["masks"][k][~inside_rows].any()
     assert p["kpt_index"].tolist() == [0] and p["keypoints"].shape == (1, 17, 3)
-    assert np.allclose(p["keypoints"][0, :, 0], px(3, 90)) and np.allclose(p["keypoints"][0, :, 1], px(6, 60))
+    assert (np.allclose(p["keypoints"][0, :, 0], px(3, 90))
+            and np.allclose(p["keypoints"][0, :, 1], px(6, 60)))
     assert np.allclose(p["keypoints"][0, :, 2], math.exp(2) / (math.exp(2) + 1), atol=1e-6)
     assert p["caption_ids"].tolist() == [i % 7 + 3 for i in range(model.cfg.caption_len)]
     cats = [dict(id=i, name=str(i)) for i in (1, 3, 5, 8, 11)]
     res = evaluate.to_coco_results([p], [42], cats)
-    assert [r["category_id"] for r in res["bbox"]] == [1, 8, 5] and all(r["image_id"] == 42 for r in res["bbox"])
-    assert np.allclose([r["bbox"] for r in res["bbox"]], [[a, b, c - a, d - b] for a, b, c, d in boxes], atol=1e-4)
+    assert ([r["category_id"] for r in res["bbox"]] == [1, 8, 5]
+            and all(r["image_id"] == 42 for r in res["bbox"]))
+    assert np.allclose([r["bbox"] for r in res["bbox"]],
+                       [[a, b, c - a, d - b] for a, b, c, d in boxes], atol=1e-4)
     assert np.allclose([r["score"] for r in res["bbox"]], [score[s] for s in order], atol=1e-6)
     assert len(res["keypoints"]) == 1 and res["keypoints"][0]["category_id"] == 1
     assert res["keypoints"][0]["score"] == pytest.approx(score[0], abs=1e-6)
-    assert np.allclose(res["keypoints"][0]["keypoints"][:6], [px(3, 90), px(6, 60), math.exp(2) / (math.exp(2) + 1)] * 2, atol=1e-5)
+    assert np.allclose(res["keypoints"][0]["keypoints"][:6],
+                       [px(3, 90), px(6, 60), math.exp(2) / (math.exp(2) + 1)] * 2, atol=1e-5)
     decoded = evaluate.rle_to_masks([r["segmentation"] for r in res["segm"]], 60, 90)
     assert torch.equal(decoded, p["masks"]) and [r["category_id"] for r in res["segm"]] == [1, 8, 5]
 
 
 def test_paste_masks_fills_the_box_only():
-    """4.1: paste_masks fills the box only: a full mask exactly the box, a left-half mask its left part."""
+    """4.1: paste_masks fills the box only: a full mask exactly the box, a left-half mask its left
+    part."""
     prob = torch.ones(2, 16, 16)
     prob[1, :, 8:] = 0                                                       # left half foreground
     m = mad.paste_masks(prob, torch.tensor([[10., 20., 50., 60.], [0., 0., 40., 40.]]), 80, 100)
@@ -1729,8 +1918,8 @@ def test_vectorized_paste_equals_resizing_each_mask_into_its_box():
     assert pasted.shape == (K, H, W) and pasted.dtype == torch.bool
     for k, (a, b, c, d) in enumerate(boxes.long().tolist()):
         ref = torch.zeros(H, W)
-        ref[b:d, a:c] = torch.nn.functional.interpolate(prob[k][None, None], size=(d - b, c - a), mode="bilinear",
-                                                        align_corners=False)[0, 0]
+        ref[b:d, a:c] = torch.nn.functional.interpolate(prob[k][None, None], size=(d - b, c - a),
+                                                        mode="bilinear", align_corners=False)[0, 0]
         clear = (ref - 0.5).abs() > 1e-4
         assert torch.equal(pasted[k][clear], (ref >= 0.5)[clear]), k
         assert not pasted[k][:b].any() and not pasted[k][d:].any() and not pasted[k][:, :a].any()
@@ -1740,31 +1929,37 @@ def check_prediction(out, model, batch):
     Q, (H, W) = model.cfg.num_queries, batch["orig_size"][0].tolist()
     assert len(out) == len(batch["images"])
     for o in out:
-        assert o["boxes"].shape == (Q, 4) and o["scores"].shape == (Q,) and o["labels"].shape == (Q,)
+        assert (o["boxes"].shape == (Q, 4) and o["scores"].shape == (Q,)
+                and o["labels"].shape == (Q,))
         assert (o["scores"][:-1] >= o["scores"][1:]).all()                  # sorted
         assert (o["boxes"][:, :2] <= o["boxes"][:, 2:]).all()
         assert (o["boxes"][:, 2] <= W).all() and (o["boxes"][:, 3] <= H).all()
-        assert o["masks"].shape == (min(model.cfg.seg_topk, Q), H, W) and o["masks"].dtype == torch.bool
+        assert (o["masks"].shape == (min(model.cfg.seg_topk, Q), H, W)
+                and o["masks"].dtype == torch.bool)
         P = len(o["kpt_index"])
-        assert o["keypoints"].shape == (P, 17, 3) and (o["labels"][o["kpt_index"]] == model.vocab.person).all()
+        assert (o["keypoints"].shape == (P, 17, 3)
+                and (o["labels"][o["kpt_index"]] == model.vocab.person).all())
         assert o["caption_ids"].shape == (model.cfg.caption_len,)
 
 
 def test_one_training_step_and_prediction_shapes_for_both_decoders():
-    """Both decoders: a training step reaches every parameter, and predictions have the documented shapes."""
+    """Both decoders: a training step reaches every parameter, and predictions have the documented
+    shapes."""
     for decoder in ("mad", "ar"):
         model = tiny_model(decoder).train()
         batch = random_batch(model)
         loss, parts = model.loss(batch)
         loss.backward()
         assert set(parts) == set(mad.TASKS) and torch.isfinite(loss)
-        assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad), decoder
+        assert all(p.grad is not None for n, p in model.named_parameters()
+                   if p.requires_grad), decoder
         out = model.eval().predict(batch["images"], batch["padding"], batch["orig_size"])
         check_prediction(out, model, batch)
 
 
 def test_r50_default_training_step_and_predict_at_800x1333():
-    """The r50 preset (40-50M parameters) trains a step and predicts at 800 x 1333; its stem stays frozen.
+    """The r50 preset (40-50M parameters) trains a step and predicts at 800 x 1333; its stem stays
+    frozen.
 
     The training step runs at 320 x 544 (the same code at a quarter of the pixels: the full size's
     step and its memory are bench.py's), the prediction at 800 x 1333 padded to 800 x 1344."""
@@ -1774,7 +1969,8 @@ def test_r50_default_training_step_and_predict_at_800x1333():
     model = MAD(cfg, vocab)
     assert 40e6 < sum(p.numel() for p in model.parameters()) < 50e6
     batch = random_batch(model, B=1, size=320, n_gt=7)
-    batch["images"] = torch.randint(0, 256, (1, 3, 320, 544), dtype=torch.uint8)    # 533 padded to 32
+    # 533 padded to 32
+    batch["images"] = torch.randint(0, 256, (1, 3, 320, 544), dtype=torch.uint8)
     batch["padding"] = torch.zeros(1, 320, 544, dtype=torch.bool)
     batch["padding"][:, :, 533:] = True
     batch["size"], batch["orig_size"] = torch.tensor([[320, 533]]), torch.tensor([[480, 800]])
@@ -1803,12 +1999,12 @@ def test_ar_baseline_trains_on_its_targets_shifted_right_by_one_with_the_objects
     model = tiny_model("ar", num_queries=4)
     v = model.vocab
     batch = random_batch(model, B=1, n_gt=0)
-    seq = batch["det_seq"][0].clone()                                          # (4, 5)
-    batch["det_gt"] = [seq[[3, 0]].clone()]                                   # objects in slots 3 and 0
+    seq = batch["det_seq"][0].clone()                               # (4, 5)
+    batch["det_gt"] = [seq[[3, 0]].clone()]                         # objects in slots 3 and 0
     seen = {}
     g = torch.Generator().manual_seed(0)
 
-    def decode(tokens, enc, all_layers=False, **kw):                        # 2 layers' outputs if asked
+    def decode(tokens, enc, all_layers=False, **kw):                # 2 layers' outputs if asked
         seen.setdefault("tokens", {})[tokens.shape[-1]] = tokens
         return torch.zeros(*(2,) * bool(all_layers), *tokens.shape, model.cfg.d_model)
     def logits(h, task):
@@ -1818,11 +2014,11 @@ def test_ar_baseline_trains_on_its_targets_shifted_right_by_one_with_the_objects
     monkeypatch.setattr(model, "decode", decode)
     monkeypatch.setattr(model, "logits", logits)
     sums, counts = (x["det"] for x in model(batch, ("det",)))
-    assert sums.shape == counts.shape == (2,)                                  # a loss on every layer, as MAD
+    assert sums.shape == counts.shape == (2,)                       # a loss on every layer, as MAD
     target = torch.cat([seq[0], seq[3], seq[1], seq[2]]).clone()
-    target[14], target[19] = v.noise, v.noise                                  # noise objects' classes
+    target[14], target[19] = v.noise, v.noise                       # noise objects' classes
     weight = torch.ones(20)
-    weight[10:14] = weight[15:19] = 0                                          # ... their boxes
+    weight[10:14] = weight[15:19] = 0                               # ... their boxes
     tokens = seen["tokens"][6 + 20][0, 0]
     assert tokens[:6].tolist() == v.det_prompt.tolist() and tokens[6] == v.start
     assert torch.equal(tokens[7:], target[:-1])
@@ -1839,25 +2035,29 @@ def test_ar_baseline_trains_on_its_targets_shifted_right_by_one_with_the_objects
     assert counts[0] == model.cfg.caption_len
 
 
-def test_allowed_tokens_per_position_and_greedy_ar_decoding_feeds_back_the_best_allowed_token(monkeypatch):
-    """Table 2: each position allows its own tokens; greedy AR decoding feeds back the best allowed one.
+def test_allowed_tokens_per_position_and_greedy_ar_decoding_feeds_back_the_best_allowed_token(
+        monkeypatch):
+    """Table 2: each position allows its own tokens; greedy AR decoding feeds back the best allowed
+    one.
 
     Inference restricts each position to the tokens that can stand there (detection: coordinates,
-    and a class or <noise> at every 5th; keypoints: coordinates, and <vis>/<invis> at every 3rd); the
-    autoregressive baseline feeds back the best allowed token of each step, at its sequence position."""
+    and a class or <noise> at every 5th; keypoints: coordinates, and <vis>/<invis> at every 3rd);
+    the autoregressive baseline feeds back the best allowed token of each step, at its sequence
+    position."""
     model = tiny_model("ar", num_queries=2)
     v, C = model.vocab, model.vocab.num_classes
     lo, hi = v.task_range("det")
     logits = torch.zeros(10, hi - lo)
-    logits[:, 0] = 5.0                                                     # class 0 everywhere ...
-    logits[:, C + 1 + 7] = 3.0                                             # ... and coordinate bin 7 second
+    logits[:, 0] = 5.0                                      # class 0 everywhere ...
+    logits[:, C + 1 + 7] = 3.0                              # ... and coordinate bin 7 second
     out = mad.allowed(logits, "det", v)
     best = out.argmax(-1).tolist()
     assert best == [C + 1 + 7] * 4 + [0] + [C + 1 + 7] * 4 + [0]
     assert torch.isinf(out[4, C + 1:]).all() and torch.isinf(out[0, : C + 1]).all()
     k = mad.allowed(torch.zeros(6, v.task_range("kpt")[1] - v.task_range("kpt")[0]), "kpt", v)
     nb = v.num_bins + 1
-    assert torch.isinf(k[[0, 1, 3, 4], nb:]).all() and torch.isinf(k[[2, 5], :nb]).all() and torch.isfinite(k[2, nb:]).all()
+    assert (torch.isinf(k[[0, 1, 3, 4], nb:]).all() and torch.isinf(k[[2, 5], :nb]).all()
+            and torch.isfinite(k[2, nb:]).all())
     inputs, offsets = [], []
     def decode_step(tokens, enc, caches, start):
         inputs.append(tokens.clone()); offsets.append(start)
@@ -1871,15 +2071,18 @@ def test_allowed_tokens_per_position_and_greedy_ar_decoding_feeds_back_the_best_
 
 
 def test_ar_greedy_decoding_with_kv_cache_equals_without():
-    """Table 2: greedy AR decoding with the KV cache gives the tokens and logits of decoding without it."""
+    """Table 2: greedy AR decoding with the KV cache gives the tokens and logits of decoding without
+    it."""
     model = tiny_model("ar")
     batch = random_batch(model)
     v = model.vocab
     with torch.no_grad():
         enc = model.encode(batch["images"], batch["padding"])
-        for task, L, prompt in [("det", 40, v.det_prompt.expand(2, 1, 6)), ("kpt", 51, batch["kpt_prompt"][:, :2]),
+        for task, L, prompt in [("det", 40, v.det_prompt.expand(2, 1, 6)),
+                                ("kpt", 51, batch["kpt_prompt"][:, :2]),
                                 ("cap", 20, v.cap_prompt.expand(2, 1, 6))]:
-            cached, plain = model.generate(prompt, L, enc, task), model.generate(prompt, L, enc, task, use_cache=False)
+            cached, plain = (model.generate(prompt, L, enc, task),
+                             model.generate(prompt, L, enc, task, use_cache=False))
             assert torch.equal(cached.argmax(-1), plain.argmax(-1))
             assert torch.allclose(cached, plain, atol=1e-5)
 
@@ -1893,22 +2096,25 @@ def test_ar_detection_sequences_put_each_images_own_objects_first():
     slots = torch.arange(2 * 4 * 5).view(2, 4, 5) % 40 + v.coord              # distinct slot tokens
     batch = dict(det_seq=slots, det_gt=[slots[0, [2]], slots[1, [3, 1, 0]]])
     prompt, target, weight = mad.ar_sequences(batch, "det", v)
-    order = [[2, 0, 1, 3], [0, 1, 3, 2]]                                      # objects in slot order, then the rest
+    order = [[2, 0, 1, 3], [0, 1, 3, 2]]                    # objects in slot order, then the rest
     for b, n in enumerate((1, 3)):
         expect = slots[b, order[b]].clone()
         expect[n:, 4] = v.noise
         w = torch.ones(4, 5)
         w[n:, :4] = 0
-        assert torch.equal(target[b, 0], expect.flatten()) and torch.equal(weight[b, 0], w.flatten()), b
+        assert (torch.equal(target[b, 0], expect.flatten())
+                and torch.equal(weight[b, 0], w.flatten())), b
     assert torch.equal(prompt, v.det_prompt.expand(2, 1, 6))
 
 
 def test_causal_self_attention_equals_a_masked_softmax_by_hand_and_drops_only_in_training():
-    """Table 2: the baseline's self-attention is causal, equal to a masked softmax by hand; no dropout at inference.
+    """Table 2: the baseline's self-attention is causal, equal to a masked softmax by hand; no
+    dropout at inference.
 
-    Causal multi-head attention (2 heads) against a reference written here: scores q.k / sqrt(d_head),
-    -inf above the diagonal, softmax, times v, output projection; with the key/value cache, one step
-    at a time gives the same rows. With dropout 0.5 the module drops in training only."""
+    Causal multi-head attention (2 heads) against a reference written here: scores
+    q.k / sqrt(d_head), -inf above the diagonal, softmax, times v, output projection; with the
+    key/value cache, one step at a time gives the same rows. With dropout 0.5 the module drops in
+    training only."""
     torch.manual_seed(0)
     attn = mad.Attention(8, 2, dropout=0.5).eval()
     q, x = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
@@ -1920,16 +2126,18 @@ def test_causal_self_attention_equals_a_masked_softmax_by_hand_and_drops_only_in
     with torch.no_grad():
         got = mad.causal_self_attention(attn, q, x)
         cache = {}
-        steps = torch.cat([mad.causal_self_attention(attn, q[:, t:t + 1], x[:, t:t + 1], cache) for t in range(5)], 1)
+        steps = torch.cat([mad.causal_self_attention(attn, q[:, t:t + 1], x[:, t:t + 1], cache)
+                           for t in range(5)], 1)
     assert torch.allclose(got, expect, atol=1e-5) and torch.allclose(steps, expect, atol=1e-5)
     assert not torch.allclose(mad.causal_self_attention(attn.train(), q, x), expect, atol=1e-3)
 
 
 def test_ar_baseline_trains_saves_loads_and_evaluates_through_evaluate_py(synth, tmp_path):
-    """Table 2: the AR baseline trains through train.py, saves, loads and is scored by evaluate.py."""
+    """Table 2: the AR baseline trains through train.py, saves, loads and is scored by
+    evaluate.py."""
     train.main(run_args(synth, tmp_path / "ar", "--decoder", "ar", "--max-steps", "2"))
-    run([sys.executable, "evaluate.py", str(tmp_path / "ar/last.pt"), "--device", "cpu", "--workers", "0", "--max-images", "4",
-         "--out", str(tmp_path / "ar/eval")])
+    run([sys.executable, "evaluate.py", str(tmp_path / "ar/last.pt"), "--device", "cpu",
+         "--workers", "0", "--max-images", "4", "--out", str(tmp_path / "ar/eval")])
     m = json.load(open(tmp_path / "ar/eval/metrics.json"))
     assert m["num_images"] == 4 and {"bbox_AP", "segm_AP", "keypoints_AP", "BLEU4"} <= set(m)
     assert torch.load(tmp_path / "ar/last.pt", weights_only=False)["config"]["decoder"] == "ar"
@@ -1939,7 +2147,8 @@ def test_ar_baseline_trains_saves_loads_and_evaluates_through_evaluate_py(synth,
 # Data pipeline: batching, data order, the synthetic set, real COCO, memory
 
 def test_collate_pads_to_multiple_of_32_with_pixel_mask(synth, tokenizer):
-    """Batching: collate pads dataset images to multiples of 32; padding marks exactly the padding."""
+    """Batching: collate pads dataset images to multiples of 32; padding marks exactly the
+    padding."""
     cfg = tiny_cfg()
     ds = data.CocoMultiTask(synth, "train2017", cfg, tokenizer, train=True)
     samples = [ds[i] for i in range(4)]
@@ -1947,12 +2156,14 @@ def test_collate_pads_to_multiple_of_32_with_pixel_mask(synth, tokenizer):
     assert batch["images"].shape[2] % 32 == 0 and batch["images"].shape[3] % 32 == 0
     for k, (im, _) in enumerate(samples):
         h, w = im.shape[1:]
-        assert not batch["padding"][k, :h, :w].any() and batch["padding"][k].sum() == batch["padding"][k].numel() - h * w
+        assert (not batch["padding"][k, :h, :w].any()
+                and batch["padding"][k].sum() == batch["padding"][k].numel() - h * w)
         assert torch.equal(batch["images"][k, :, :h, :w], im)
 
 
 def test_collate_pads_each_image_to_the_batch_multiple_and_trims_all_padding_rows():
-    """Batching: images pad to the batch's size rounded up to 32; rows that are all padding are trimmed.
+    """Batching: images pad to the batch's size rounded up to 32; rows that are all padding are
+    trimmed.
 
     Batching: images of different, non-square sizes padded (bottom/right) to the batch's largest
     size rounded up to a multiple of 32, padding True on padding; segmentation/keypoint rows that
@@ -1962,9 +2173,11 @@ def test_collate_pads_each_image_to_the_batch_multiple_and_trims_all_padding_row
         im = torch.arange(3 * h * w, dtype=torch.float32).view(3, h, w)
         t = dict(image_id=n, size=torch.tensor([h, w]), orig_size=torch.tensor([h, w]),
                  boxes=torch.rand(n, 4), det_gt=torch.ones(n, 5, dtype=torch.long),
-                 seg_prompt=torch.arange(S * 6).view(S, 6), seg_seq=torch.zeros(S, M * M, dtype=torch.long),
+                 seg_prompt=torch.arange(S * 6).view(S, 6),
+                 seg_seq=torch.zeros(S, M * M, dtype=torch.long),
                  seg_weight=(torch.arange(S) < seg_rows).float()[:, None].expand(S, M * M).clone(),
-                 kpt_prompt=torch.zeros(S, 6, dtype=torch.long), kpt_seq=torch.zeros(S, 51, dtype=torch.long),
+                 kpt_prompt=torch.zeros(S, 6, dtype=torch.long),
+                 kpt_seq=torch.zeros(S, 51, dtype=torch.long),
                  kpt_weight=(torch.arange(S) < kpt_rows).float()[:, None].expand(S, 51).clone())
         return im, t
     samples = [sample(50, 70, 2, 0, 3), sample(64, 33, 1, 0, 1), sample(20, 100, 0, 0, 0)]
@@ -1972,22 +2185,27 @@ def test_collate_pads_each_image_to_the_batch_multiple_and_trims_all_padding_row
     assert b["images"].shape == (3, 3, 64, 128) and b["padding"].shape == (3, 64, 128)
     for k, (im, t) in enumerate(samples):
         h, w = im.shape[1:]
-        assert torch.equal(b["images"][k, :, :h, :w], im) and (b["images"][k, :, h:] == 0).all() and (b["images"][k, :, :, w:] == 0).all()
-        assert not b["padding"][k, :h, :w].any() and b["padding"][k, h:].all() and b["padding"][k, :, w:].all()
-    assert b["seg_seq"].shape == (3, 2, M * M) and torch.equal(b["seg_prompt"][0], samples[0][1]["seg_prompt"][:2])
+        assert (torch.equal(b["images"][k, :, :h, :w], im) and (b["images"][k, :, h:] == 0).all()
+                and (b["images"][k, :, :, w:] == 0).all())
+        assert (not b["padding"][k, :h, :w].any() and b["padding"][k, h:].all()
+                and b["padding"][k, :, w:].all())
+    assert (b["seg_seq"].shape == (3, 2, M * M)
+            and torch.equal(b["seg_prompt"][0], samples[0][1]["seg_prompt"][:2]))
     assert b["kpt_seq"].shape == (3, 1, 51) and b["kpt_weight"].sum() == 0
     assert [len(g) for g in b["det_gt"]] == [3, 1, 0] and b["image_id"].tolist() == [3, 1, 0]
     assert data.collate(samples, multiple=128)["images"].shape[-2:] == (128, 128)
 
 
-def test_data_order_is_a_seeded_permutation_per_epoch_dealt_over_ranks_and_replicas_stay_identical(synth, tmp_path):
+def test_data_order_is_a_seeded_permutation_per_epoch_dealt_over_ranks_and_replicas_stay_identical(
+        synth, tmp_path):
     """Data order: a seeded permutation per epoch, dealt over ranks; the replicas stay identical.
 
     The data order: each epoch reads a permutation of the images seeded by (seed, epoch), global
     step s taking its images s*B .. (s+1)*B - 1; with 2 processes each takes every other one of
     those (the same images per step); a new epoch gives a new order. The 2-process run also checks
     at each checkpoint that both processes hold the same parameters (train.py raises otherwise)."""
-    flags = ["--batch-size", "6", "--max-steps", "8", "--save-every", "2", "--seed", "3"]    # 24 images: 4 steps an epoch
+    # 24 images: 4 steps an epoch
+    flags = ["--batch-size", "6", "--max-steps", "8", "--save-every", "2", "--seed", "3"]
     for name, launch in (("one", [sys.executable]), ("two", torchrun(2))):
         out = tmp_path / name
         out.mkdir()
@@ -2020,12 +2238,14 @@ def gt_as_results(coco, iou_type):
 
 
 def test_synthetic_set_is_valid_coco_and_its_ground_truth_scores_ap_1(synth):
-    """The synthetic set is valid COCO: each file has images and annotations; its ground truth scores AP 1."""
+    """The synthetic set is valid COCO: each file has images and annotations; its ground truth
+    scores AP 1."""
     for split in ("train2017", "val2017"):
         for kind in ("instances", "person_keypoints", "captions"):
             coco = evaluate.quiet(COCO, f"{synth}/annotations/{kind}_{split}.json")
             assert coco.getImgIds() and coco.getAnnIds(), (kind, split)
-    for kind, iou_type in (("instances", "bbox"), ("instances", "segm"), ("person_keypoints", "keypoints")):
+    for kind, iou_type in (("instances", "bbox"), ("instances", "segm"),
+                           ("person_keypoints", "keypoints")):
         gt = evaluate.quiet(COCO, f"{synth}/annotations/{kind}_val2017.json")
         ev = COCOeval(gt, evaluate.quiet(gt.loadRes, gt_as_results(gt, iou_type)), iou_type)
         for step in (ev.evaluate, ev.accumulate, ev.summarize):
@@ -2034,15 +2254,18 @@ def test_synthetic_set_is_valid_coco_and_its_ground_truth_scores_ap_1(synth):
 
 
 def test_synthetic_set_is_deterministic_and_drawn_where_annotated(tmp_path):
-    """The synthetic set is the same for the same seed, and each object is drawn where it is annotated."""
+    """The synthetic set is the same for the same seed, and each object is drawn where it is
+    annotated."""
     for name in ("a", "b"):
         synthetic.make_synthetic_coco(str(tmp_path / name), 4, 2, seed=7)
-    for f in ("annotations/instances_train2017.json", "annotations/captions_val2017.json", "train2017/000000000003.jpg"):
+    for f in ("annotations/instances_train2017.json", "annotations/captions_val2017.json",
+              "train2017/000000000003.jpg"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     d = json.loads((tmp_path / "a/annotations/instances_train2017.json").read_text())
     kp = json.loads((tmp_path / "a/annotations/person_keypoints_train2017.json").read_text())
-    assert {c["id"] for c in d["categories"]} == {1, 3, 5, 8, 11} and len(kp["categories"][0]["keypoints"]) == 17
-    for a in d["annotations"][:6]:                      # the polygon's pixels are the object's colour
+    assert ({c["id"] for c in d["categories"]} == {1, 3, 5, 8, 11}
+            and len(kp["categories"][0]["keypoints"]) == 17)
+    for a in d["annotations"][:6]:                # the polygon's pixels are the object's colour
         im = d["images"][a["image_id"] - 1]
         pixels = np.array(Image.open(tmp_path / "a/train2017" / im["file_name"]), np.float32)
         m = data.decode_segmentation(a["segmentation"], im["height"], im["width"]).astype(bool)
@@ -2052,12 +2275,13 @@ def test_synthetic_set_is_deterministic_and_drawn_where_annotated(tmp_path):
 def test_real_coco_excerpt_loads_with_sparse_ids_polygons_keypoints_and_captions(tmp_path, synth):
     """Real COCO annotations (an excerpt) load: sparse ids, polygons, keypoints and captions."""
     root, files = excerpt_root(tmp_path)
-    tok = mad.CaptionTokenizer(data.train_caption_tokenizer(f"{root}/annotations/captions_val2017.json",
-                                                            str(tmp_path / "spm"), 200))
+    tok = mad.CaptionTokenizer(data.train_caption_tokenizer(
+        f"{root}/annotations/captions_val2017.json", str(tmp_path / "spm"), 200))
     cfg = tiny_cfg(image_size=256, max_size=400)
     ds = data.CocoMultiTask(root, "val2017", cfg, tok, train=True)
     ids = [c["id"] for c in files["instances"]["categories"]]
-    assert len(ds.categories) == 80 and [c["id"] for c in ds.categories] == sorted(ids) and max(ids) == 90
+    assert (len(ds.categories) == 80 and [c["id"] for c in ds.categories] == sorted(ids)
+            and max(ids) == 90)
     assert ds.categories[ds.vocab.person]["name"] == "person"
     objects = persons = 0
     for i in range(len(ds)):
@@ -2076,7 +2300,8 @@ def test_real_coco_excerpt_loads_with_sparse_ids_polygons_keypoints_and_captions
 
 
 def test_annotations_are_held_as_arrays_not_one_python_object_per_annotation(tmp_path, tokenizer):
-    """Memory: annotations are held as arrays, not a Python object each; images are handed over as uint8.
+    """Memory: annotations are held as arrays, not a Python object each; images are handed over as
+    uint8.
 
     COCO-scale memory: loading 10x the annotations on the same images adds no Python objects (the
     annotations are numpy arrays with offsets; a worker reading them writes none of their pages),
@@ -2087,7 +2312,8 @@ def test_annotations_are_held_as_arrays_not_one_python_object_per_annotation(tmp
         synthetic.make_synthetic_coco(str(root), 0, 6)
         for kind in ("instances", "captions"):
             d = load_json(root / f"annotations/{kind}_val2017.json")
-            d["annotations"] = [dict(a, id=10 ** 6 * k + a["id"]) for k in range(copies) for a in d["annotations"]]
+            d["annotations"] = [dict(a, id=10 ** 6 * k + a["id"])
+                                for k in range(copies) for a in d["annotations"]]
             (root / f"annotations/{kind}_val2017.json").write_text(json.dumps(d))
         return str(root)
     counts = []
@@ -2103,17 +2329,20 @@ def test_annotations_are_held_as_arrays_not_one_python_object_per_annotation(tmp
     image, _ = ds[0]
     assert image.dtype == torch.uint8 and image.shape[0] == 3
     with pytest.raises(TypeError, match="uint8"):
-        MAD(tiny_cfg(), ds.vocab).encode(image[None].float(), torch.zeros(1, *image.shape[1:], dtype=torch.bool))
+        MAD(tiny_cfg(), ds.vocab).encode(image[None].float(),
+                                         torch.zeros(1, *image.shape[1:], dtype=torch.bool))
 
 
-def test_each_epochs_data_workers_end_before_the_checkpoint_and_the_next_epoch(synth, tmp_path, monkeypatch):
+def test_each_epochs_data_workers_end_before_the_checkpoint_and_the_next_epoch(
+        synth, tmp_path, monkeypatch):
     """Memory: no data-loader worker of a finished epoch is alive when its checkpoint is written.
 
     Memory over days: at each end of an epoch (where the checkpoint is written and the next epoch's
     workers are forked) no data-loader worker of the finished epoch is alive."""
     import multiprocessing
     alive = []
-    spy(monkeypatch, runtime, "save_run", lambda *a, **k: alive.append(len(multiprocessing.active_children())))
+    spy(monkeypatch, runtime, "save_run",
+        lambda *a, **k: alive.append(len(multiprocessing.active_children())))
     train.main(run_args(synth, tmp_path / "w", "--workers", "1", "--max-steps", "6"))
     assert alive == [0, 0], alive
 
@@ -2128,24 +2357,29 @@ def test_coco_ap_equals_cocoeval_on_a_hand_built_case_restricted_to_the_evaluate
     (an annotated image that was not evaluated does not count as missed), for boxes and keypoints;
     no results give 0."""
     gt = dict(images=[dict(id=i, width=100, height=80) for i in (1, 2, 3)],
-              categories=[dict(id=1, name="person", keypoints=data.KEYPOINTS, skeleton=data.SKELETON), dict(id=7, name="box")],
+              categories=[dict(id=1, name="person", keypoints=data.KEYPOINTS,
+                               skeleton=data.SKELETON), dict(id=7, name="box")],
               annotations=[])
     def add(image_id, cat, box, kp=None):
-        a = dict(id=len(gt["annotations"]) + 1, image_id=image_id, category_id=cat, bbox=box, iscrowd=0,
-                 area=box[2] * box[3], segmentation=[rect(box[0], box[1], box[0] + box[2], box[1] + box[3])])
+        a = dict(id=len(gt["annotations"]) + 1, image_id=image_id, category_id=cat, bbox=box,
+                 iscrowd=0, area=box[2] * box[3],
+                 segmentation=[rect(box[0], box[1], box[0] + box[2], box[1] + box[3])])
         if kp is not None:
             a.update(keypoints=kp, num_keypoints=17)
         gt["annotations"].append(a)
     kp = lambda x, y: [c for i in range(17) for c in (x + i, y + (i * 7) % 17, 2)]
-    add(1, 7, [10, 10, 30, 20]); add(1, 1, [50, 10, 30, 60], kp(55, 20)); add(2, 7, [0, 0, 40, 40]); add(3, 7, [5, 5, 20, 20])
+    add(1, 7, [10, 10, 30, 20]); add(1, 1, [50, 10, 30, 60], kp(55, 20))
+    add(2, 7, [0, 0, 40, 40]); add(3, 7, [5, 5, 20, 20])
     path, kp_path = tmp_path / "gt.json", tmp_path / "gt_keypoints.json"
     path.write_text(json.dumps(gt))
-    kp_path.write_text(json.dumps(dict(gt, annotations=[a for a in gt["annotations"] if "keypoints" in a])))
-    results = dict(bbox=[dict(image_id=1, category_id=7, bbox=[12, 10, 30, 20], score=0.9),      # IoU 0.87
-                         dict(image_id=1, category_id=7, bbox=[60, 50, 20, 20], score=0.8),      # a false positive
-                         dict(image_id=1, category_id=1, bbox=[50, 12, 30, 56], score=0.7),
-                         dict(image_id=2, category_id=7, bbox=[8, 8, 40, 40], score=0.6)],      # IoU 0.52
-                   keypoints=[dict(image_id=1, category_id=1, keypoints=kp(56, 21), score=0.7)])
+    kp_path.write_text(json.dumps(dict(gt, annotations=[a for a in gt["annotations"]
+                                                        if "keypoints" in a])))
+    results = dict(
+        bbox=[dict(image_id=1, category_id=7, bbox=[12, 10, 30, 20], score=0.9),  # IoU 0.87
+              dict(image_id=1, category_id=7, bbox=[60, 50, 20, 20], score=0.8),  # false positive
+              dict(image_id=1, category_id=1, bbox=[50, 12, 30, 56], score=0.7),
+              dict(image_id=2, category_id=7, bbox=[8, 8, 40, 40], score=0.6)],   # IoU 0.52
+        keypoints=[dict(image_id=1, category_id=1, keypoints=kp(56, 21), score=0.7)])
     for iou_type, file in (("bbox", path), ("keypoints", kp_path)):
         coco = evaluate.quiet(COCO, str(file))
         ev = COCOeval(coco, evaluate.quiet(coco.loadRes, results[iou_type]), iou_type)
@@ -2153,18 +2387,21 @@ def test_coco_ap_equals_cocoeval_on_a_hand_built_case_restricted_to_the_evaluate
         for step in (ev.evaluate, ev.accumulate, ev.summarize):
             evaluate.quiet(step)
         got = evaluate.coco_ap(str(file), results[iou_type], iou_type, [2, 1])
-        assert np.allclose(got, [100 * s for s in ev.stats[:3]], atol=1e-9) and 0 < got[0] < 100, (iou_type, got)
+        assert (np.allclose(got, [100 * s for s in ev.stats[:3]], atol=1e-9)
+                and 0 < got[0] < 100), (iou_type, got)
     everything = evaluate.coco_ap(str(path), results["bbox"], "bbox", [1, 2, 3])
     assert everything[0] < evaluate.coco_ap(str(path), results["bbox"], "bbox", [1, 2])[0]
     assert evaluate.coco_ap(str(path), [], "bbox", [1, 2]) == (0.0, 0.0, 0.0)
 
 
 def test_bleu4_equals_hand_computed_values():
-    """BLEU-4 equals hand-computed values: brevity penalty, clipping, several references, corpus counts."""
+    """BLEU-4 equals hand-computed values: brevity penalty, clipping, several references, corpus
+    counts."""
     refs = {1: ["a red circle on grey"]}
     assert evaluate.bleu4({1: "A red circle, on grey."}, refs) == pytest.approx(1.0, abs=1e-6)
     # brevity penalty: 5 words vs a 7-word reference (\"on grey\" is no reference bigram)
-    assert evaluate.bleu4({1: "a red circle on grey"}, {1: ["a red circle on a grey background"]}) == \
+    assert evaluate.bleu4({1: "a red circle on grey"},
+                          {1: ["a red circle on a grey background"]}) == \
         pytest.approx((5 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25 * math.exp(1 - 7 / 5), rel=1e-6)
     # clipping: "w x y z" twice against one "w x y z q": clipped matches 4/8, 3/7, 2/6, 1/5
     assert evaluate.bleu4({1: "w x y z w x y z"}, {1: ["w x y z q"]}) == \
@@ -2172,7 +2409,7 @@ def test_bleu4_equals_hand_computed_values():
     # several references: n-grams clip against the best one, length = the closest (tie: the shorter)
     multi = {1: ["a red circle", "a red circle on grey now", "a red circle on grey"]}
     assert evaluate.bleu4({1: "a red circle on grey"}, multi) == pytest.approx(1.0, abs=1e-6)
-    tie = {1: ["one two three four", "one two three four five six"]}           # 5 words: 4 and 6 tie -> 4
+    tie = {1: ["one two three four", "one two three four five six"]}   # 5 words: 4 and 6 tie -> 4
     assert evaluate.bleu4({1: "one two three four five"}, tie) == pytest.approx(1.0, abs=1e-6)
     # corpus level: counts are summed over images before the geometric mean
     two = evaluate.bleu4({1: "a b c d", 2: "e f g h i"}, {1: ["a b c d"], 2: ["e f g h x"]})
@@ -2180,26 +2417,29 @@ def test_bleu4_equals_hand_computed_values():
 
 
 def test_bleu4_clips_each_ngram_by_its_most_frequent_reference_and_takes_the_closest_length():
-    """BLEU-4 clips each n-gram by its most frequent reference; the brevity penalty takes the closest length.
+    """BLEU-4 clips each n-gram by its most frequent reference; the brevity penalty takes the
+    closest length.
 
-    BLEU-4 (the COCO caption scorer's) with several references, by hand: an n-gram's count is clipped
-    by its count in the reference that has it most often (not the sum, not one reference), and the
-    brevity penalty takes the reference length closest to the caption's (not the shortest or longest);
-    over a corpus, lengths and counts are summed over its images before the ratios."""
+    BLEU-4 (the COCO caption scorer's) with several references, by hand: an n-gram's count is
+    clipped by its count in the reference that has it most often (not the sum, not one reference),
+    and the brevity penalty takes the reference length closest to the caption's (not the shortest or
+    longest); over a corpus, lengths and counts are summed over its images before the ratios."""
     refs = ["a b c d e f g h i j k l", "x a b a b y z", "c d a"]           # 12, 7 and 3 words
-    # "a b c d a b": 1-grams 6/6, 2-grams 5/5 (ab twice: the 2nd reference), 3-grams 3/4 (abc, bcd, cda),
-    # 4-grams 1/3 (abcd); 6 words, closest reference 7: brevity penalty exp(1 - 7/6)
+    # "a b c d a b": 1-grams 6/6, 2-grams 5/5 (ab twice: the 2nd reference), 3-grams 3/4
+    # (abc, bcd, cda), 4-grams 1/3 (abcd); 6 words, closest reference 7:
+    # brevity penalty exp(1 - 7/6)
     assert evaluate.bleu4({1: "a b c d a b"}, {1: refs}) == \
         pytest.approx((1 * 1 * 3 / 4 * 1 / 3) ** 0.25 * math.exp(1 - 7 / 6), rel=1e-9)
-    # "a a a b" against two references with two a's each: a clipped to 2 (3/4), aa to 1 (2/3), aab 1/2, aaab 0/1;
-    # longer than both references: no brevity penalty
+    # "a a a b" against two references with two a's each: a clipped to 2 (3/4), aa to 1 (2/3),
+    # aab 1/2, aaab 0/1; longer than both references: no brevity penalty
     tiny, small = 1e-15, 1e-9
     assert evaluate.bleu4({1: "a a a b"}, {1: ["a a b", "b a a"]}) == \
-        pytest.approx(((3 + tiny) / (4 + small) * (2 + tiny) / (3 + small) * (1 + tiny) / (2 + small) * tiny / (1 + small)) ** 0.25,
-                      rel=1e-9)
+        pytest.approx(((3 + tiny) / (4 + small) * (2 + tiny) / (3 + small)
+                       * (1 + tiny) / (2 + small) * tiny / (1 + small)) ** 0.25, rel=1e-9)
     # a corpus of two images: lengths (4 + 5 = 9 against 7 + 5 = 12) and n-gram counts summed before
     # the ratios; every n-gram matches, so only the corpus's brevity penalty remains
-    assert evaluate.bleu4({1: "a b c d", 2: "e f g h i"}, {1: ["a b c d x y z"], 2: ["e f g h i"]}) == \
+    assert evaluate.bleu4({1: "a b c d", 2: "e f g h i"},
+                          {1: ["a b c d x y z"], 2: ["e f g h i"]}) == \
         pytest.approx(math.exp(1 - 12 / 9), rel=1e-9)
     with pytest.raises(KeyError, match="no reference captions for image 3"):
         evaluate.bleu4({3: "a b"}, {1: ["a b"]})
@@ -2211,25 +2451,33 @@ def gt_predictions(ds):
     for i, image_id in enumerate(ds.ann.image_ids.tolist()):
         _, W, H = ds.ann.image(i)
         boxes, labels, segs = ds.ann.objects(i)
-        masks = torch.stack([torch.from_numpy(data.decode_segmentation(s, H, W)).bool() for s in segs]) if len(segs) \
-            else torch.zeros(0, H, W, dtype=torch.bool)
+        masks = (torch.stack([torch.from_numpy(data.decode_segmentation(s, H, W)).bool()
+                              for s in segs])
+                 if len(segs) else torch.zeros(0, H, W, dtype=torch.bool))
         p_boxes, kpts = ds.ann.persons(i)
-        kpt_index = [next(k for k, b in enumerate(boxes.tolist()) if b == p) for p in p_boxes.tolist()]
+        kpt_index = [next(k for k, b in enumerate(boxes.tolist()) if b == p)
+                     for p in p_boxes.tolist()]
         preds[image_id] = dict(boxes=torch.from_numpy(boxes).float(), scores=torch.ones(len(boxes)),
-                               labels=torch.from_numpy(labels), masks=masks, keypoints=torch.from_numpy(kpts),
-                               kpt_index=torch.tensor(kpt_index, dtype=torch.long), caption=ds.ann.captions(i)[0])
+                               labels=torch.from_numpy(labels), masks=masks,
+                               keypoints=torch.from_numpy(kpts),
+                               kpt_index=torch.tensor(kpt_index, dtype=torch.long),
+                               caption=ds.ann.captions(i)[0])
     return preds
 
 
-def test_ground_truth_as_predictions_scores_ap_100_through_the_result_writing_path(synth, tokenizer):
-    """Evaluation: the ground truth written as COCO results scores AP 100 for each task and BLEU-4 1."""
+def test_ground_truth_as_predictions_scores_ap_100_through_the_result_writing_path(
+        synth, tokenizer):
+    """Evaluation: the ground truth written as COCO results scores AP 100 for each task and
+    BLEU-4 1."""
     ds = data.CocoMultiTask(synth, "val2017", tiny_cfg(), tokenizer, train=False)
     preds = gt_predictions(ds)
     ids = ds.ann.image_ids.tolist()
     res = evaluate.to_coco_results([preds[i] for i in ids], ids, ds.categories)
     for task, iou_type in (("det", "bbox"), ("seg", "segm"), ("kpt", "keypoints")):
-        assert evaluate.coco_ap(ds.coco_files[task], res[iou_type], iou_type, ids)[0] == pytest.approx(100.0)
-    assert evaluate.bleu4(res["captions"], {i: ds.ann.captions(k) for k, i in enumerate(ids)}) == pytest.approx(1.0)
+        assert (evaluate.coco_ap(ds.coco_files[task], res[iou_type], iou_type, ids)[0]
+                == pytest.approx(100.0))
+    assert (evaluate.bleu4(res["captions"], {i: ds.ann.captions(k) for k, i in enumerate(ids)})
+            == pytest.approx(1.0))
 
 
 @pytest.fixture(scope="session")
@@ -2240,25 +2488,31 @@ def trained(synth, tmp_path_factory):
     return out / "last.pt"
 
 
-def test_distributed_evaluation_does_not_depend_on_the_number_of_processes(synth, trained, tmp_path):
+def test_distributed_evaluation_does_not_depend_on_the_number_of_processes(
+        synth, trained, tmp_path):
     """Evaluation on 1 and on 3 processes gives the same metrics and results.
 
     8 val images on 1 process and on 3 (8 = 3 + 3 + 2: a padding sampler would repeat one)."""
-    common = [str(trained), "--data", synth, "--device", "cpu", "--workers", "0", "--batch-size", "2"]
+    common = [str(trained), "--data", synth, "--device", "cpu", "--workers", "0",
+              "--batch-size", "2"]
     run([sys.executable, "evaluate.py", *common, "--out", str(tmp_path / "one")])
     run(torchrun(3, "evaluate.py", *common, "--out", str(tmp_path / "three")))
     one, three = (json.load(open(tmp_path / d / "metrics.json")) for d in ("one", "three"))
     for m in (one, three):
         del m["ms_per_image"]
     assert one == three and one["num_images"] == 8
-    assert json.load(open(tmp_path / "one/captions_results.json")) == json.load(open(tmp_path / "three/captions_results.json"))
+    assert (json.load(open(tmp_path / "one/captions_results.json"))
+            == json.load(open(tmp_path / "three/captions_results.json")))
     boxes = [json.load(open(tmp_path / d / "bbox_results.json")) for d in ("one", "three")]
-    assert [(r["image_id"], r["category_id"]) for r in boxes[0]] == [(r["image_id"], r["category_id"]) for r in boxes[1]]
-    assert np.allclose([r["score"] for r in boxes[0]], [r["score"] for r in boxes[1]], atol=1e-5)  # other batches
+    assert ([(r["image_id"], r["category_id"]) for r in boxes[0]]
+            == [(r["image_id"], r["category_id"]) for r in boxes[1]])
+    # other batches
+    assert np.allclose([r["score"] for r in boxes[0]], [r["score"] for r in boxes[1]], atol=1e-5)
 
 
 def test_own_images_give_pictures_and_jsonl_without_annotations(synth, trained, tmp_path):
-    """README: evaluate.py --images writes a picture per image and predictions.jsonl, without annotations.
+    """README: evaluate.py --images writes a picture per image and predictions.jsonl, without
+    annotations.
 
     README, own images: one picture per input image (photo3.jpg and photo3.png both get theirs)
     and predictions.jsonl whose masks are COCO RLEs of the image's size that decode to the
@@ -2267,25 +2521,30 @@ def test_own_images_give_pictures_and_jsonl_without_annotations(synth, trained, 
     folder.mkdir()
     for i in (1, 2, 3):
         shutil.copy(f"{synth}/val2017/{i:012d}.jpg", folder / f"photo{i}.jpg")
-    Image.open(folder / "photo3.jpg").convert("L").resize((200, 90)).save(folder / "photo3.png")   # gray, other size
-    run([sys.executable, "evaluate.py", str(trained), "--images", str(folder), "--device", "cpu", "--out", str(tmp_path / "out"),
-         "--batch-size", "2", "--score-thresh", "0"])
+    # gray, other size
+    Image.open(folder / "photo3.jpg").convert("L").resize((200, 90)).save(folder / "photo3.png")
+    run([sys.executable, "evaluate.py", str(trained), "--images", str(folder), "--device", "cpu",
+         "--out", str(tmp_path / "out"), "--batch-size", "2", "--score-thresh", "0"])
     lines = [json.loads(l) for l in open(tmp_path / "out/predictions.jsonl")]
     pictures = ["photo1.jpg.png", "photo2.jpg.png", "photo3.jpg.png", "photo3.png.png"]
-    assert [r["picture"] for r in lines] == pictures and all(os.path.exists(tmp_path / "out" / p) for p in pictures)
-    names = {c["name"] for c in json.load(open(f"{synth}/annotations/instances_val2017.json"))["categories"]}
+    assert ([r["picture"] for r in lines] == pictures
+            and all(os.path.exists(tmp_path / "out" / p) for p in pictures))
+    names = {c["name"] for c in
+             json.load(open(f"{synth}/annotations/instances_val2017.json"))["categories"]}
     for rec in lines:
-        assert len(rec["boxes"]) == len(rec["scores"]) == len(rec["labels"]) > 0 and set(rec["labels"]) <= names
+        assert (len(rec["boxes"]) == len(rec["scores"]) == len(rec["labels"]) > 0
+                and set(rec["labels"]) <= names)
         assert isinstance(rec["caption"], str) and "keypoints" in rec
         W, H = Image.open(rec["image"]).size
-        assert evaluate.rle_to_masks(rec["masks"], H, W).shape == (len(rec["boxes"]), H, W)   # decoded back
+        # decoded back
+        assert evaluate.rle_to_masks(rec["masks"], H, W).shape == (len(rec["boxes"]), H, W)
     gray = lines[3]
     assert max(b[2] for b in gray["boxes"]) <= 200 and max(b[3] for b in gray["boxes"]) <= 90
     assert Image.open(tmp_path / "out/photo3.png.png").size[0] == 200
     # the jsonl masks are the predicted masks, kept ones only, in box order
     masks = torch.rand(5, 9, 13) > 0.5
-    p = dict(boxes=torch.rand(5, 4), scores=torch.tensor([0.9, 0.1, 0.8, 0.7, 0.2]), labels=torch.zeros(5, dtype=torch.long),
-             masks=masks)
+    p = dict(boxes=torch.rand(5, 4), scores=torch.tensor([0.9, 0.1, 0.8, 0.7, 0.2]),
+             labels=torch.zeros(5, dtype=torch.long), masks=masks)
     rec = evaluate.prediction_record("x.jpg", p, [dict(id=1, name="person")], 0.5)
     assert torch.equal(evaluate.rle_to_masks(rec["masks"], 9, 13), masks[[0, 2, 3]])
 
@@ -2307,7 +2566,8 @@ def test_checkpoint_round_trip_gives_identical_predictions(synth, tokenizer, tmp
 
 
 def test_single_task_runs_train_and_evaluate_only_their_task(synth, tmp_path, monkeypatch):
-    """Table 8: a single-task run trains and evaluates only its task (segmentation: oracle box prompts).
+    """Table 8: a single-task run trains and evaluates only its task (segmentation: oracle box
+    prompts).
 
     Table 8, --tasks: a segmentation-only model trains only segmentation and evaluates only masks,
     prompted by the ground-truth boxes (an oracle: it has no detector), one mask per object; a
@@ -2315,18 +2575,22 @@ def test_single_task_runs_train_and_evaluate_only_their_task(synth, tmp_path, mo
     decoded = []
     spy(monkeypatch, mad.MAD, "log_probs", lambda self, p, i, e, task: decoded.append(task))
     train.main(run_args(synth, tmp_path / "seg", "--tasks", "seg", "--max-steps", "2"))
-    assert set(decoded) == {"seg"} and set(json.loads(open(tmp_path / "seg/log.jsonl").readline())) >= {"loss", "seg"}
+    assert (set(decoded) == {"seg"}
+            and set(json.loads(open(tmp_path / "seg/log.jsonl").readline())) >= {"loss", "seg"})
     assert not {"det", "kpt", "cap"} & set(json.loads(open(tmp_path / "seg/log.jsonl").readline()))
-    run([sys.executable, "evaluate.py", str(tmp_path / "seg/last.pt"), "--device", "cpu", "--workers", "0",
-         "--out", str(tmp_path / "seg/eval")])
+    run([sys.executable, "evaluate.py", str(tmp_path / "seg/last.pt"), "--device", "cpu",
+         "--workers", "0", "--out", str(tmp_path / "seg/eval")])
     m = json.load(open(tmp_path / "seg/eval/metrics.json"))
-    assert "segm_AP" in m and not {"bbox_AP", "keypoints_AP", "BLEU4"} & set(m) and "oracle" in m["prompts"]
+    assert ("segm_AP" in m and not {"bbox_AP", "keypoints_AP", "BLEU4"} & set(m)
+            and "oracle" in m["prompts"])
     segm = json.load(open(tmp_path / "seg/eval/segm_results.json"))
     gt = load_json(Path(synth) / "annotations/instances_val2017.json")["annotations"]
-    assert sorted((r["image_id"], r["category_id"]) for r in segm) == sorted((a["image_id"], a["category_id"]) for a in gt)
+    assert (sorted((r["image_id"], r["category_id"]) for r in segm)
+            == sorted((a["image_id"], a["category_id"]) for a in gt))
     assert all(r["score"] == 1.0 for r in segm)
     train.main(run_args(synth, tmp_path / "cap", "--tasks", "cap", "--max-steps", "1"))
-    assert set(json.loads(open(tmp_path / "cap/log.jsonl").readline())) - {"step", "epoch", "lr", "images_per_s"} == {"loss", "cap"}
+    assert (set(json.loads(open(tmp_path / "cap/log.jsonl").readline()))
+            - {"step", "epoch", "lr", "images_per_s"} == {"loss", "cap"})
 
 
 # =============================================================================
@@ -2338,18 +2602,21 @@ def test_learning_rate_schedule_at_chosen_steps():
     Schedules: linear warm-up (step + 1) / warmup; the paper's x0.1 from epoch lr_drop on; or a
     cosine from the end of the warm-up (and of a hold at the full rate) to 0 at the last step."""
     step = train.TrainConfig(warmup=4, lr_drop=2, lr_schedule="step")
-    assert [train.lr_factor(s, 20, 5, step) for s in (0, 1, 2, 3, 4, 9, 10, 19)] == [0.25, 0.5, 0.75, 1, 1, 1, 0.1, 0.1]
+    assert ([train.lr_factor(s, 20, 5, step) for s in (0, 1, 2, 3, 4, 9, 10, 19)]
+            == [0.25, 0.5, 0.75, 1, 1, 1, 0.1, 0.1])
     cos = train.TrainConfig(warmup=4, lr_schedule="cosine")
     got = [train.lr_factor(s, 14, 5, cos) for s in (3, 4, 6, 9, 14)]
     assert np.allclose(got, [1.0, 1.0, 0.5 * (1 + math.cos(math.pi * 2 / 10)), 0.5, 0.0])
     held = train.TrainConfig(warmup=4, hold=3, lr_schedule="cosine")
     got = [train.lr_factor(s, 17, 5, held) for s in (3, 4, 6, 7, 12, 17)]
     assert np.allclose(got, [1.0, 1.0, 1.0, 1.0, 0.5, 0.0])
-    assert train.lr_factor(0, 10, 5, train.TrainConfig(warmup=0, lr_drop=0)) == 0.1    # a drop at epoch 0
+    # a drop at epoch 0
+    assert train.lr_factor(0, 10, 5, train.TrainConfig(warmup=0, lr_drop=0)) == 0.1
 
 
 def test_the_demo_is_one_fixed_run_on_every_machine_and_repeats_exactly(synth, tmp_path):
-    """--demo is one fixed run: the same steps and batch on any device; the log prints the time left.
+    """--demo is one fixed run: the same steps and batch on any device; the log prints the time
+    left.
 
     The demo's plan is flags, not a measurement: batch 8, 1,800 steps, a 100-step warm-up, 200 at
     the full rate, then the cosine, on a CPU and on a GPU alike (only the data workers, which change
@@ -2358,15 +2625,17 @@ def test_the_demo_is_one_fixed_run_on_every_machine_and_repeats_exactly(synth, t
     cpu = train.parse_args(["--demo", "--device", "cpu"])[1]
     gpu = train.parse_args(["--demo", "--device", "cuda"])[1]
     for tc in (cpu, gpu):
-        assert (tc.batch_size, tc.max_steps, tc.warmup, tc.hold, tc.lr_schedule) == (8, 1800, 100, 200, "cosine")
+        assert ((tc.batch_size, tc.max_steps, tc.warmup, tc.hold, tc.lr_schedule)
+                == (8, 1800, 100, 200, "cosine"))
     assert cpu.workers == 1 and gpu.workers >= 1
     assert train.parse_args(["--demo", "--max-steps", "90", "--device", "cpu"])[1].max_steps == 90
     outs = []
     for k in range(2):
         out = tmp_path / f"demo{k}"
-        p = run([sys.executable, "-c", f"import runtime, train; runtime.SYNTHETIC['root'] = {synth!r}; "
-                 f"train.main(['--demo', '--max-steps', '3', '--log-every', '1', '--batch-size', '4', "
-                 f"'--device', 'cpu', '--show', '0', '--out', {str(out)!r}])"])
+        p = run([sys.executable, "-c",
+                 f"import runtime, train; runtime.SYNTHETIC['root'] = {synth!r}; "
+                 f"train.main(['--demo', '--max-steps', '3', '--log-every', '1', "
+                 f"'--batch-size', '4', '--device', 'cpu', '--show', '0', '--out', {str(out)!r}])"])
         assert "ETA" in p.stdout and "step 3/3" in p.stdout
         outs.append(torch.load(out / "last.pt", weights_only=False)["model"])
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
@@ -2376,7 +2645,8 @@ def test_gradient_clipping_limits_the_update_to_the_clip_norm(synth, tokenizer):
     """Training: gradients are clipped to a total norm of `clip`: the SGD update's norm is the clip.
 
     Training: gradients are clipped to a total norm of `clip` (0.1 in the paper presets) over all
-    parameters: with SGD at lr 1 the update is the clipped gradient, whose norm is exactly the clip."""
+    parameters: with SGD at lr 1 the update is the clipped gradient, whose norm is exactly the
+    clip."""
     cfg = tiny_cfg()
     ds = data.CocoMultiTask(synth, "val2017", cfg, tokenizer, train=False)
     batch = data.collate([ds[i] for i in range(2)])
@@ -2384,7 +2654,8 @@ def test_gradient_clipping_limits_the_update_to_the_clip_norm(synth, tokenizer):
     model = MAD(cfg, ds.vocab)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    train.train_step(model, model, [batch], ds.tasks, opt, torch.amp.GradScaler("cpu", enabled=False),
+    train.train_step(model, model, [batch], ds.tasks, opt,
+                     torch.amp.GradScaler("cpu", enabled=False),
                      contextlib.nullcontext(), clip=0.01)
     update = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
     assert update.norm().item() == pytest.approx(0.01, rel=1e-3)
@@ -2400,9 +2671,11 @@ def assert_same_params(a, b, atol=0.0):
         assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), k
 
 
-@pytest.mark.parametrize("option", [[], ["--accum-steps", "2"], ["--amp"]], ids=["plain", "accumulation", "amp"])
+@pytest.mark.parametrize("option", [[], ["--accum-steps", "2"], ["--amp"]],
+                         ids=["plain", "accumulation", "amp"])
 def test_resume_continues_exactly_like_an_uninterrupted_run(synth, tmp_path, option):
-    """README: a run resumed mid-epoch ends exactly like an uninterrupted run (plain, accumulation, AMP).
+    """README: a run resumed mid-epoch ends exactly like an uninterrupted run (plain, accumulation,
+    AMP).
 
     README, exact resume: stopped mid-epoch after step 2 and resumed, a run (augmented; with
     gradient accumulation; under bf16 autocast) ends at step 5, an epoch later, with the parameters,
@@ -2417,38 +2690,46 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(synth, tmp_path, opt
     b = torch.load(tmp_path / "resumed/last.pt", weights_only=False)
     assert a["step"] == b["step"] == 5 and lrs(a) == lrs(b)
     assert_same_params(a["model"], b["model"], atol=1e-6)
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):   # Adam's state ...
+    # Adam's state ...
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert sa["step"] == sb["step"] == 5
         assert torch.allclose(sa["exp_avg"], sb["exp_avg"], atol=1e-9)
         assert torch.allclose(sa["exp_avg_sq"], sb["exp_avg_sq"], atol=1e-12)
-    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])          # ... and the RNG: a next resume continues too
+    # ... and the RNG: a next resume continues too
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
     log = [json.loads(l) for l in open(tmp_path / "resumed/log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
-    assert np.allclose([r["lr"] for r in log], [2.5e-4, 5e-4, 5e-4, 5e-5, 5e-5], rtol=1e-9)   # tiny: lr 5e-4
+    # tiny: lr 5e-4
+    assert np.allclose([r["lr"] for r in log], [2.5e-4, 5e-4, 5e-4, 5e-5, 5e-5], rtol=1e-9)
 
 
-def test_resume_restores_the_runs_settings_and_refuses_a_flag_that_would_change_the_run(synth, tmp_path, capsys):
+def test_resume_restores_the_runs_settings_and_refuses_a_flag_that_would_change_the_run(
+        synth, tmp_path, capsys):
     """--resume continues with the run's own settings and refuses a flag that would change the run.
 
-    --resume continues the run with its own settings: a flag that would change it (--lr, --batch-size,
-    a smaller --max-steps) is refused with a message naming it; workers, logging and a longer
-    --max-steps may change. The same command started again continues the run; another command on
-    the same --out is refused, so its checkpoint is never overwritten."""
+    --resume continues the run with its own settings: a flag that would change it (--lr,
+    --batch-size, a smaller --max-steps) is refused with a message naming it; workers, logging and a
+    longer --max-steps may change. The same command started again continues the run; another command
+    on the same --out is refused, so its checkpoint is never overwritten."""
     out = tmp_path / "run"
     train.main(run_args(synth, out, "--max-steps", "2", "--lr", "3e-4"))
-    for flags, match in ((["--lr", "1e-3"], "--lr 0.0003 there, 0.001 here"), (["--batch-size", "4"], "--batch-size 8 there, 4"),
+    for flags, match in ((["--lr", "1e-3"], "--lr 0.0003 there, 0.001 here"),
+                         (["--batch-size", "4"], "--batch-size 8 there, 4"),
                          (["--max-steps", "1"], "--max-steps 2 there, 1 here")):
         with pytest.raises(SystemExit, match=match + ".*would change the run"):
             train.main(["--out", str(out), "--resume", *flags])
-    with pytest.raises(SystemExit, match="holds a run with other settings.*--lr 0.0003 there, 0.0005 here.*--resume"):
-        train.main(run_args(synth, out, "--max-steps", "2"))            # the default lr: another run
+    with pytest.raises(SystemExit, match="holds a run with other settings"
+                                         ".*--lr 0.0003 there, 0.0005 here.*--resume"):
+        train.main(run_args(synth, out, "--max-steps", "2"))    # the default lr: another run
     capsys.readouterr()
-    train.main(["--out", str(out), "--resume", "--workers", "1", "--log-every", "2", "--max-steps", "4"])
+    train.main(["--out", str(out), "--resume", "--workers", "1", "--log-every", "2",
+                "--max-steps", "4"])
     assert "resumed at step 2" in capsys.readouterr().out
     ckpt = torch.load(out / "last.pt", weights_only=False)
     assert ckpt["step"] == 4 and ckpt["train"]["lr"] == 3e-4 and ckpt["train"]["batch_size"] == 8
     assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1, 2, 4]
-    train.main(run_args(synth, out, "--max-steps", "5", "--lr", "3e-4"))   # the same command, longer: continues
+    # the same command, longer: continues
+    train.main(run_args(synth, out, "--max-steps", "5", "--lr", "3e-4"))
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 5
     with pytest.raises(SystemExit, match="--resume: no checkpoint at"):
         train.main(["--out", str(tmp_path / "nothing"), "--resume"])
@@ -2459,16 +2740,19 @@ def test_accumulated_micro_batches_equal_one_batch_k_times_the_size(synth, token
 
     train_step over 2 micro-batches of 2 == over one batch of 4, in float64 (in float32 the
     two summation orders differ by ~3e-5 relative; float64 shows the normalization is exact)."""
-    cfg = tiny_cfg(mask_ratio=1.0, cap_full_word=False)  # masks are then the same however the batch is split
+    # masks are then the same however the batch is split
+    cfg = tiny_cfg(mask_ratio=1.0, cap_full_word=False)
     ds = data.CocoMultiTask(synth, "val2017", cfg, tokenizer, train=False)
     samples = [ds[i] for i in range(4)]
     steps = []
-    for micro_batches in ([data.collate(samples)], [data.collate(samples[:2]), data.collate(samples[2:])]):
+    for micro_batches in ([data.collate(samples)],
+                          [data.collate(samples[:2]), data.collate(samples[2:])]):
         torch.manual_seed(0)
         model = MAD(cfg, ds.vocab).double()                  # (uint8 images, normalized in float64)
         init = {k: v.clone() for k, v in model.state_dict().items()}
         opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the gradient itself
-        losses = train.train_step(model, model, micro_batches, ds.tasks, opt, torch.amp.GradScaler("cpu", enabled=False),
+        losses = train.train_step(model, model, micro_batches, ds.tasks, opt,
+                                  torch.amp.GradScaler("cpu", enabled=False),
                                   contextlib.nullcontext(), clip=1e9)
         steps.append((losses, {k: v - init[k] for k, v in model.state_dict().items()}))
     (l1, g1), (l2, g2) = steps
@@ -2477,7 +2761,8 @@ def test_accumulated_micro_batches_equal_one_batch_k_times_the_size(synth, token
     assert_same_params(g1, g2, atol=1e-10)
 
 
-def test_accumulation_counts_the_positions_its_random_masks_actually_use(synth, tokenizer, monkeypatch):
+def test_accumulation_counts_the_positions_its_random_masks_actually_use(
+        synth, tokenizer, monkeypatch):
     """Accumulation: each micro-batch's counting pass replays the random masks of its real pass.
 
     With random masks (ratio 0.7) the counting pass of each micro-batch must replay exactly the
@@ -2487,14 +2772,16 @@ def test_accumulation_counts_the_positions_its_random_masks_actually_use(synth, 
     micro_batches = [data.collate([ds[i] for i in range(k, k + 3)]) for k in (0, 3, 6)]
     torch.manual_seed(0)
     model = MAD(cfg, ds.vocab)
-    calls = []                                                              # (grad enabled, counts) of each pass
+    calls = []                                              # (grad enabled, counts) of each pass
     spy(monkeypatch, model, "forward", lambda out, batch, tasks: calls.append(
         (torch.is_grad_enabled(), {t: c.clone() for t, c in out[1].items()})), with_result=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     rng = torch.get_rng_state()
-    train.train_step(model, model, micro_batches, ds.tasks, opt, torch.amp.GradScaler("cpu", enabled=False),
+    train.train_step(model, model, micro_batches, ds.tasks, opt,
+                     torch.amp.GradScaler("cpu", enabled=False),
                      contextlib.nullcontext(), clip=1.0)
-    assert [grad for grad, _ in calls] == [False] * 3 + [True] * 3          # 3 counting passes, then 3 real ones
+    # 3 counting passes, then 3 real ones
+    assert [grad for grad, _ in calls] == [False] * 3 + [True] * 3
     for (_, counted), (_, used) in zip(calls[:3], calls[3:]):
         for t in ds.tasks:
             assert torch.equal(counted[t], used[t]), t
@@ -2512,34 +2799,43 @@ def test_amp_on_the_cpu_trains_under_bf16_autocast(synth, tmp_path, monkeypatch)
     under it and gives a finite loss and a checkpoint."""
     seen = []
     spy(monkeypatch, mad.MAD, "forward",
-        lambda self, batch, tasks: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))))
+        lambda self, batch, tasks: seen.append((torch.is_autocast_enabled("cpu"),
+                                                torch.get_autocast_dtype("cpu"))))
     train.main(run_args(synth, tmp_path / "amp", "--amp", "--max-steps", "1"))
     assert seen == [(True, torch.bfloat16)]
     log = [json.loads(l) for l in open(tmp_path / "amp/log.jsonl")]
-    assert len(log) == 1 and all(math.isfinite(log[0][k]) and log[0][k] > 0 for k in ("loss", *mad.TASKS))
+    assert len(log) == 1 and all(math.isfinite(log[0][k]) and log[0][k] > 0
+                                 for k in ("loss", *mad.TASKS))
     ckpt = torch.load(tmp_path / "amp/last.pt", weights_only=False)
     assert ckpt["step"] == 1 and ckpt["train"]["amp"] is True
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-def test_automatic_precision_bf16_where_native_fp16_with_a_grad_scaler_before_and_none_on_the_cpu(monkeypatch):
-    """AMP: bf16 from compute capability 8, fp16 with a GradScaler before, none on the CPU unless --amp.
+def test_automatic_precision_bf16_where_native_fp16_with_a_grad_scaler_before_and_none_on_the_cpu(
+        monkeypatch):
+    """AMP: bf16 from compute capability 8, fp16 with a GradScaler before, none on the CPU unless
+    --amp.
 
     AMP by default on CUDA: bf16 on GPUs of compute capability 8 and later, fp16 (with a GradScaler)
     before (a V100's or T4's bf16 is emulated); --no-amp: fp32. On the CPU fp32 unless --amp (bf16).
     The capability is faked, so this runs without a GPU."""
     capability = {}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["cc"])
-    for cc, want in (((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+    for cc, want in (((7, 0), torch.float16), ((7, 5), torch.float16),
+                     ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
         capability["cc"] = cc
-        assert runtime.autocast_dtype("cuda:0", None) == want and runtime.autocast_dtype("cuda:0", True) == want
+        assert (runtime.autocast_dtype("cuda:0", None) == want
+                and runtime.autocast_dtype("cuda:0", True) == want)
         assert runtime.autocast_dtype("cuda:0", False) is None
-    assert runtime.autocast_dtype("cpu", None) is None and runtime.autocast_dtype("cpu", True) == torch.bfloat16
+    assert (runtime.autocast_dtype("cpu", None) is None
+            and runtime.autocast_dtype("cpu", True) == torch.bfloat16)
     assert train.parse_args(["--backbone", "r50"])[1].amp is None          # auto
 
 
-def test_training_and_evaluation_on_a_gpu_apply_tf32_and_turn_cudnn_attention_off(monkeypatch, tmp_path):
-    """GPU settings: train.py and evaluate.py on CUDA turn TF32 on and cuDNN attention off, first thing.
+def test_training_and_evaluation_on_a_gpu_apply_tf32_and_turn_cudnn_attention_off(
+        monkeypatch, tmp_path):
+    """GPU settings: train.py and evaluate.py on CUDA turn TF32 on and cuDNN attention off, first
+    thing.
 
     The GPU is faked, as the precision test fakes its compute capability: with the device "cuda",
     both scripts call runtime.cuda_settings before they read any data (a stand-in stops them there).
@@ -2576,7 +2872,8 @@ def test_training_and_evaluation_on_a_gpu_apply_tf32_and_turn_cudnn_attention_of
         torch.backends.cuda.enable_cudnn_sdp(sdp)
 
 
-def test_fp16_steps_with_a_grad_scaler_train_skip_an_overflow_and_stop_on_a_non_finite_loss(synth, tokenizer):
+def test_fp16_steps_with_a_grad_scaler_train_skip_an_overflow_and_stop_on_a_non_finite_loss(
+        synth, tokenizer):
     """fp16 with a GradScaler trains, skips a step that overflows, and stops on a non-finite loss.
 
     The fp16 path (pre-Ampere GPUs), here on the CPU: under fp16 autocast with an enabled GradScaler
@@ -2592,20 +2889,23 @@ def test_fp16_steps_with_a_grad_scaler_train_skip_an_overflow_and_stop_on_a_non_
     fp16 = torch.autocast("cpu", dtype=torch.float16)
     params = lambda: torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     before = params()
-    losses = [train.train_step(model, model, [batch], ds.tasks, opt, scaler, fp16, clip=1.0) for _ in range(3)]
+    losses = [train.train_step(model, model, [batch], ds.tasks, opt, scaler, fp16, clip=1.0)
+              for _ in range(3)]
     assert all(torch.isfinite(l).all() for l in losses) and not torch.equal(params(), before)
-    assert scaler.get_scale() == 2.0 ** 10                                  # no overflow yet
-    scaler.update(new_scale=2.0 ** 16)                                      # the fp16 gradients overflow
+    assert scaler.get_scale() == 2.0 ** 10                      # no overflow yet
+    scaler.update(new_scale=2.0 ** 16)                          # the fp16 gradients overflow
     before = params()
     losses = train.train_step(model, model, [batch], ds.tasks, opt, scaler, fp16, clip=1.0)
-    assert torch.isfinite(losses).all() and torch.equal(params(), before) and scaler.get_scale() == 2.0 ** 15
-    for _ in range(6):                                                      # the scale halves until steps fit
+    assert (torch.isfinite(losses).all() and torch.equal(params(), before)
+            and scaler.get_scale() == 2.0 ** 15)
+    for _ in range(6):                                          # the scale halves until steps fit
         train.train_step(model, model, [batch], ds.tasks, opt, scaler, fp16, clip=1.0)
         if not torch.equal(params(), before):
             break
-    assert not torch.equal(params(), before) and scaler.get_scale() < 2.0 ** 15   # training goes on
+    assert not torch.equal(params(), before) and scaler.get_scale() < 2.0 ** 15  # training goes on
     before, forward = params(), model.forward
-    model.forward = lambda b, tasks: (lambda s, c: ({t: v * float("inf") for t, v in s.items()}, c))(*forward(b, tasks))
+    model.forward = lambda b, tasks: (
+        lambda s, c: ({t: v * float("inf") for t, v in s.items()}, c))(*forward(b, tasks))
     losses = train.train_step(model, model, [batch], ds.tasks, opt, scaler, fp16, clip=1.0)
     assert not torch.isfinite(losses).all() and torch.equal(params(), before)
 
@@ -2626,8 +2926,10 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
     assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
 
 
-def test_non_finite_loss_stops_naming_step_and_task_and_keeps_the_last_checkpoint(synth, tmp_path, monkeypatch):
-    """A non-finite loss stops training naming its step and task; the last checkpoint stays, finite."""
+def test_non_finite_loss_stops_naming_step_and_task_and_keeps_the_last_checkpoint(
+        synth, tmp_path, monkeypatch):
+    """A non-finite loss stops training naming its step and task; the last checkpoint stays,
+    finite."""
     calls = {"n": 0}
     seg_loss = mad.LOSSES["seg"]
 
@@ -2651,10 +2953,10 @@ import mad, train
 log_probs, calls = mad.MAD.log_probs, [0]
 def poisoned(self, prompt, inputs, enc, task):
     logp = log_probs(self, prompt, inputs, enc, task)
-    if task == "det" and logp.requires_grad:                   # the training passes only
+    if task == "det" and logp.requires_grad:                # the training passes only
         calls[0] += 1
         if calls[0] == 3 and os.environ.get("RANK", "1") == "1":
-            logp = logp * float("nan")                         # NaN detection log-probs on rank 1 only
+            logp = logp * float("nan")                      # NaN detection log-probs on rank 1 only
     return logp
 mad.MAD.log_probs = poisoned
 train.main(sys.argv[1:])
@@ -2662,19 +2964,23 @@ train.main(sys.argv[1:])
 
 
 def test_nan_detection_logits_stop_every_rank_cleanly_through_the_matcher(synth, tmp_path):
-    """NaN detection log-probs stop every rank cleanly, through the Hungarian matcher; the checkpoint stays.
+    """NaN detection log-probs stop every rank cleanly, through the Hungarian matcher; the
+    checkpoint stays.
 
     NaN detection log-probs must not crash the Hungarian matcher (scipy could raise on
     one rank while the other hung in all-reduce). 1 process and 2 gloo processes (NaN on rank 1
-    only): every rank stops at step 3 with the message naming the task; step 2's checkpoint stays."""
+    only): every rank stops at step 3 with the message naming the task; step 2's checkpoint
+    stays."""
     script = tmp_path / "poisoned_train.py"
     script.write_text(NAN_AT_STEP_3.format(here=HERE))
     for name, launch in (("one", [sys.executable]), ("two", torchrun(2))):
         out = tmp_path / name
-        p = run([*launch, str(script), *run_args(synth, out, "--max-steps", "5", "--save-every", "1")],
+        p = run([*launch, str(script),
+                 *run_args(synth, out, "--max-steps", "5", "--save-every", "1")],
                 check=False, timeout=300)
         assert p.returncode != 0, p.stdout
-        assert "non-finite loss at step 3 (epoch 0): det=nan" in p.stderr and "ValueError" not in p.stderr, p.stderr
+        assert ("non-finite loss at step 3 (epoch 0): det=nan" in p.stderr
+                and "ValueError" not in p.stderr), p.stderr
         if name == "two":                                                      # both ranks said so
             assert p.stderr.count("non-finite loss at step 3") == 2, p.stderr
         assert torch.load(out / "last.pt", weights_only=False)["step"] == 2
@@ -2685,12 +2991,12 @@ def test_ddp_two_processes_equal_one_process_on_the_joined_batch(synth, tmp_path
 
     One optimizer step: 2 gloo processes x 1 image == 1 process x 2 images (full masking and no
     word shown in the full caption copy, so the random masks cannot differ; no augmentation, so no
-    image is padded differently; the same two images, as DistributedSampler deals them). Adam's first step is lr * sign(gradient)
-    whatever the gradient's scale, so the loss normalization shows in the gradients, which the
-    checkpoint holds as Adam's first moment (0.1 x the all-reduced gradient; a huge --clip, since
-    clipping to norm 1 would hide a uniform scale error)."""
-    flags = ["--mask-ratio", "1.0", "--no-cap-full-word", "--batch-size", "2", "--max-steps", "1", "--no-augment",
-             "--lr", "1e-4", "--backbone-lr", "1e-4", "--clip", "1e9"]
+    image is padded differently; the same two images, as DistributedSampler deals them). Adam's
+    first step is lr * sign(gradient) whatever the gradient's scale, so the loss normalization shows
+    in the gradients, which the checkpoint holds as Adam's first moment (0.1 x the all-reduced
+    gradient; a huge --clip, since clipping to norm 1 would hide a uniform scale error)."""
+    flags = ["--mask-ratio", "1.0", "--no-cap-full-word", "--batch-size", "2", "--max-steps", "1",
+             "--no-augment", "--lr", "1e-4", "--backbone-lr", "1e-4", "--clip", "1e9"]
     run([sys.executable, "train.py", *run_args(synth, tmp_path / "one"), *flags])
     run(torchrun(2, "train.py", *run_args(synth, tmp_path / "two"), *flags))
     one = torch.load(tmp_path / "one/last.pt", weights_only=False)
@@ -2702,20 +3008,22 @@ def test_ddp_two_processes_equal_one_process_on_the_joined_batch(synth, tmp_path
     # float32 summation order differs, and a ReLU whose input sits at 0 may open in one run only:
     # measured 6e-4 relative error at worst; a wrong loss normalizer gives tens of percent
     for a, b in zip(moments(one), moments(two)):
-        if a.norm() > 1e-3 * biggest:                                          # (the rest: gradients of float noise)
+        if a.norm() > 1e-3 * biggest:                       # (the rest: gradients of float noise)
             assert (a - b).norm() <= 1e-2 * a.norm()
     flat = lambda c: torch.cat([m.flatten() for m in moments(c)])
     assert (flat(one) - flat(two)).norm() <= 1e-3 * flat(one).norm()
     # Adam's first step is lr * g / (|g| + eps): an element whose gradient is float noise (e.g. the
-    # attention key biases: a softmax ignores a shift of all its scores) moves by +-lr in either run,
-    # so a few elements may differ by up to 2 lr; all the others must be equal
+    # attention key biases: a softmax ignores a shift of all its scores) moves by +-lr in either
+    # run, so a few elements may differ by up to 2 lr; all the others must be equal
     assert one["model"].keys() == two["model"].keys()
-    diff = torch.cat([(one["model"][k].float() - two["model"][k].float()).abs().flatten() for k in one["model"]])
+    diff = torch.cat([(one["model"][k].float() - two["model"][k].float()).abs().flatten()
+                      for k in one["model"]])
     assert (diff > 1e-5).float().mean() < 1e-3 and diff.max() <= 2e-4 + 1e-6
 
 
 def test_one_gpu_per_process_under_cuda_visible_devices():
-    """Each process takes its own GPU (CUDA_VISIBLE_DEVICES or LOCAL_RANK); too few GPUs is a clear error.
+    """Each process takes its own GPU (CUDA_VISIBLE_DEVICES or LOCAL_RANK); too few GPUs is a clear
+    error.
 
     Where the launcher gives each process its own GPU (CUDA_VISIBLE_DEVICES), a process sees one and
     takes it, whatever its LOCAL_RANK; otherwise it takes GPU LOCAL_RANK; more processes than GPUs
@@ -2726,13 +3034,14 @@ def test_one_gpu_per_process_under_cuda_visible_devices():
         runtime.gpu_index(8, 8)
 
 
-def test_resume_with_another_number_of_processes_keeps_the_global_batch_and_the_position_in_the_data(synth, tmp_path):
+def test_resume_on_another_number_of_processes_keeps_the_global_batch_and_the_data_position(
+        synth, tmp_path):
     """Resuming on another number of processes keeps the global batch and the position in the data.
 
     A run saved by 2 processes (batch 6, stopped mid-epoch at step 2) resumes with 1 and with 3:
     each global step still reads the next 6 images of the epoch's permutation, now split 6 / 2+2+2,
     into the next epoch; the third process, which the run did not have, trains with its own RNG."""
-    flags = ["--batch-size", "6", "--seed", "3"]                            # 24 images: 4 steps an epoch
+    flags = ["--batch-size", "6", "--seed", "3"]                    # 24 images: 4 steps an epoch
     run(torchrun(2, "train.py", *run_args(synth, tmp_path / "saved", *flags, "--max-steps", "2")))
     for world in (1, 3):
         out = tmp_path / f"resumed{world}"
@@ -2741,7 +3050,8 @@ def test_resume_with_another_number_of_processes_keeps_the_global_batch_and_the_
         script.write_text(RECORD_ORDER.format(here=HERE, out=str(out)))
         launch = [sys.executable] if world == 1 else torchrun(world)
         p = run([*launch, str(script), "--out", str(out), "--resume", "--max-steps", "6"])
-        assert f"resumed at step 2" in p.stdout and f"{world} process(es) x {6 // world} images" in p.stdout
+        assert ("resumed at step 2" in p.stdout
+                and f"{world} process(es) x {6 // world} images" in p.stdout)
         assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
         steps = [recorded_steps(out, r, 6 // world) for r in range(world)]
         for k, s in enumerate(range(2, 6)):                                 # global steps 3..6
@@ -2760,14 +3070,16 @@ save_run = runtime.save_run
 def save_then_die(*a, **k):
     save_run(*a, **k)
     if a[8] == 2 and os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
-        os.kill(os.getpid(), signal.SIGKILL)             # rank 1 dies once, after step 2's checkpoint
+        os.kill(os.getpid(), signal.SIGKILL)         # rank 1 dies once, after step 2's checkpoint
 runtime.save_run = save_then_die
 train.main(sys.argv[1:])
 """
 
 
-def test_a_restarted_job_continues_from_its_checkpoint_and_ends_like_an_uninterrupted_run(synth, tmp_path):
-    """torchrun --max-restarts: a restarted job continues from its checkpoint, ends like an uninterrupted run.
+def test_a_restarted_job_continues_from_its_checkpoint_and_ends_like_an_uninterrupted_run(
+        synth, tmp_path):
+    """torchrun --max-restarts: a restarted job continues from its checkpoint, ends like an
+    uninterrupted run.
 
     torchrun --max-restarts 1 with rank 1 killed after the step-2 checkpoint (gloo): the restarted
     processes run the same command, continue from OUT/last.pt (steps 3..6, each logged once) and end
@@ -2776,10 +3088,11 @@ def test_a_restarted_job_continues_from_its_checkpoint_and_ends_like_an_uninterr
     run(torchrun(2, "train.py", *run_args(synth, tmp_path / "straight", *flags)))
     script = tmp_path / "restart.py"
     script.write_text(RESTART_AFTER_CHECKPOINT_2.format(here=HERE))
-    p = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-             str(script), *run_args(synth, tmp_path / "restarted", *flags)])
+    p = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "--max-restarts=1", str(script), *run_args(synth, tmp_path / "restarted", *flags)])
     assert "resumed at step 2" in p.stdout
-    assert [json.loads(l)["step"] for l in open(tmp_path / "restarted/log.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert ([json.loads(l)["step"] for l in open(tmp_path / "restarted/log.jsonl")]
+            == [1, 2, 3, 4, 5, 6])
     a = torch.load(tmp_path / "straight/last.pt", weights_only=False)
     b = torch.load(tmp_path / "restarted/last.pt", weights_only=False)
     assert a["step"] == b["step"] == 6
@@ -2794,16 +3107,19 @@ sys.path.insert(0, {here!r})
 import evaluate, train
 print_metrics = evaluate.print_metrics
 def slow(m):
-    time.sleep(8)                                        # rank 0 scores for longer than the 6 s timeout
+    time.sleep(8)                                 # rank 0 scores for longer than the 6 s timeout
     print_metrics(m)
 evaluate.print_metrics = slow
-atexit.register(lambda: open(os.path.join({out!r}, "exit%s" % os.environ["RANK"]), "w").write(str(time.time())))
+atexit.register(lambda: open(os.path.join({out!r}, "exit%s" % os.environ["RANK"]), "w")
+                .write(str(time.time())))
 train.main(sys.argv[1:])
 """
 
 
-def test_no_process_waits_in_a_collective_while_rank_0_scores_and_all_leave_together(synth, tmp_path):
-    """Timeouts: no process waits in a collective while rank 0 scores, and all processes leave together.
+def test_no_process_waits_in_a_collective_while_rank_0_scores_and_all_leave_together(
+        synth, tmp_path):
+    """Timeouts: no process waits in a collective while rank 0 scores, and all processes leave
+    together.
 
     --pg-timeout 0.1 (6 s) and an evaluation after each of 2 epochs whose scoring on rank 0 takes
     8 s: rank 1 waits for it outside the training's collectives (a side group with a long timeout),
@@ -2812,9 +3128,11 @@ def test_no_process_waits_in_a_collective_while_rank_0_scores_and_all_leave_toge
     out.mkdir()
     script = tmp_path / "slow.py"
     script.write_text(SLOW_SCORING.format(here=HERE, out=str(out)))
-    run(torchrun(2, str(script), *run_args(synth, out, "--pg-timeout", "0.1", "--eval-every", "1", "--max-steps", "6")))
+    run(torchrun(2, str(script), *run_args(synth, out, "--pg-timeout", "0.1", "--eval-every", "1",
+                                           "--max-steps", "6")))
     assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
-    assert (out / "eval_epoch1/metrics.json").exists() and (out / "eval_epoch2/metrics.json").exists()
+    assert ((out / "eval_epoch1/metrics.json").exists()
+            and (out / "eval_epoch2/metrics.json").exists())
     leave = [float((out / f"exit{r}").read_text()) for r in (0, 1)]
     assert abs(leave[0] - leave[1]) < 2.5, leave
 
@@ -2836,7 +3154,8 @@ def free_port():
 
 
 def test_two_nodes_generate_their_data_share_out_or_say_which_path_is_not_shared(tmp_path):
-    """Two nodes: both generate their data and train on a shared --out, or name the path that is not shared.
+    """Two nodes: both generate their data and train on a shared --out, or name the path that is not
+    shared.
 
     torchrun --nnodes 2 (gloo, one process per node, on localhost): from the same checkout both
     nodes' first processes generate the synthetic set at once without clobbering each other (atomic
@@ -2853,11 +3172,13 @@ def test_two_nodes_generate_their_data_share_out_or_say_which_path_is_not_shared
     def two_nodes(dirs, out):
         port, procs = free_port(), []
         for node, d in enumerate(dirs):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",
-                   f"--rdzv-endpoint=localhost:{port}", "small.py", "--data", "synthetic", "--backbone", "tiny",
-                   "--no-pretrained", "--out", str(out), "--device", "cpu", "--batch-size", "4", "--workers", "0",
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                   f"--node-rank={node}", "--nproc-per-node=1", f"--rdzv-endpoint=localhost:{port}",
+                   "small.py", "--data", "synthetic", "--backbone", "tiny", "--no-pretrained",
+                   "--out", str(out), "--device", "cpu", "--batch-size", "4", "--workers", "0",
                    "--max-steps", "2", "--spm-vocab", "60", "--log-every", "1"]
-            procs.append(subprocess.Popen(cmd, cwd=d, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            procs.append(subprocess.Popen(cmd, cwd=d, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True,
                                           env={**os.environ, "OMP_NUM_THREADS": "1"}))
         return [(p.wait(timeout=300), *p.communicate()) for p in procs]
     same = copy_code("same")
@@ -2866,7 +3187,8 @@ def test_two_nodes_generate_their_data_share_out_or_say_which_path_is_not_shared
         assert rc == 0, stderr[-2000:]
     assert "2 process(es) x 2 images" in results[0][1]
     assert (same / "data/synthetic/annotations/captions_val2017.json").exists()
-    assert not [p for p in os.listdir(same / "data") if ".tmp-" in p]            # the losing copy was removed
+    # the losing copy was removed
+    assert not [p for p in os.listdir(same / "data") if ".tmp-" in p]
     assert torch.load(same / "runs/two/last.pt", weights_only=False)["step"] == 2
     a, b = copy_code("a"), copy_code("b")
     for rc, stdout, stderr in two_nodes([a, b], "runs/two"):
@@ -2885,8 +3207,11 @@ import torch, train
 from torch._inductor.compile_fx import compile_fx
 graphs, after_step = {{}}, []
 compile = torch.compile
-def counting(fn, *a, **k):                               # every graph of a compiled part passes through its backend
-    name = type(fn.__self__).__name__ if hasattr(fn, "__self__") and isinstance(fn.__self__, torch.nn.Module) and fn.__name__ != "decode" else fn.__name__
+# every graph of a compiled part passes through its backend
+def counting(fn, *a, **k):
+    name = (type(fn.__self__).__name__
+            if hasattr(fn, "__self__") and isinstance(fn.__self__, torch.nn.Module)
+            and fn.__name__ != "decode" else fn.__name__)
     def backend(gm, inputs):
         graphs[name] = graphs.get(name, 0) + 1
         return compile_fx(gm, inputs)
@@ -2903,42 +3228,52 @@ json.dump(after_step, open(os.path.join({out!r}, "graphs%s.json" % os.environ["R
 """
 
 
-def test_compile_under_ddp_keeps_its_graphs_over_multi_scale_shapes_and_the_replicas_equal(synth, tmp_path):
-    """--compile under DDP keeps at most 3 graphs per part over multi-scale shapes; the replicas stay equal.
+def test_compile_under_ddp_keeps_its_graphs_over_multi_scale_shapes_and_the_replicas_equal(
+        synth, tmp_path):
+    """--compile under DDP keeps at most 3 graphs per part over multi-scale shapes; the replicas
+    stay equal.
 
     --compile with 2 gloo processes (DDP), multi-scale images and varying numbers of segmentation /
     keypoint sequences: at most 3 graphs per compiled part (the encoder layer, the decoder), none
-    compiled after the first 3 steps, plain parameter names in the checkpoint, and the replicas equal
-    at every checkpoint (train.py compares them). 1 encoder and 1 decoder layer keep inductor short."""
+    compiled after the first 3 steps, plain parameter names in the checkpoint, and the replicas
+    equal at every checkpoint (train.py compares them). 1 encoder and 1 decoder layer keep inductor
+    short."""
     out = tmp_path / "c"
     out.mkdir()
     script = tmp_path / "count.py"
     script.write_text(COUNT_GRAPHS.format(here=HERE, out=str(out)))
-    run(torchrun(2, str(script), *run_args(synth, out, "--compile", "--enc-layers", "1", "--dec-layers", "1",
-                                           "--batch-size", "4", "--image-size", "160", "--max-size", "224",
+    run(torchrun(2, str(script), *run_args(synth, out, "--compile", "--enc-layers", "1",
+                                           "--dec-layers", "1", "--batch-size", "4",
+                                           "--image-size", "160", "--max-size", "224",
                                            "--max-steps", "6", "--save-every", "2")), timeout=900)
     for r in (0, 1):
         steps = json.load(open(out / f"graphs{r}.json"))
         assert len(steps) == 6 and set(steps[-1]) == {"EncoderLayer", "decode"}, steps[-1]
         assert all(n <= 3 for n in steps[-1].values()) and steps[2] == steps[-1], steps
     ckpt = torch.load(out / "last.pt", weights_only=False)
-    plain = MAD(tiny_cfg(enc_layers=1, dec_layers=1, image_size=160, max_size=224), Vocab(**ckpt["vocab"]))
+    plain = MAD(tiny_cfg(enc_layers=1, dec_layers=1, image_size=160, max_size=224),
+                Vocab(**ckpt["vocab"]))
     assert ckpt["step"] == 6 and list(ckpt["model"]) == list(plain.state_dict())
 
 
 def test_parse_args_presets_schedules_and_explicit_flags():
-    """Paper presets set each backbone's schedule; explicit flags win; --demo trains without augmentation."""
+    """Paper presets set each backbone's schedule; explicit flags win; --demo trains without
+    augmentation."""
     cfg, tc, _ = train.parse_args(["--backbone", "r50"])
-    assert (cfg.d_model, cfg.num_bins, tc.epochs, tc.lr_drop, tc.batch_size, tc.backbone_lr) == (256, 500, 50, 40, 16, 1e-5)
+    assert ((cfg.d_model, cfg.num_bins, tc.epochs, tc.lr_drop, tc.batch_size, tc.backbone_lr)
+            == (256, 500, 50, 40, 16, 1e-5))
     cfg, tc, _ = train.parse_args(["--backbone", "vit_b"])
     assert (cfg.image_size, tc.epochs, tc.batch_size) == (1024, 100, 32)
     cfg, tc, _ = train.parse_args(["--demo", "--epochs", "3", "--cap-ratios", "1,0.5", "--no-amp"])
-    assert cfg.backbone == "tiny" and tc.data == "synthetic" and tc.epochs == 3 and cfg.cap_ratios == (1.0, 0.5)
-    assert tc.amp is False and tc.demo and tc.augment is False            # the demo trains without augmentation
+    assert (cfg.backbone == "tiny" and tc.data == "synthetic" and tc.epochs == 3
+            and cfg.cap_ratios == (1.0, 0.5))
+    # the demo trains without augmentation
+    assert tc.amp is False and tc.demo and tc.augment is False
     assert train.parse_args(["--demo", "--augment"])[1].augment is True     # ... unless asked
 
 
-def test_paper_presets_load_imagenet_weights_by_default_and_offline_say_how_to_go_on(synth, tmp_path, monkeypatch):
+def test_paper_presets_load_imagenet_weights_by_default_and_offline_say_how_to_go_on(
+        synth, tmp_path, monkeypatch):
     """Paper presets start from ImageNet weights; offline, the message says how to go on.
 
     The paper presets start from ImageNet weights unless --no-pretrained: `train.py --backbone r50`
@@ -2953,20 +3288,24 @@ def test_paper_presets_load_imagenet_weights_by_default_and_offline_say_how_to_g
         calls.append(url)
         raise urllib.error.URLError("Name or service not known")
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
-    assert train.parse_args(["--backbone", "r50"])[1].pretrained and not train.parse_args(["--backbone", "tiny"])[1].pretrained
+    assert (train.parse_args(["--backbone", "r50"])[1].pretrained
+            and not train.parse_args(["--backbone", "tiny"])[1].pretrained)
     with pytest.raises(SystemExit, match="--backbone-weights FILE.*--no-pretrained"):
-        train.main([a for a in run_args(synth, tmp_path / "r50", "--backbone", "r50", "--max-steps", "1", "--batch-size", "1")
-                    if a != "--no-pretrained"])                               # the preset's default
+        train.main([a for a in run_args(synth, tmp_path / "r50", "--backbone", "r50",
+                                        "--max-steps", "1", "--batch-size", "1")
+                    if a != "--no-pretrained"])             # the preset's default
     assert len(calls) == 1 and "resnet50" in calls[0]
     backbone, _ = mad.BACKBONES["r50"]()
     with pytest.raises(SystemExit, match="cannot read a state dict"):
         runtime.load_backbone_weights(backbone, "r50", "/nonexistent/weights.pt")
-    with pytest.raises(SystemExit, match="no ImageNet weights for backbone 'swin_b384'.*--backbone-weights FILE.*--no-pretrained"):
+    with pytest.raises(SystemExit, match="no ImageNet weights for backbone 'swin_b384'"
+                                         ".*--backbone-weights FILE.*--no-pretrained"):
         runtime.load_backbone_weights(mad.BACKBONES["swin_b384"]()[0], "swin_b384")
 
 
 def test_readme_quick_start_then_evaluation_commands_work_in_a_fresh_copy(tmp_path):
-    """README: the quick start (train.py --demo) and then evaluate.py work in a fresh copy of the code.
+    """README: the quick start (train.py --demo) and then evaluate.py work in a fresh copy of the
+    code.
 
     README: `python train.py --demo`, then `python evaluate.py runs/demo/last.pt`, in that order,
     in a copy of the code (data/ and runs/ land there, nothing stale is reused). Only the step count
@@ -2982,31 +3321,37 @@ def test_readme_quick_start_then_evaluation_commands_work_in_a_fresh_copy(tmp_pa
     assert (clone / "runs/demo/eval_final/metrics.json").exists()
     run([sys.executable, "evaluate.py", "runs/demo/last.pt", "--device", "cpu"], cwd=clone)
     m = json.load(open(clone / "runs/demo/eval/metrics.json"))
-    assert m["num_images"] == runtime.SYNTHETIC["val"] and {"bbox_AP", "segm_AP", "keypoints_AP", "BLEU4"} <= set(m)
+    assert (m["num_images"] == runtime.SYNTHETIC["val"]
+            and {"bbox_AP", "segm_AP", "keypoints_AP", "BLEU4"} <= set(m))
 
 
-OVERFIT = dict(bbox_AP50=90, segm_AP50=80, keypoints_AP50=80, BLEU4=40)   # measured 100, 100, 100, 56.3
+# measured 100, 100, 100, 56.3
+OVERFIT = dict(bbox_AP50=90, segm_AP50=80, keypoints_AP50=80, BLEU4=40)
 
 
 def test_tiny_model_learns_all_four_tasks_on_eight_images(tmp_path):
-    """End to end: the tiny model learns all four tasks on eight images (train.py, then evaluate.py).
+    """End to end: the tiny model learns all four tasks on eight images (train.py, then
+    evaluate.py).
 
     The whole method end to end: train.py overfits 8 synthetic images (no augmentation) and
     evaluate.py scores them. Catches what shape tests cannot: a model that ignores the image."""
     root = str(tmp_path / "eight")
     synthetic.make_synthetic_coco(root, 8, 1, seed=5)
-    train.main(run_args(root, tmp_path / "run", "--no-augment", "--max-steps", "170", "--epochs", "170",
-                        "--lr-drop", "170", "--lr", "1e-3", "--backbone-lr", "1e-3"))
+    train.main(run_args(root, tmp_path / "run", "--no-augment", "--max-steps", "170",
+                        "--epochs", "170", "--lr-drop", "170",
+                        "--lr", "1e-3", "--backbone-lr", "1e-3"))
     ckpt = runtime.load_checkpoint(str(tmp_path / "run/last.pt"))
     model, tok = runtime.model_from_checkpoint(ckpt)
-    ds = data.CocoMultiTask(root, "train2017", model.cfg, tok, train=False, categories=ckpt["categories"])
+    ds = data.CocoMultiTask(root, "train2017", model.cfg, tok, train=False,
+                            categories=ckpt["categories"])
     m = evaluate.evaluate(model, ds, tok, str(tmp_path / "eval"), batch_size=8)
     assert m["bbox_AP50"] >= OVERFIT["bbox_AP50"] and m["segm_AP50"] >= OVERFIT["segm_AP50"], m
     assert m["keypoints_AP50"] >= OVERFIT["keypoints_AP50"] and m["BLEU4"] >= OVERFIT["BLEU4"], m
 
 
 def test_bench_quick_mode_prints_the_tiny_rows():
-    """README: bench.py --quick prints the tiny rows: decoder passes of each method, times, throughput.
+    """README: bench.py --quick prints the tiny rows: decoder passes of each method, times,
+    throughput.
 
     README, bench.py --quick (seconds: tiny only, one repetition): the latency rows count the
     sequential decoder passes the paper compares (MAD: one per task, 8 with masked inference;
@@ -3015,13 +3360,16 @@ def test_bench_quick_mode_prints_the_tiny_rows():
     res = json.loads(p.stdout)
     cfg = tiny_cfg()
     rows = res["latency_tiny"]
-    assert [rows[r]["passes"] for r in ("MAD one stage", "MAD masked inference", "AR + KV cache")] == \
-        [4, 1 + 1 + 2 + len(cfg.cap_ratios),                              # keypoints: the paper's 2 stages
-         5 * cfg.num_queries + cfg.grid_size ** 2 + 51 + cfg.caption_len]
+    assert ([rows[r]["passes"] for r in ("MAD one stage", "MAD masked inference", "AR + KV cache")]
+            == [4, 1 + 1 + 2 + len(cfg.cap_ratios),   # keypoints: the paper's 2 stages
+                5 * cfg.num_queries + cfg.grid_size ** 2 + 51 + cfg.caption_len])
     for r in rows.values():
-        assert 0 < sum(r[t] for t in ("encode", *mad.TASKS)) <= r["total"]     # the parts lie inside the total
-    assert rows["AR + KV cache"]["total"] > 2 * rows["MAD one stage"]["total"]   # Table 2: parallel is faster
-    assert res["train_tiny_b8_128"]["images_per_s"] > 0 and res["flop_utilization_tiny"]["train_gflop"] > 1
+        # the parts lie inside the total
+        assert 0 < sum(r[t] for t in ("encode", *mad.TASKS)) <= r["total"]
+    # Table 2: parallel is faster
+    assert rows["AR + KV cache"]["total"] > 2 * rows["MAD one stage"]["total"]
+    assert (res["train_tiny_b8_128"]["images_per_s"] > 0
+            and res["flop_utilization_tiny"]["train_gflop"] > 1)
     assert "latency_r50" not in res and res["device"] == "cpu"
 
 
@@ -3034,27 +3382,31 @@ def copy_set(synth, tmp_path):
     return root
 
 
-def test_missing_annotation_file_disables_its_task_with_one_line(synth, tokenizer, tmp_path, capsys):
+def test_missing_annotation_file_disables_its_task_with_one_line(
+        synth, tokenizer, tmp_path, capsys):
     """A missing annotation file disables its task with one line naming the file."""
     root = copy_set(synth, tmp_path)
     (root / "annotations/person_keypoints_val2017.json").unlink()
     ds = data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=False)
     out = capsys.readouterr().out.strip().splitlines()
     assert ds.tasks == ("det", "seg", "cap")
-    assert len(out) == 1 and "person_keypoints_val2017.json not found" in out[0] and "kpt disabled" in out[0]
+    assert (len(out) == 1 and "person_keypoints_val2017.json not found" in out[0]
+            and "kpt disabled" in out[0])
     _, t = ds[0]
     assert not t["kpt_weight"].any()
 
 
 @pytest.mark.parametrize("case,match", [
-    ("unknown_category", r"instances_val2017.json: annotation \d+ has category_id 77, which is not in 'categories'"),
+    ("unknown_category",
+     r"instances_val2017.json: annotation \d+ has category_id 77, which is not in 'categories'"),
     ("not_json", r"instances_val2017.json: not JSON"),
     ("not_coco", r"instances_val2017.json: not a COCO instances file: no list 'annotations'"),
     ("no_bbox", r"instances_val2017.json: annotation \d+ has no field 'bbox'"),
     ("unknown_image", r"captions_val2017.json: annotation \d+ refers to image_id 4242"),
 ])
 def test_bad_annotation_files_name_the_file_and_field(synth, tokenizer, tmp_path, case, match):
-    """Bad annotation files (not JSON, not COCO, a missing field, an unknown id) raise errors naming both."""
+    """Bad annotation files (not JSON, not COCO, a missing field, an unknown id) raise errors naming
+    both."""
     root = copy_set(synth, tmp_path)
     path = root / "annotations/instances_val2017.json"
     d = load_json(path)
@@ -3077,8 +3429,10 @@ def test_bad_annotation_files_name_the_file_and_field(synth, tokenizer, tmp_path
         data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=False)
 
 
-def test_missing_and_corrupt_images_name_the_file_or_are_skipped_and_counted(synth, tokenizer, tmp_path, capsys):
-    """Missing and corrupt images raise errors naming the file, or are skipped and counted if asked."""
+def test_missing_and_corrupt_images_name_the_file_or_are_skipped_and_counted(
+        synth, tokenizer, tmp_path, capsys):
+    """Missing and corrupt images raise errors naming the file, or are skipped and counted if
+    asked."""
     root = copy_set(synth, tmp_path)
     (root / "val2017/000000000002.jpg").unlink()
     (root / "val2017/000000000003.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
@@ -3087,34 +3441,42 @@ def test_missing_and_corrupt_images_name_the_file_or_are_skipped_and_counted(syn
         ds[1]
     with pytest.raises(ValueError, match="cannot decode image .*000000000003.jpg"):
         ds[2]
-    ds = data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=False, skip_bad_images=True)
+    ds = data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=False,
+                            skip_bad_images=True)
     ids = [ds[i][1]["image_id"] for i in range(len(ds))]
-    assert len(ds.skipped) == 2 and 2 not in ids and 3 not in ids and len(ids) == 8   # a next image stands in
+    # a next image stands in
+    assert len(ds.skipped) == 2 and 2 not in ids and 3 not in ids and len(ids) == 8
     out = capsys.readouterr().out
     assert "000000000002.jpg" in out and "2 bad images skipped so far" in out
 
 
 def test_skip_bad_images_through_train_py_with_a_data_worker(synth, tmp_path):
-    """README: --skip-bad-images skips and counts bad images in a data worker; without it training stops.
+    """README: --skip-bad-images skips and counts bad images in a data worker; without it training
+    stops.
 
     README: --skip-bad-images skips and counts missing and corrupt images, also in a data-loader
     worker process (--workers 1); without it training stops with an error naming the file."""
     root = copy_set(synth, tmp_path)
     (root / "train2017/000000000005.jpg").unlink()
     (root / "train2017/000000000009.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    flags = lambda out, *extra: run_args(str(root), tmp_path / out, "--workers", "1", "--max-steps", "3", *extra)
-    with pytest.raises((FileNotFoundError, ValueError), match=r"image file missing: .*000000000005.jpg|"
-                                                               r"cannot decode image .*000000000009.jpg"):
+    flags = lambda out, *extra: run_args(str(root), tmp_path / out, "--workers", "1",
+                                         "--max-steps", "3", *extra)
+    with pytest.raises((FileNotFoundError, ValueError),
+                       match=r"image file missing: .*000000000005.jpg|"
+                             r"cannot decode image .*000000000009.jpg"):
         train.main(flags("strict"))
-    p = run([sys.executable, "train.py", *flags("skip", "--skip-bad-images")])   # one epoch: every image is read
+    # one epoch: every image is read
+    p = run([sys.executable, "train.py", *flags("skip", "--skip-bad-images")])
     skipped = [l for l in p.stdout.splitlines() if l.startswith("skipping bad image")]
-    assert len(skipped) == 2 and "000000000005.jpg" in skipped[0] + skipped[1] and "000000000009.jpg" in skipped[0] + skipped[1]
+    assert (len(skipped) == 2 and "000000000005.jpg" in skipped[0] + skipped[1]
+            and "000000000009.jpg" in skipped[0] + skipped[1])
     assert "2 bad images skipped so far" in skipped[1]
     assert torch.load(tmp_path / "skip/last.pt", weights_only=False)["step"] == 3
 
 
 def test_grayscale_rgba_palette_and_tiny_images_become_rgb_samples(tmp_path, tokenizer):
-    """Grayscale, RGBA, palette and tiny images become RGB samples; a tiny image is upscaled like any."""
+    """Grayscale, RGBA, palette and tiny images become RGB samples; a tiny image is upscaled like
+    any."""
     root = tmp_path / "modes"
     synthetic.make_synthetic_coco(str(root), 1, 4)
     d = load_json(root / "annotations/instances_val2017.json")
@@ -3147,19 +3509,22 @@ def test_grayscale_rgba_palette_and_tiny_images_become_rgb_samples(tmp_path, tok
     assert min(small.shape[1:]) >= 32 and len(t["det_gt"]) == 1          # upscaled like any image
 
 
-def test_degenerate_and_out_of_image_boxes_are_clipped_or_dropped_and_counted(synth, tokenizer, tmp_path, capsys):
-    """Empty, out-of-image and crowd boxes are dropped and counted; a box partly outside is clipped."""
+def test_degenerate_and_out_of_image_boxes_are_clipped_or_dropped_and_counted(
+        synth, tokenizer, tmp_path, capsys):
+    """Empty, out-of-image and crowd boxes are dropped and counted; a box partly outside is
+    clipped."""
     root = copy_set(synth, tmp_path)
     path = root / "annotations/instances_val2017.json"
     d = load_json(path)
     a = d["annotations"][0]
-    d["annotations"] += [dict(a, id=10**6, bbox=[10, 10, 0, 5]),              # zero area
-                         dict(a, id=10**6 + 1, bbox=[500, 500, 20, 20]),      # outside the image
-                         dict(a, id=10**6 + 2, bbox=[-20, -20, 40, 40]),      # partly outside: clipped
-                         dict(a, id=10**6 + 3, iscrowd=1)]                     # crowd: not a target
+    d["annotations"] += [dict(a, id=10**6, bbox=[10, 10, 0, 5]),           # zero area
+                         dict(a, id=10**6 + 1, bbox=[500, 500, 20, 20]),   # outside the image
+                         dict(a, id=10**6 + 2, bbox=[-20, -20, 40, 40]),   # partly outside: clipped
+                         dict(a, id=10**6 + 3, iscrowd=1)]                 # crowd: not a target
     path.write_text(json.dumps(d))
     ds = data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=False)
-    assert ds.ann.dropped == 3 and "3 crowd, empty or out-of-image boxes dropped" in capsys.readouterr().out
+    assert (ds.ann.dropped == 3
+            and "3 crowd, empty or out-of-image boxes dropped" in capsys.readouterr().out)
     i = ds.ann.row(a["image_id"])
     boxes = ds[i][1]["boxes"]
     assert ((boxes >= 0).all() and boxes[:, 2:].max() <= 128)
@@ -3167,7 +3532,8 @@ def test_degenerate_and_out_of_image_boxes_are_clipped_or_dropped_and_counted(sy
 
 
 def test_person_with_all_keypoints_unlabelled_trains_no_keypoints(synth, tokenizer, tmp_path):
-    """Persons with every keypoint unlabelled give no keypoint targets: a finite loss, its kpt part 0."""
+    """Persons with every keypoint unlabelled give no keypoint targets: a finite loss, its kpt
+    part 0."""
     root = copy_set(synth, tmp_path)
     path = root / "annotations/person_keypoints_val2017.json"
     d = load_json(path)
@@ -3183,7 +3549,8 @@ def test_person_with_all_keypoints_unlabelled_trains_no_keypoints(synth, tokeniz
 
 
 def test_empty_unicode_and_long_captions(synth, tokenizer, tmp_path):
-    """Empty, Unicode and overlong captions give in-range caption targets, and BLEU-4 scores them."""
+    """Empty, Unicode and overlong captions give in-range caption targets, and BLEU-4 scores
+    them."""
     root = copy_set(synth, tmp_path)
     path = root / "annotations/captions_val2017.json"
     d = load_json(path)
@@ -3198,10 +3565,12 @@ def test_empty_unicode_and_long_captions(synth, tokenizer, tmp_path):
         assert t["cap_seq"].shape == (tiny_cfg().max_captions, tiny_cfg().caption_len)
         assert ((t["cap_seq"] >= lo) & (t["cap_seq"] < hi)).all()
     assert evaluate.bleu4({1: ""}, {1: ["a red circle"]}) == pytest.approx(0.0, abs=1e-6)
-    # 2 of 2 unigrams and 1 of 1 bigram match; no 3- or 4-grams: the scorer's constants give (1e-15 / 1e-9)^0.5
+    # 2 of 2 unigrams and 1 of 1 bigram match; no 3- or 4-grams: the scorer's constants give
+    # (1e-15 / 1e-9)^0.5
     tiny, small = 1e-15, 1e-9
     assert evaluate.bleu4({1: "Ünïcödé café"}, {1: ["ünïcödé café"]}) == \
-        pytest.approx(((2 + tiny) / (2 + small) * (1 + tiny) / (1 + small) * (tiny / small) ** 2) ** 0.25, rel=1e-9)
+        pytest.approx(((2 + tiny) / (2 + small) * (1 + tiny) / (1 + small)
+                       * (tiny / small) ** 2) ** 0.25, rel=1e-9)
 
 
 def test_truncated_foreign_and_missing_checkpoints_give_clear_errors(synth, tokenizer, tmp_path):
@@ -3220,12 +3589,15 @@ def test_truncated_foreign_and_missing_checkpoints_give_clear_errors(synth, toke
 
 
 def test_evaluating_on_a_dataset_with_other_categories_is_refused(synth, tokenizer, tmp_path):
-    """evaluate.py refuses a dataset whose categories differ from the checkpoint's, without a traceback."""
+    """evaluate.py refuses a dataset whose categories differ from the checkpoint's, without a
+    traceback."""
     ds = data.CocoMultiTask(synth, "val2017", tiny_cfg(), tokenizer, train=False)
     save_random_checkpoint(tmp_path / "c.pt", ds, tokenizer)
     root, _ = excerpt_root(tmp_path)
-    p = run([sys.executable, "evaluate.py", str(tmp_path / "c.pt"), "--data", root, "--workers", "0", "--device", "cpu"], check=False)
-    assert p.returncode != 0 and "differ from the checkpoint's" in p.stderr and "Traceback" not in p.stderr
+    p = run([sys.executable, "evaluate.py", str(tmp_path / "c.pt"), "--data", root,
+             "--workers", "0", "--device", "cpu"], check=False)
+    assert (p.returncode != 0 and "differ from the checkpoint's" in p.stderr
+            and "Traceback" not in p.stderr)
 
 
 def test_missing_coco_root_says_how_to_get_coco_or_use_demo(tmp_path):
