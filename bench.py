@@ -584,7 +584,7 @@ TABLES = {
 def trained_steps(run_dir):
     """Steps in run_dir's checkpoint (0 without one): a run killed midway is resumed, not reused."""
     path = os.path.join(run_dir, "last.pt")
-    return (torch.load(path, map_location="cpu", weights_only=False)["step"]
+    return (torch.load(path, map_location="cpu", weights_only=True)["step"]
             if os.path.exists(path) else 0)
 
 

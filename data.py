@@ -19,7 +19,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import sentencepiece as spm
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.ops import roi_align
 
 from mad import KPT_LEN, NUM_KEYPOINTS, PROMPT_LEN, TASKS, Vocab
@@ -68,10 +68,11 @@ def read_coco_json(path, kind, on_annotation):
     if missing:
         raise ValueError(f"{path}: not a COCO {kind} file: no list '{missing[0]}'")
     bad = [im for im in doc["images"] if not isinstance(im, tuple)
-           or not all(isinstance(x, int) for x in (im[0], im[2], im[3]))]
+           or not all(type(x) is int for x in (im[0], im[2], im[3]))
+           or not isinstance(im[1], str) or not (im[2] > 0 and im[3] > 0)]
     if bad:
-        raise ValueError(f"{path}: image entry {bad[0]!r} lacks an integer id, width or height, "
-                         f"or its file_name")
+        raise ValueError(f"{path}: image entry {str(bad[0])[:80]} lacks an integer id, a "
+                         f"positive width and height, or its file_name")
     return doc["images"], doc.get("categories", [])
 
 
@@ -103,32 +104,40 @@ class CocoAnnotations:
         per = Columns(ann="q", image="q", cat="q", crowd="b", box="d", kpts="f")
         cap = Columns(ann="q", image="q", start="q")
         text, rles, images, cats = bytearray(), [], {}, {}
+        self.bad_masks, self.bad_mask_example = 0, None     # masks dropped (polygons, RLEs)
 
         def add_object(a):
-            add_box(obj, a)
+            add_box(obj, a, path)
             seg = a.get("segmentation")
-            polygons = seg if isinstance(seg, list) else []
+            polygons = [p for p in seg if usable_polygon(p, a, path)] if is_list(seg) else []
+            if is_list(seg) and len(polygons) < len(seg):
+                self.bad_masks += 1
+                self.bad_mask_example = a.get("id", "?")
             obj.polys.append(len(polygons))
             for p in polygons:
                 obj.coords.extend(p)
                 obj.poly_len.append(len(p))
             obj.rle.append(len(rles) if isinstance(seg, dict) else -1)
             if isinstance(seg, dict):
-                rles.append(seg)
+                rles.append(check_rle(seg, a, path))
+            elif seg is not None and not is_list(seg):
+                raise field_error(path, a, "segmentation", "polygons (a list) or an RLE (a dict)")
 
         def add_person(a):
-            add_box(per, a)
+            add_box(per, a, path)
             kp = a.get("keypoints", [0] * KPT_LEN)
-            if len(kp) != KPT_LEN:
-                raise ValueError(f"{path}: annotation {a.get('id', '?')} has {len(kp)} keypoint "
-                                 f"values, expected {NUM_KEYPOINTS} x 3")
-            per.kpts.extend(kp)
+            if not is_list(kp) or len(kp) != KPT_LEN:
+                raise field_error(path, a, "keypoints", f"{NUM_KEYPOINTS} x 3 numbers")
+            add_numbers(per.kpts, kp, a, "keypoints", path)
 
         def add_caption(a):
-            cap.ann.append(a.get("id", -1))
-            cap.image.append(a["image_id"])
+            add_id(cap.ann, a, "id", path, missing=-1)
+            add_id(cap.image, a, "image_id", path)
+            if not isinstance(a["caption"], str):
+                raise field_error(path, a, "caption", "a string")
             cap.start.append(len(text))
-            text.extend(str(a["caption"]).encode())
+            text.extend(a["caption"].encode())
+
 
         add = dict(instances=add_object, person_keypoints=add_person, captions=add_caption)
         for kind, tasks in FILES.items():
@@ -157,7 +166,9 @@ class CocoAnnotations:
         self.file_names = np.array([images[i][1].encode() for i in order], dtype=bytes)
         del images
         self.dropped = 0
-        o, cols = self.merge("instances", obj.numpy()), obj.numpy()
+        cols = obj.numpy()
+        cols["rle"] = self.usable_rles(cols, rles)
+        o = self.merge("instances", cols)
         self.obj_start, self.obj_box, self.obj_label = o["start"], o["box"], o["label"]
         first = np.concatenate([[0], np.cumsum(cols["polys"])])
         # object n's polygons: obj_poly[n] = (first, end); polygon k: coords[poly_start[k]:..]
@@ -166,9 +177,20 @@ class CocoAnnotations:
         self.coords, self.obj_rle, self.rles = cols["coords"], cols["rle"][o["keep"]], rles
         p = self.merge("person_keypoints", per.numpy(), keypoints=True)
         self.person_start, self.person_box = p["start"], p["box"]
-        self.person_kpts = per.numpy()["kpts"].reshape(-1, NUM_KEYPOINTS, 3)[p["keep"]]
+        kpts = per.numpy()["kpts"].reshape(-1, NUM_KEYPOINTS, 3)
+        if not np.isfinite(kpts).all():
+            k = int((~np.isfinite(kpts).reshape(len(kpts), -1).all(1)).argmax())
+            raise ValueError(f"{self.files['person_keypoints']}: annotation {per.ann[k]}: "
+                             f"'keypoints' holds a value that is not a finite number")
+        self.person_kpts = kpts[p["keep"]]
+        self.duplicate_ids = {kind: repeated(c.numpy()["ann"]) for kind, c in
+                              (("instances", obj), ("person_keypoints", per)) if kind in self.files}
         if self.dropped:
             print(f"{split}: {self.dropped} crowd, empty or out-of-image boxes dropped")
+        if self.bad_masks:
+            print(f"{split}: {self.bad_masks} objects lost a mask or part of one (polygons of "
+                  f"fewer than 3 points, RLEs that do not fit their image), e.g. annotation "
+                  f"{self.bad_mask_example}; their boxes stay")
         c = cap.numpy()
         rows = self.rows(c["image"], c["ann"], "captions")
         order = np.argsort(rows, kind="stable")
@@ -178,7 +200,22 @@ class CocoAnnotations:
         self.text = np.frombuffer(bytes(text), dtype=np.uint8)
         self.tasks = tuple(t for kind in self.files for t in FILES[kind])
 
+    def usable_rles(self, cols, rles):
+        """The RLE index column, -1 where an RLE does not fit its image (its size is not the
+        image's, or its runs do not cover height x width pixels): dropped and counted."""
+        rle = cols["rle"].copy()
+        have = np.flatnonzero(rle >= 0)
+        rows = self.rows(cols["image"][have], cols["ann"][have], "instances")
+        for k, row in zip(have.tolist(), rows.tolist()):
+            r, H, W = rles[rle[k]], int(self.height[row]), int(self.width[row])
+            if list(r["size"]) != [H, W] or rle_pixels(r) != H * W:
+                rle[k] = -1
+                self.bad_masks += 1
+                self.bad_mask_example = int(cols["ann"][k])
+        return rle
+
     def read_categories(self, cats, categories):
+
         src = cats.get("instances") or cats.get("person_keypoints") or []
         own = sorted(({"id": c["id"], "name": c["name"]} for c in src), key=lambda c: c["id"])
         if categories is None:
@@ -265,13 +302,98 @@ class CocoAnnotations:
         return int(np.searchsorted(self.image_ids, image_id))
 
 
-def add_box(cols, a):
-    cols.ann.append(a.get("id", -1))
-    cols.image.append(a["image_id"])
-    cols.cat.append(a["category_id"])
-    cols.crowd.append(1 if a.get("iscrowd", 0) else 0)
-    bbox = a["bbox"]
-    cols.box.extend(bbox if len(bbox) == 4 else (math.nan,) * 4)
+# Checking one annotation as it is read: a value of the wrong type stops the run here, naming the
+# file, the annotation and the field, never later inside a data-loader worker. Polygons of fewer
+# than 3 points are dropped and counted (as detectron2 does).
+
+def field_error(path, a, field, expected):
+    value = repr(a.get(field))
+    value = value if len(value) <= 60 else value[:57] + "..."
+    return ValueError(f"{path}: annotation {a.get('id', '?')}: '{field}' is {value}, expected "
+                      f"{expected}")
+
+
+def is_list(x):
+    return isinstance(x, (list, tuple))
+
+
+def add_id(column, a, field, path, missing=None):
+    value = a.get(field, missing)
+    if type(value) is not int:
+        raise field_error(path, a, field, "an integer")
+    column.append(value)
+
+
+def add_numbers(column, values, a, field, path):
+    """Append numbers (JSON ints or floats) to an array column."""
+    if any(type(v) not in (int, float) for v in values):
+        raise field_error(path, a, field, "numbers")
+    column.extend(values)
+
+
+def add_box(cols, a, path):
+    add_id(cols.ann, a, "id", path, missing=-1)
+    add_id(cols.image, a, "image_id", path)
+    add_id(cols.cat, a, "category_id", path)
+    if a.get("iscrowd", 0) not in (0, 1):
+        raise field_error(path, a, "iscrowd", "0 or 1")
+    cols.crowd.append(a.get("iscrowd", 0))
+    if not is_list(a["bbox"]) or len(a["bbox"]) != 4:
+        raise field_error(path, a, "bbox", "[x, y, width, height]")
+    add_numbers(cols.box, a["bbox"], a, "bbox", path)
+
+
+def usable_polygon(p, a, path):
+    """A polygon of at least 3 finite points; False drops it; wrong types are an error."""
+    if not is_list(p) or any(type(v) not in (int, float) for v in p):
+        raise field_error(path, a, "segmentation", "polygons: lists of numbers")
+    return len(p) >= 6 and len(p) % 2 == 0 and all(math.isfinite(v) for v in p)
+
+
+def check_rle(rle, a, path):
+    """An RLE's form: size [height, width] and counts (a COCO string or a list of run lengths)."""
+    size, counts = rle.get("size"), rle.get("counts")
+    if not (is_list(size) and len(size) == 2 and all(type(v) is int and v > 0 for v in size)):
+        raise field_error(path, a, "segmentation", "an RLE with size [height, width]")
+    if not (isinstance(counts, str) or (is_list(counts)
+                                        and all(type(v) is int and v >= 0 for v in counts))):
+        raise field_error(path, a, "segmentation", "an RLE with counts: a string or run lengths")
+    return rle
+
+
+def repeated(ids):
+    """Ids that occur more than once (the first 5)."""
+    values, counts = np.unique(ids, return_counts=True)
+    return values[counts > 1][:5].tolist()
+
+
+def rle_pixels(rle):
+    """The number of pixels an RLE's runs cover (its counts decoded as pycocotools does): it
+    must be height x width, or decoding it would write past its mask."""
+    counts = rle["counts"]
+    if is_list(counts):
+        return sum(counts)
+    runs, k, total = [], 0, 0
+    s = counts.encode()
+    while k < len(s):
+        x, shift, more = 0, 0, True
+        while more:
+            if k >= len(s):
+                return -1
+            c = s[k] - 48
+            x |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            k, shift = k + 1, shift + 5
+            if not more and c & 0x10:
+                x |= -1 << shift
+        if len(runs) > 2:
+            x += runs[-2]
+        if x < 0:
+            return -1
+        runs.append(x)
+        total += x
+    return total
+
 
 
 # -----------------------------------------------------------------------------
@@ -598,14 +720,19 @@ def collate(samples, multiple=32):
     return batch
 
 
-def load_inference_image(path, cfg):
-    """An image of one's own, resized as at test time -> (image (3, h, w) uint8,
-    orig_size (H, W), size (h, w))."""
+def open_photo(path):
+    """An image of one's own as RGB, upright: turned as its EXIF orientation says (a phone
+    stores a portrait photo sideways with such a tag). COCO's images are read as stored."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            return ImageOps.exif_transpose(im).convert("RGB")
     except Exception as e:
         raise SystemExit(f"cannot read image {path}: {e}") from None
+
+
+def inference_image(im, cfg):
+    """A PIL image resized as at test time -> (image (3, h, w) uint8, orig_size (H, W),
+    size (h, w))."""
     w, h = resize_size(*im.size, cfg.image_size, cfg.max_size)
     image = torch.from_numpy(np.array(im.resize((w, h), Image.BILINEAR))).permute(2, 0, 1)
     return image, torch.tensor([im.height, im.width]), torch.tensor([h, w])
@@ -643,10 +770,9 @@ def train_caption_tokenizer(captions_json_path, out_prefix, vocab_size):
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(captions), model_writer=model, vocab_size=vocab_size,
         model_type="bpe", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
-        num_threads=1,
-
-        character_coverage=1.0, shuffle_input_sentence=False, minloglevel=2)
+        num_threads=1, character_coverage=1.0, shuffle_input_sentence=False, minloglevel=2)
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-    with open(out_prefix + ".model", "wb") as f:
+    with open(out_prefix + ".model.tmp", "wb") as f:      # a stopped run leaves no half file
         f.write(model.getvalue())
+    os.replace(out_prefix + ".model.tmp", out_prefix + ".model")
     return model.getvalue()

@@ -215,11 +215,15 @@ def evaluate(model, dataset, tokenizer, out_dir, batch_size=1, workers=0, max_im
         return None
     preds = {i: p for part, _ in parts for i, p in part.items()}
     times = [s for _, s in parts]
-    image_ids = sorted(preds)
+    # the split's first n images, less those --skip-bad-images left out
+    image_ids = [i for i in dataset.ann.image_ids[:n].tolist() if i in preds]
     res = to_coco_results([preds[i] for i in image_ids], image_ids, dataset.categories)
     os.makedirs(out_dir, exist_ok=True)
     metrics = dict(num_images=len(image_ids),
                    ms_per_image=1e3 * sum(times) / max(len(image_ids), 1))
+    if len(image_ids) < n:
+        metrics["skipped_images"] = n - len(image_ids)
+        print(f"{n - len(image_ids)} unreadable images left out: scored on {len(image_ids)}")
     if prompted_by_ground_truth(dataset.tasks):
         metrics["prompts"] = "ground-truth boxes (oracle: no detection task)"
         print("no detection task: segmentation / keypoints are prompted by ground-truth boxes "
@@ -245,8 +249,9 @@ def evaluate(model, dataset, tokenizer, out_dir, batch_size=1, workers=0, max_im
         p = dict(preds[image_id])
         if "masks_rle" in p:
             p["masks"] = rle_to_masks(p.pop("masks_rle"), height, width)
-        path = os.path.join(dataset.root, dataset.split, name)
-        draw(path, p, dataset.categories, score_thresh, os.path.join(out_dir, f"{image_id}.png"))
+        picture = Image.open(os.path.join(dataset.root, dataset.split, name)).convert("RGB")
+        draw(picture, p, dataset.categories, score_thresh,
+             os.path.join(out_dir, f"{image_id}.png"))
     return metrics
 
 
@@ -263,10 +268,10 @@ def print_metrics(m):
 # -----------------------------------------------------------------------------
 # Pictures, and inference on one's own images
 
-def draw(image_path, pred, categories, score_thresh, out_png, min_side=384):
-    """Boxes with class names, masks, keypoints with the COCO skeleton, and the caption below.
-    Small images are enlarged by an integer factor first, so that labels stay legible."""
-    picture = Image.open(image_path).convert("RGB")
+def draw(picture, pred, categories, score_thresh, out_png, min_side=384):
+    """Boxes with class names, masks, keypoints with the COCO skeleton, and the caption below,
+    on the PIL picture. Small pictures are enlarged by an integer factor first, so that labels
+    stay legible."""
     f = max(1, min_side // max(picture.size))
     picture = picture.resize((picture.width * f, picture.height * f))
     image = torch.from_numpy(np.array(picture)).permute(2, 0, 1)
@@ -300,10 +305,12 @@ def draw(image_path, pred, categories, score_thresh, out_png, min_side=384):
     picture.save(out_png)
 
 
-def predict_images(model, tokenizer, categories, paths, out_dir, batch_size, device, score_thresh):
-    """Own images, no annotations: one PNG each and predictions.jsonl (boxes, scores, class names,
-    keypoints, caption; masks as COCO RLE)."""
-    os.makedirs(out_dir, exist_ok=True)
+def predict_images(model, tokenizer, categories, root, out_dir, batch_size, device, score_thresh):
+    """Own images (the file `root`, or every image under the folder `root`), no annotations: a
+    PNG of each in out_dir, in the same sub-folders, and predictions.jsonl (boxes, scores, class
+    names, keypoints, caption; masks as COCO RLE)."""
+    paths = image_paths(root)
+    base = root if os.path.isdir(root) else os.path.dirname(root)
     cfg = model.cfg
     # the model's tasks; segmentation and keypoints need its detections, keypoints a person class
     prompted = "det" in cfg.tasks
@@ -312,17 +319,19 @@ def predict_images(model, tokenizer, categories, paths, out_dir, batch_size, dev
     with open(os.path.join(out_dir, "predictions.jsonl"), "w") as out, torch.inference_mode():
         for i in range(0, len(paths), batch_size):
             chunk = paths[i:i + batch_size]
-            samples = [data.load_inference_image(p, cfg) for p in chunk]
+            pictures = [data.open_photo(p) for p in chunk]
+            samples = [data.inference_image(picture, cfg) for picture in pictures]
             batch = data.collate([(im, dict(size=size, orig_size=orig))
                                   for im, orig, size in samples])
             preds = model.predict(batch["images"].to(device), batch["padding"].to(device),
                                   batch["orig_size"], tasks=tasks, tokenizer=tokenizer)
             preds = [to_cpu(p) for p in preds]
-            for path, p in zip(chunk, preds):
-                picture = os.path.basename(path) + ".png"     # photo.jpg and photo.png stay apart
-                draw(path, p, categories, score_thresh, os.path.join(out_dir, picture))
+            for path, picture, p in zip(chunk, pictures, preds):
+                png = os.path.relpath(path, base) + ".png"   # photo.jpg and photo.png stay apart
+                os.makedirs(os.path.dirname(os.path.join(out_dir, png)), exist_ok=True)
+                draw(picture, p, categories, score_thresh, os.path.join(out_dir, png))
                 record = prediction_record(path, p, categories, score_thresh)
-                out.write(json.dumps(dict(record, picture=picture)) + "\n")
+                out.write(json.dumps(dict(record, picture=png)) + "\n")
     print(f"wrote {len(paths)} pictures and predictions.jsonl to {out_dir}")
 
 
@@ -340,15 +349,47 @@ def prediction_record(path, p, categories, score_thresh):
     return rec
 
 
+IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
 def image_paths(path):
-    exts = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+    """The image files under a folder, sub-folders included, or the one file given."""
     if os.path.isdir(path):
-        paths = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(exts))
+        paths = sorted(os.path.join(folder, f) for folder, _, files in os.walk(path)
+                       for f in files if f.lower().endswith(IMAGE_TYPES))
     else:
         paths = [path] if os.path.isfile(path) else []
     if not paths:
-        raise SystemExit(f"--images {path}: no image files ({', '.join(exts)}) found")
+        raise SystemExit(f"--images {path}: no image files ({', '.join(IMAGE_TYPES)}) found "
+                         f"there or in its sub-folders")
     return paths
+
+
+def check_out(out):
+    """--out is a folder this process can write, before any prediction is made."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot write there ({e.strerror})") from None
+
+
+def check_ground_truth(ann, tasks):
+    """pycocotools loses ground truth whose annotation id repeats (AP then looks better than
+    it is), and COCOeval cannot score masks against the unusable ones dropped when reading."""
+    for kind, ids in ann.duplicate_ids.items():
+        if ids:
+            raise SystemExit(f"{ann.files[kind]}: annotation ids {ids} occur more than once "
+                             f"(-1: no 'id'); COCOeval would lose ground truth and score wrongly: "
+                             f"give every annotation its own id")
+    if "seg" in tasks and ann.bad_masks:
+        raise SystemExit(f"{ann.files['instances']}: annotation {ann.bad_mask_example}: "
+                         f"'segmentation' has a polygon of fewer than 3 points or an RLE that "
+                         f"does not fit its image ({ann.bad_masks} such objects); COCOeval "
+                         f"cannot score masks against them: fix or remove them")
+
 
 
 def main():
@@ -361,12 +402,26 @@ def main():
     p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint)")
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--show", type=int, default=0, help="write this many pictures of predictions")
-    p.add_argument("--images", default=None, help="a folder or file of own images to predict on")
+    p.add_argument("--images", default=None,
+                   help="own images to predict on: a file, or a folder (sub-folders included)")
     p.add_argument("--score-thresh", type=float, default=0.3)
     p.add_argument("--batch-size", type=int, default=None, help="default: 8 on a GPU, 1 on the CPU")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out (and count) missing or unreadable images instead of failing")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    bad = [f"--{k.replace('_', '-')} must be >= 0" for k in ("max_images", "show", "workers")
+           if getattr(args, k) < 0]
+    if args.batch_size is not None and args.batch_size < 1:
+        bad.append("--batch-size must be >= 1")
+    if not 0 <= args.score_thresh <= 1:
+        bad.append("--score-thresh must be in [0, 1]")
+    if bad:
+        raise SystemExit("bad settings: " + "; ".join(bad))
+    runtime.check_device(args.device)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
+    check_out(out)
 
     _, _, args.device = runtime.init_processes(args.device)
     args.batch_size = args.batch_size or (8 if args.device.startswith("cuda") else 1)
@@ -374,9 +429,8 @@ def main():
         runtime.cuda_settings()
     ckpt = runtime.load_checkpoint(args.ckpt)
     model, tokenizer = runtime.model_from_checkpoint(ckpt, args.device)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
     if args.images:
-        predict_images(model, tokenizer, ckpt["categories"], image_paths(args.images), out,
+        predict_images(model, tokenizer, ckpt["categories"], args.images, out,
                        args.batch_size, args.device, args.score_thresh)
     else:
         trained_on = ckpt.get("train", {}).get("data")
@@ -384,9 +438,12 @@ def main():
         data.check_root(root, args.split)
         try:
             dataset = data.CocoMultiTask(root, args.split, model.cfg, tokenizer, train=False,
-                                         categories=ckpt["categories"], targets=False)
+                                         categories=ckpt["categories"], targets=False,
+                                         skip_bad_images=args.skip_bad_images)
         except ValueError as e:
             raise SystemExit(str(e)) from None
+        check_ground_truth(dataset.ann, dataset.tasks)
+
         evaluate(model, dataset, tokenizer, out, args.batch_size, args.workers, args.max_images,
                  args.show, args.device, args.score_thresh)
 

@@ -1054,6 +1054,9 @@ def ar_sequences(batch, task, v):
     return prompt, target.flatten(1)[:, None], weight.flatten(1)[:, None]
 
 
+DECODERS = {"mad": MAD, "ar": ARBaseline}
+
+
 def build(cfg, vocab):
     """The network of cfg: MAD, or the autoregressive baseline (cfg.decoder == "ar")."""
-    return (ARBaseline if cfg.decoder == "ar" else MAD)(cfg, vocab)
+    return DECODERS[cfg.decoder](cfg, vocab)

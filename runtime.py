@@ -11,6 +11,7 @@ train.py and evaluate.py call it; mad.py and data.py know nothing of it. Section
 """
 import dataclasses
 import os
+import pickle
 import random
 import shutil
 import socket
@@ -111,6 +112,21 @@ def all_reduce_mean(x):
 # -----------------------------------------------------------------------------
 # Devices
 
+def check_device(device):
+    """A device that is not there is named at once, before any data is read."""
+    try:
+        kind, index = torch.device(device).type, torch.device(device).index
+    except RuntimeError as e:
+        raise SystemExit(f"--device {device}: {e}") from None
+    if kind not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {device}: choose cpu or cuda (cuda:N)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {device}: this process sees {torch.cuda.device_count()} "
+                         f"GPU(s)")
+
+
 def cuda_settings():
     """TF32 matmuls and convolutions (as the paper's A100s), and no cuDNN attention: it builds a
     plan for every new shape, and multi-scale training brings new shapes at almost every step."""
@@ -158,21 +174,51 @@ def warn_small_shm(workers):
 
 def save_checkpoint(path, state):
     """Atomic: write a temporary file, fsync, rename. A crash mid-write leaves the old file
-    intact."""
+    intact; a failed write (a full disk) removes the temporary file and says what it needs."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:           # torch.save reports a full disk as either
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        need = tensor_bytes(state) / 2 ** 20
+        kept = f"{path} still holds the previous save" if os.path.exists(path) else "nothing saved"
+        raise SystemExit(f"could not save {path} ({type(e).__name__}: {e}); a save needs about "
+                         f"{need:,.0f} MB free in {os.path.dirname(os.path.abspath(path))}; "
+                         f"{kept}") from None
+
+
+def tensor_bytes(x):
+    if torch.is_tensor(x):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(tensor_bytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(tensor_bytes(v) for v in x)
+    return 0
 
 
 def load_checkpoint(path):
-    """The checkpoint dict; clear errors for a missing, truncated or foreign file."""
+    """The checkpoint dict; clear errors for a missing, truncated or foreign file. Only tensors
+    and plain Python values load (weights_only): a checkpoint holding other objects is refused
+    unread, since unpickling them could run any code its author put in."""
     if not os.path.isfile(path):
         raise SystemExit(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise SystemExit(f"{path}: cannot read the checkpoint (truncated or not a torch "
+                             f"file?): {e}") from None
+        raise SystemExit(f"{path}: refused: it holds Python objects other than tensors and plain "
+                         f"values, and loading them could run code. MAD checkpoints hold none; "
+                         f"one saved by a version of this code before weights-only checkpoints "
+                         f"(numpy's RNG state was such an object) is refused too: "
+                         f"{str(e).splitlines()[-1][:200]}") from None
     except Exception as e:
         raise SystemExit(f"{path}: cannot read the checkpoint (truncated or not a torch file?): "
                          f"{e}") from None
@@ -279,10 +325,13 @@ def flag(name):
 
 
 def rng_state(device):
-    """Every random generator a run draws from (CUDA: this process's device only)."""
+    """Every random generator a run draws from (CUDA: this process's device only), as tensors
+    and plain values (numpy's key as a tensor), so that a checkpoint loads weights-only."""
     cuda = torch.cuda.get_rng_state(device) if str(device).startswith("cuda") else None
-    return dict(torch=torch.get_rng_state(), cuda=cuda, numpy=np.random.get_state(),
-                python=random.getstate())
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    numpy = dict(kind=kind, key=torch.from_numpy(key.astype(np.int64)), pos=int(pos),
+                 has_gauss=int(has_gauss), gauss=float(gauss))
+    return dict(torch=torch.get_rng_state(), cuda=cuda, numpy=numpy, python=random.getstate())
 
 
 def set_rng_state(state, device):
@@ -292,7 +341,10 @@ def set_rng_state(state, device):
         if isinstance(cuda, list):
             cuda = cuda[torch.device(device).index or 0]
         torch.cuda.set_rng_state(cuda, device)
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
+
     random.setstate(state["python"])
 
 
@@ -345,22 +397,47 @@ def prepare_data(root):
     return root
 
 
-def caption_tokenizer(root, out, vocab_size, ckpt):
-    """The checkpoint's tokenizer, or SentencePiece trained once on the train captions by rank 0
-    (kept in OUT/spm.model and in the checkpoints) and sent to every process; None without
-    captions."""
+def caption_tokenizer(root, out, vocab_size, given_model, tasks, ckpt):
+    """The caption tokenizer, None without captions: the checkpoint's; or the SentencePiece
+    model file `given_model`; or one trained once on the train captions by rank 0 (kept in
+    OUT/spm.model and in the checkpoints). Rank 0 reads it and sends it to every process."""
     if ckpt is not None:
         return mad.CaptionTokenizer(ckpt["spm"]) if ckpt["spm"] else None
     captions = os.path.join(root, "annotations", "captions_train2017.json")
-    prefix = os.path.join(out, "spm")
+    path = given_model or os.path.join(out, "spm.model")
     model = None
-    if (not dist.is_initialized() or dist.get_rank() == 0) and os.path.exists(captions):
-        if not os.path.exists(prefix + ".model"):
-            data.train_caption_tokenizer(captions, prefix, vocab_size)
-        with open(prefix + ".model", "rb") as f:
-            model = f.read()
+    if (not dist.is_initialized() or dist.get_rank() == 0) and "cap" in tasks:
+        if given_model or os.path.exists(path):
+            model = read_tokenizer(path).model_bytes
+        elif os.path.exists(captions):
+            model = data.train_caption_tokenizer(captions, path[:-len(".model")], vocab_size)
     model = broadcast(model)
     return mad.CaptionTokenizer(model) if model else None
+
+
+def read_tokenizer(path):
+    """A SentencePiece model file as a CaptionTokenizer, its special ids checked; a missing,
+    empty or truncated file is an error, never a silent switch-off of captioning."""
+    what = ("delete it to train a new one" if os.path.basename(path) == "spm.model"
+            else "pass a SentencePiece .model file")
+    if not os.path.isfile(path):
+        raise SystemExit(f"caption tokenizer {path} not found")
+    with open(path, "rb") as f:
+        model = f.read()
+    try:
+        tokenizer = mad.CaptionTokenizer(model)
+        if tokenizer.vocab_size == 0:
+            raise ValueError(f"{len(model)} bytes, no pieces")
+    except Exception as e:
+        raise SystemExit(f"{path}: not a SentencePiece model: empty or truncated (a run stopped "
+                         f"while writing it?) ({type(e).__name__}: {e}); {what}") from None
+    sp, expected = tokenizer.sp, dict(pad=0, eos=1, unk=2)
+    ids = dict(pad=sp.pad_id(), eos=sp.eos_id(), unk=sp.unk_id())
+    if ids != expected:
+        raise SystemExit(f"{path}: its special ids are {ids}; MAD's caption rows need "
+                         f"{expected} (as T5's and the authors' tokenizer)")
+    return tokenizer
+
 
 
 IMAGENET_WEIGHTS = {"r50": "ResNet50_Weights", "swin_b": "Swin_B_Weights",

@@ -2140,7 +2140,7 @@ def test_ar_baseline_trains_saves_loads_and_evaluates_through_evaluate_py(synth,
          "--workers", "0", "--max-images", "4", "--out", str(tmp_path / "ar/eval")])
     m = json.load(open(tmp_path / "ar/eval/metrics.json"))
     assert m["num_images"] == 4 and {"bbox_AP", "segm_AP", "keypoints_AP", "BLEU4"} <= set(m)
-    assert torch.load(tmp_path / "ar/last.pt", weights_only=False)["config"]["decoder"] == "ar"
+    assert torch.load(tmp_path / "ar/last.pt", weights_only=True)["config"]["decoder"] == "ar"
 
 
 # =============================================================================
@@ -2637,7 +2637,7 @@ def test_the_demo_is_one_fixed_run_on_every_machine_and_repeats_exactly(synth, t
                  f"train.main(['--demo', '--max-steps', '3', '--log-every', '1', "
                  f"'--batch-size', '4', '--device', 'cpu', '--show', '0', '--out', {str(out)!r}])"])
         assert "ETA" in p.stdout and "step 3/3" in p.stdout
-        outs.append(torch.load(out / "last.pt", weights_only=False)["model"])
+        outs.append(torch.load(out / "last.pt", weights_only=True)["model"])
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
 
 
@@ -2684,10 +2684,10 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(synth, tmp_path, opt
     flags = ["--warmup", "2", *option]
     train.main(run_args(synth, tmp_path / "straight", "--max-steps", "5", *flags))
     train.main(run_args(synth, tmp_path / "resumed", "--max-steps", "2", *flags))
-    assert torch.load(tmp_path / "resumed/last.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "resumed/last.pt", weights_only=True)["step"] == 2
     train.main(run_args(synth, tmp_path / "resumed", "--max-steps", "5", "--resume", *flags))
-    a = torch.load(tmp_path / "straight/last.pt", weights_only=False)
-    b = torch.load(tmp_path / "resumed/last.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight/last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed/last.pt", weights_only=True)
     assert a["step"] == b["step"] == 5 and lrs(a) == lrs(b)
     assert_same_params(a["model"], b["model"], atol=1e-6)
     # Adam's state ...
@@ -2725,12 +2725,12 @@ def test_resume_restores_the_runs_settings_and_refuses_a_flag_that_would_change_
     train.main(["--out", str(out), "--resume", "--workers", "1", "--log-every", "2",
                 "--max-steps", "4"])
     assert "resumed at step 2" in capsys.readouterr().out
-    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["train"]["lr"] == 3e-4 and ckpt["train"]["batch_size"] == 8
     assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1, 2, 4]
     # the same command, longer: continues
     train.main(run_args(synth, out, "--max-steps", "5", "--lr", "3e-4"))
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == 5
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 5
     with pytest.raises(SystemExit, match="--resume: no checkpoint at"):
         train.main(["--out", str(tmp_path / "nothing"), "--resume"])
 
@@ -2806,7 +2806,7 @@ def test_amp_on_the_cpu_trains_under_bf16_autocast(synth, tmp_path, monkeypatch)
     log = [json.loads(l) for l in open(tmp_path / "amp/log.jsonl")]
     assert len(log) == 1 and all(math.isfinite(log[0][k]) and log[0][k] > 0
                                  for k in ("loss", *mad.TASKS))
-    ckpt = torch.load(tmp_path / "amp/last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "amp/last.pt", weights_only=True)
     assert ckpt["step"] == 1 and ckpt["train"]["amp"] is True
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -2922,7 +2922,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
     with pytest.raises(KeyboardInterrupt):
         runtime.save_checkpoint(path, dict(step=2, w=torch.zeros(3)))
     monkeypatch.undo()
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
 
 
@@ -2941,7 +2941,7 @@ def test_non_finite_loss_stops_naming_step_and_task_and_keeps_the_last_checkpoin
     out = tmp_path / "nan"
     with pytest.raises(SystemExit, match=r"non-finite loss at step 3 \(epoch 0\): seg=nan"):
         train.main(run_args(synth, out, "--max-steps", "5", "--save-every", "1"))
-    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -2983,7 +2983,7 @@ def test_nan_detection_logits_stop_every_rank_cleanly_through_the_matcher(synth,
                 and "ValueError" not in p.stderr), p.stderr
         if name == "two":                                                      # both ranks said so
             assert p.stderr.count("non-finite loss at step 3") == 2, p.stderr
-        assert torch.load(out / "last.pt", weights_only=False)["step"] == 2
+        assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
 
 
 def test_ddp_two_processes_equal_one_process_on_the_joined_batch(synth, tmp_path):
@@ -2999,8 +2999,8 @@ def test_ddp_two_processes_equal_one_process_on_the_joined_batch(synth, tmp_path
              "--no-augment", "--lr", "1e-4", "--backbone-lr", "1e-4", "--clip", "1e9"]
     run([sys.executable, "train.py", *run_args(synth, tmp_path / "one"), *flags])
     run(torchrun(2, "train.py", *run_args(synth, tmp_path / "two"), *flags))
-    one = torch.load(tmp_path / "one/last.pt", weights_only=False)
-    two = torch.load(tmp_path / "two/last.pt", weights_only=False)
+    one = torch.load(tmp_path / "one/last.pt", weights_only=True)
+    two = torch.load(tmp_path / "two/last.pt", weights_only=True)
     assert len(two["rng"]) == 2 and two["step"] == one["step"] == 1
     moments = lambda c: [s["exp_avg"] for s in c["optimizer"]["state"].values()]
     biggest = max(m.norm() for m in moments(one))
@@ -3059,7 +3059,7 @@ def test_resume_on_another_number_of_processes_keeps_the_global_batch_and_the_da
             perm = torch.randperm(24, generator=torch.Generator().manual_seed(3 + epoch)).tolist()
             for r in range(world):
                 assert steps[r][k] == (epoch, perm[pos + r: pos + 6: world]), (world, s, r)
-        assert torch.load(out / "last.pt", weights_only=False)["step"] == 6
+        assert torch.load(out / "last.pt", weights_only=True)["step"] == 6
 
 
 RESTART_AFTER_CHECKPOINT_2 = """
@@ -3093,8 +3093,8 @@ def test_a_restarted_job_continues_from_its_checkpoint_and_ends_like_an_uninterr
     assert "resumed at step 2" in p.stdout
     assert ([json.loads(l)["step"] for l in open(tmp_path / "restarted/log.jsonl")]
             == [1, 2, 3, 4, 5, 6])
-    a = torch.load(tmp_path / "straight/last.pt", weights_only=False)
-    b = torch.load(tmp_path / "restarted/last.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight/last.pt", weights_only=True)
+    b = torch.load(tmp_path / "restarted/last.pt", weights_only=True)
     assert a["step"] == b["step"] == 6
     assert_same_params(a["model"], b["model"], atol=1e-6)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
@@ -3189,7 +3189,7 @@ def test_two_nodes_generate_their_data_share_out_or_say_which_path_is_not_shared
     assert (same / "data/synthetic/annotations/captions_val2017.json").exists()
     # the losing copy was removed
     assert not [p for p in os.listdir(same / "data") if ".tmp-" in p]
-    assert torch.load(same / "runs/two/last.pt", weights_only=False)["step"] == 2
+    assert torch.load(same / "runs/two/last.pt", weights_only=True)["step"] == 2
     a, b = copy_code("a"), copy_code("b")
     for rc, stdout, stderr in two_nodes([a, b], "runs/two"):
         assert rc != 0 and "--out runs/two is not shared by every node" in stderr, stderr[-2000:]
@@ -3197,7 +3197,7 @@ def test_two_nodes_generate_their_data_share_out_or_say_which_path_is_not_shared
     for rc, stdout, stderr in two_nodes([a, b], shared):
         assert rc == 0, stderr[-2000:]
     assert (a / "data/synthetic").is_dir() and (b / "data/synthetic").is_dir()
-    assert torch.load(shared / "last.pt", weights_only=False)["step"] == 2
+    assert torch.load(shared / "last.pt", weights_only=True)["step"] == 2
 
 
 COUNT_GRAPHS = """
@@ -3250,7 +3250,7 @@ def test_compile_under_ddp_keeps_its_graphs_over_multi_scale_shapes_and_the_repl
         steps = json.load(open(out / f"graphs{r}.json"))
         assert len(steps) == 6 and set(steps[-1]) == {"EncoderLayer", "decode"}, steps[-1]
         assert all(n <= 3 for n in steps[-1].values()) and steps[2] == steps[-1], steps
-    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
     plain = MAD(tiny_cfg(enc_layers=1, dec_layers=1, image_size=160, max_size=224),
                 Vocab(**ckpt["vocab"]))
     assert ckpt["step"] == 6 and list(ckpt["model"]) == list(plain.state_dict())
@@ -3429,6 +3429,329 @@ def test_bad_annotation_files_name_the_file_and_field(synth, tokenizer, tmp_path
         data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=False)
 
 
+class RunsCode:
+    """Unpickling this object creates a file: a harmless stand-in for a checkpoint's payload."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused_and_runs_nothing(tmp_path):
+    """Checkpoints load weights-only: one holding an object (here one that writes a file when
+    unpickled) is refused by evaluate.py with one line, and its code never runs; the project's
+    own checkpoints hold only tensors and plain values (RNG states included)."""
+    marker = tmp_path / "it ran"
+    bad = tmp_path / "found_online.pt"
+    torch.save(dict(model={}, config={}, vocab={}, categories=[], payload=RunsCode(str(marker))),
+               bad)
+    p = run([sys.executable, "evaluate.py", str(bad), "--device", "cpu"], check=False)
+    assert p.returncode != 0 and not marker.exists()
+    assert f"{bad}: refused: it holds Python objects" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_numpy_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    """numpy's RNG state, stored as tensors and plain values, resumes numpy's stream exactly
+    after a weights-only load (a Gaussian drawn half-way included)."""
+    np.random.seed(11)
+    np.random.rand(7)
+    np.random.randn()                            # leaves a cached Gaussian in the state
+    state = runtime.rng_state("cpu")
+    expected = (np.random.randn(), np.random.rand(5))
+    torch.save(dict(rng=state), tmp_path / "s.pt")
+    np.random.seed(99)
+    runtime.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"], "cpu")
+    got = (np.random.randn(), np.random.rand(5))
+    assert got[0] == expected[0] and np.array_equal(got[1], expected[1])
+
+
+def rle_of(mask):
+    """A (h, w) 0/1 array as a compressed COCO RLE with a str counts."""
+    import pycocotools.mask as mask_utils
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return dict(size=rle["size"], counts=rle["counts"].decode())
+
+
+def test_unusable_masks_are_dropped_and_counted_when_read_and_uncompressed_rle_is_read(
+        synth, tokenizer, tmp_path, capsys):
+    """Polygons of fewer than 3 points (or empty) and RLEs that do not fit their image are
+    dropped when the file is read, counted in one line naming an annotation; their objects keep
+    their boxes, and every sample of the split then builds without a crash. An uncompressed RLE
+    (counts as run lengths) reads as the same mask as its compressed form."""
+    root = copy_set(synth, tmp_path)
+    path = root / "annotations/instances_val2017.json"
+    d = load_json(path)
+    size = {im["id"]: (im["height"], im["width"]) for im in d["images"]}
+    anns = d["annotations"]
+    anns[0]["segmentation"] = [[1, 2, 3, 4]]                  # two points
+    anns[1]["segmentation"] = [[]]
+    H, W = size[anns[2]["image_id"]]
+    anns[2]["segmentation"] = rle_of(np.ones((H + 5, W)))    # another size
+    H, W = size[anns[3]["image_id"]]
+    bad_runs = rle_of(np.ones((H, W)))
+    bad_runs["counts"] = bad_runs["counts"] + bad_runs["counts"]   # runs past H x W pixels
+    anns[3]["segmentation"] = bad_runs
+    H, W = size[anns[4]["image_id"]]
+    x, y, w, h = [int(round(v)) for v in anns[4]["bbox"]]
+    mask = np.zeros((H, W), dtype=np.uint8)
+    mask[y:y + h, x:x + w // 2] = 1                         # the box's left half
+    runs, value = [0], 0                                     # column by column, 0s first
+    for pixel in mask.flatten(order="F").tolist():
+        if pixel != value:
+            runs.append(0)
+            value = pixel
+        runs[-1] += 1
+    anns[4]["segmentation"] = dict(size=[H, W], counts=runs)
+    path.write_text(json.dumps(d))
+    ds = data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=True)
+    out = capsys.readouterr().out
+    assert "val2017: 4 objects lost a mask or part of one" in out
+    assert f"annotation {anns[3]['id']}" in out and ds.ann.bad_masks == 4
+    for a in anns[:5]:
+        row = ds.ann.row(a["image_id"])
+        boxes, _, segs = ds.ann.objects(row)
+        k = [b.tolist() for b in boxes].index(
+            [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]])
+        if a is anns[4]:
+            assert segs[k] == anns[4]["segmentation"]
+            decoded = data.decode_segmentation(segs[k], H, W)
+            assert np.array_equal(decoded, mask)
+        else:
+            assert segs[k] is None                           # the box stays, without a mask
+    for i in range(len(ds)):
+        ds[i]
+    with pytest.raises(SystemExit, match=r"annotation \d+: 'segmentation' has a polygon"):
+        evaluate.check_ground_truth(ds.ann, ("det", "seg"))
+    evaluate.check_ground_truth(ds.ann, ("det",))            # boxes alone are scored
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("bbox", ["10", 20, 30, 40], "numbers"),
+    ("bbox", None, r"\[x, y, width, height\]"),
+    ("bbox", [1, 2, 3], r"\[x, y, width, height\]"),
+    ("image_id", "3", "an integer"),
+    ("id", None, "an integer"),
+    ("category_id", 3.0, "an integer"),
+    ("iscrowd", 2, "0 or 1"),
+    ("segmentation", [[1, 2, "3", 4, 5, 6]], "polygons: lists of numbers"),
+    ("segmentation", {"size": [10, "20"], "counts": "abc"},
+     r"an RLE with size \[height, width\]"),
+    ("segmentation", {"size": [10, 20], "counts": None}, "an RLE with counts"),
+    ("segmentation", "a string", "polygons"),
+    ("keypoints", None, "17 x 3 numbers"),
+    ("keypoints", [0] * 50 + ["2"], "numbers"),
+    ("caption", None, "a string"),
+])
+def test_annotations_of_the_wrong_type_are_refused_when_read_naming_file_id_and_field(
+        synth, tokenizer, tmp_path, field, value, expected):
+    """A value of the wrong type in an annotation is refused when the file is read (before any
+    step), naming the file, the annotation id and the field."""
+    root = copy_set(synth, tmp_path)
+    kind = {"keypoints": "person_keypoints", "caption": "captions"}.get(field, "instances")
+    path = root / f"annotations/{kind}_val2017.json"
+    d = load_json(path)
+    a = d["annotations"][1]
+    a[field] = value
+    path.write_text(json.dumps(d))
+    shown_id = a["id"] if field != "id" else "None"
+    with pytest.raises(ValueError, match=rf"{kind}_val2017.json: annotation {shown_id}: "
+                                         rf"'{field}' is .*, expected {expected}"):
+        data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=False)
+
+
+def test_non_finite_keypoints_are_refused_when_read(synth, tokenizer, tmp_path):
+    """A keypoint value that is not a finite number (JSON's NaN) is refused naming the file and
+    the annotation."""
+    root = copy_set(synth, tmp_path)
+    path = root / "annotations/person_keypoints_val2017.json"
+    d = load_json(path)
+    d["annotations"][0]["keypoints"][4] = float("nan")
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=rf"person_keypoints_val2017.json: annotation "
+                                         rf"{d['annotations'][0]['id']}: 'keypoints'"):
+        data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=False)
+
+
+def test_evaluation_refuses_repeated_annotation_ids_before_predicting(synth, tmp_path):
+    """pycocotools keeps one annotation per id: with repeated ids, ground truth would be lost and
+    AP overstated. evaluate.py refuses such a val file before predicting, naming the ids."""
+    root = copy_set(synth, tmp_path)
+    path = root / "annotations/instances_val2017.json"
+    d = load_json(path)
+    repeated = d["annotations"][0]["id"]
+    d["annotations"][3]["id"] = repeated
+    path.write_text(json.dumps(d))
+    ds = data.CocoMultiTask(str(root), "val2017", tiny_cfg(), None, train=False)
+    assert ds.ann.duplicate_ids == {"instances": [repeated], "person_keypoints": []}
+    with pytest.raises(SystemExit, match=rf"instances_val2017.json: annotation ids \[{repeated}\] "
+                                         rf"occur more than once"):
+        evaluate.check_ground_truth(ds.ann, ds.tasks)
+    # what it prevents: the ground truth submitted as results no longer scores 100
+    results = [dict(image_id=a["image_id"], category_id=a["category_id"], bbox=a["bbox"],
+                    score=1.0) for a in d["annotations"] if not a.get("iscrowd")]
+    ids = sorted({a["image_id"] for a in d["annotations"]})
+    assert evaluate.coco_ap(str(path), results, "bbox", ids)[0] < 99
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "-1"], "--lr -1.0: must be > 0"),
+    (["--mask-ratio", "1.5"], r"--mask-ratio 1.5: ratios must be in \(0, 1\]"),
+    (["--mask-ratio", "-0.5"], r"--mask-ratio -0.5: ratios must be in \(0, 1\]"),
+    (["--tasks", "det,foo"], "--tasks foo: choose one of det, seg, kpt, cap"),
+    (["--decoder", "AR"], "--decoder AR: choose one of mad, ar"),
+    (["--lr-schedule", "cosin"], "--lr-schedule cosin: choose one of step, cosine"),
+    (["--batch-size", "-2"], "--batch-size -2: must be > 0"),
+    (["--batch-size", "0"], "--batch-size 0: must be > 0"),
+    (["--accum-steps", "0"], "--accum-steps 0: must be > 0"),
+    (["--backbone", "resnet18"], "--backbone resnet18: choose one of r50, swin_b"),
+    (["--mask-strategy", "fixd"], "--mask-strategy fixd: choose one of fixed, random, multiple"),
+    (["--remask-average", "mean"], "--remask-average mean: choose one of running, halve"),
+    (["--num-bins", "0"], "--num-bins 0: must be > 0"),
+    (["--cap-ratios", "1,0"], r"--cap-ratios 1.0,0.0: ratios must be in \(0, 1\]"),
+    (["--device", "cuda:99"], "--device cuda:99: "),
+    (["--device", "tpu"], "--device tpu: "),
+])
+def test_impossible_flags_stop_at_once_naming_the_flag_and_its_range_or_choices(
+        tmp_path, flags, message, monkeypatch):
+    """Every flag is checked before any data is read or generated: a COCO root that does not
+    exist is never looked at, and nothing is written."""
+    read = []
+    monkeypatch.setattr(runtime, "prepare_data", lambda root: read.append(root))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=message):
+        train.main(["--data", str(tmp_path / "no_coco"), "--out", str(out), *flags])
+    assert not read and not out.exists()
+
+
+def test_evaluate_py_checks_out_and_its_flags_before_predicting(trained, tmp_path):
+    """--out that is a file, or a folder that cannot be written, and impossible flags stop
+    evaluate.py before it predicts anything."""
+    ckpt = str(trained)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = [(["--out", str(a_file)], f"--out {a_file}: cannot write there"),
+             (["--out", str(a_file / "sub")], f"--out {a_file / 'sub'}: cannot write there"),
+             (["--batch-size", "0"], "--batch-size must be >= 1"),
+             (["--score-thresh", "2"], "--score-thresh must be in [0, 1]")]
+    for flags, message in cases:
+        p = run([sys.executable, "evaluate.py", ckpt, "--device", "cpu", *flags], check=False)
+        assert p.returncode != 0 and message in p.stderr, p.stderr
+        assert "evaluated" not in p.stdout and "Traceback" not in p.stderr
+
+
+def test_evaluate_py_skips_an_unreadable_val_image_when_asked_and_scores_the_rest(
+        synth, trained, tmp_path):
+    """--skip-bad-images leaves an unreadable val image out, says so, and scores the others;
+    without it evaluate.py stops naming the file."""
+    shutil.copytree(synth, tmp_path / "set")
+    (tmp_path / "set/val2017/000000000002.jpg").write_bytes(b"not a jpeg")
+    base = [sys.executable, "evaluate.py", str(trained), "--device", "cpu",
+            "--data", str(tmp_path / "set"), "--workers", "0"]
+    p = run([*base, "--out", str(tmp_path / "strict")], check=False)
+    assert p.returncode != 0 and "000000000002.jpg" in p.stderr
+    p = run([*base, "--out", str(tmp_path / "skip"), "--skip-bad-images"])
+    metrics = load_json(tmp_path / "skip/metrics.json")
+    assert metrics["num_images"] == 7 and metrics["skipped_images"] == 1
+    assert "1 unreadable images left out: scored on 7" in p.stdout
+    scored = {r["image_id"] for r in load_json(tmp_path / "skip/bbox_results.json")}
+    assert 2 not in scored
+
+
+def test_own_images_are_turned_upright_by_exif_and_found_in_sub_folders(trained, tmp_path):
+    """--images applies EXIF orientation (a phone's portrait photo is stored sideways with a
+    tag) and searches sub-folders, mirroring them in --out."""
+    photos = tmp_path / "photos"
+    (photos / "trip/day2").mkdir(parents=True)
+    stored = Image.new("RGB", (90, 40), (200, 30, 30))      # stored 90 wide, 40 high
+    exif = Image.Exif()
+    exif[0x0112] = 6                                          # rotate 90 degrees to view
+    stored.save(photos / "trip/day2/portrait.jpg", exif=exif)
+    Image.new("RGB", (50, 70), (30, 30, 200)).save(photos / "plain.png")
+    out = tmp_path / "out"
+    run([sys.executable, "evaluate.py", str(trained), "--device", "cpu",
+         "--images", str(photos), "--out", str(out)])
+    records = {r["picture"]: r for r in map(json.loads, open(out / "predictions.jsonl"))}
+    assert set(records) == {"plain.png.png", "trip/day2/portrait.jpg.png"}
+    with Image.open(out / "trip/day2/portrait.jpg.png") as picture:
+        w, h = picture.size
+    assert h > w                                              # upright: 40 wide, 90 high (scaled)
+    with Image.open(out / "plain.png.png") as picture:
+        assert picture.size[1] > picture.size[0]
+
+
+def test_a_failed_save_removes_its_temporary_file_and_says_how_much_space_it_needs(
+        tmp_path, monkeypatch):
+    """A save that fails (a full disk) removes its partial temporary file, which would keep the
+    disk full, and says how much space a save needs; the previous checkpoint stays."""
+    path = str(tmp_path / "last.pt")
+    runtime.save_checkpoint(path, dict(step=1, w=torch.ones(3)))
+
+    def disk_full(obj, f):
+        f.write(b"x" * 1000)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit, match=r"could not save .*last.pt \(OSError: \[Errno 28\] No "
+                                         r"space left on device\); a save needs about 4 MB free "
+                                         r"in .*; .*last.pt still holds the previous save"):
+        runtime.save_checkpoint(path, dict(step=2, w=torch.ones(2 ** 20)))
+    assert not os.path.exists(path + ".tmp")
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not_there"])
+def test_an_unusable_tokenizer_file_stops_a_run_that_trains_captions(synth, tmp_path, damage):
+    """An empty or truncated OUT/spm.model (a run stopped while writing it), or a --caption-spm
+    file that is not there, stops the run naming the file: captioning is never silently off."""
+    out = tmp_path / "run"
+    out.mkdir()
+    spm_bytes = data.train_caption_tokenizer(f"{synth}/annotations/captions_train2017.json",
+                                             str(tmp_path / "good"), 60)
+    extra = []
+    if damage == "empty":
+        (out / "spm.model").write_bytes(b"")
+    elif damage == "truncated":
+        (out / "spm.model").write_bytes(spm_bytes[: len(spm_bytes) // 2])
+    else:
+        extra = ["--caption-spm", str(tmp_path / "missing.model")]
+    message = ("--caption-spm .*missing.model: no such file" if damage == "not_there"
+               else r"spm.model: not a SentencePiece model: empty or truncated")
+    with pytest.raises(SystemExit, match=message):
+        train.main(run_args(synth, out, "--max-steps", "1", *extra))
+
+
+def test_caption_spm_trains_with_the_given_model_and_checks_its_special_ids(synth, tmp_path):
+    """--caption-spm FILE trains with that SentencePiece model (its pieces become the text
+    vocabulary, none is trained), and a model whose pad/eos/unk ids are not 0/1/2 is refused."""
+    import io
+    import sentencepiece as spm
+    captions = [c["caption"].lower() for c in
+                load_json(Path(synth) / "annotations/captions_train2017.json")["annotations"]]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(captions), model_writer=model,
+                                   vocab_size=45, model_type="bpe", pad_id=0, eos_id=1, unk_id=2,
+                                   bos_id=-1, num_threads=1, minloglevel=2,
+                                   hard_vocab_limit=False)
+    (tmp_path / "theirs.model").write_bytes(model.getvalue())
+    out = tmp_path / "run"
+    train.main(run_args(synth, out, "--max-steps", "1", "--caption-spm",
+                        str(tmp_path / "theirs.model")))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["spm"] == model.getvalue() and not (out / "spm.model").exists()
+    assert ckpt["vocab"]["num_text"] == mad.CaptionTokenizer(model.getvalue()).vocab_size
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(captions), model_writer=model,
+                                   vocab_size=45, model_type="bpe", pad_id=3, eos_id=2, unk_id=0,
+                                   bos_id=1, num_threads=1, minloglevel=2,
+                                   hard_vocab_limit=False)
+    (tmp_path / "other.model").write_bytes(model.getvalue())
+    with pytest.raises(SystemExit, match=r"other.model: its special ids are \{'pad': 3, 'eos': 2, "
+                                         r"'unk': 0\}; MAD's caption rows need"):
+        train.main(run_args(synth, tmp_path / "run2", "--max-steps", "1", "--caption-spm",
+                            str(tmp_path / "other.model")))
+
 def test_missing_and_corrupt_images_name_the_file_or_are_skipped_and_counted(
         synth, tokenizer, tmp_path, capsys):
     """Missing and corrupt images raise errors naming the file, or are skipped and counted if
@@ -3471,7 +3794,7 @@ def test_skip_bad_images_through_train_py_with_a_data_worker(synth, tmp_path):
     assert (len(skipped) == 2 and "000000000005.jpg" in skipped[0] + skipped[1]
             and "000000000009.jpg" in skipped[0] + skipped[1])
     assert "2 bad images skipped so far" in skipped[1]
-    assert torch.load(tmp_path / "skip/last.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "skip/last.pt", weights_only=True)["step"] == 3
 
 
 def test_grayscale_rgba_palette_and_tiny_images_become_rgb_samples(tmp_path, tokenizer):

@@ -60,6 +60,7 @@ class TrainConfig:
     resume: bool = False              # continue OUT/last.pt with its own settings
     demo: bool = False                # synthetic set, tiny model, 1,800 steps, then an evaluation
     spm_vocab: int = 8000             # SentencePiece vocabulary trained on the train captions
+    caption_spm: str = ""             # ... or this SentencePiece model file (pad 0, eos 1, unk 2)
     skip_bad_images: bool = False     # skip (and count) missing or corrupt images, do not fail
     augment: bool = True              # flip, crop, multi-scale / LSJ (off: the evaluation resize)
     pretrained: bool = True           # torchvision ImageNet backbone weights (needs a network once)
@@ -117,10 +118,58 @@ def parse_args(argv=None):
         device = given.get("device", TrainConfig.device)
         settings = dict(DEMO, workers=demo_workers(device))
     backbone = given.get("backbone", settings.get("backbone", mad.Config.backbone))
+    check_choice("backbone", backbone, mad.PRESETS)
     settings = {**mad.PRESETS[backbone], **SCHEDULES[backbone], **settings, **given}
     cfg = mad.Config(**{k: v for k, v in settings.items() if k in mad.Config.__dataclass_fields__})
     tc = TrainConfig(**{k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__})
+    check_settings(cfg, tc)
     return cfg, tc, given
+
+
+def check_settings(cfg, tc):
+    """Every setting in its range or among its choices, before any data is read or any process
+    group joined: a mistyped flag stops the run at once, naming the flag."""
+    check_choice("decoder", cfg.decoder, mad.DECODERS)
+    check_choice("lr_schedule", tc.lr_schedule, ("step", "cosine"))
+    check_choice("mask_strategy", cfg.mask_strategy, mad.PARTIAL_MASKS)
+    check_choice("remask_average", cfg.remask_average, mad.ENSEMBLE_WEIGHTS)
+    check_choice("det_score", cfg.det_score, mad.DETECTION_SCORES)
+    check_choice("scale_jitter", cfg.scale_jitter, ("multiscale", "lsj"))
+    for task in cfg.tasks or ("(none)",):
+        check_choice("tasks", task, mad.TASKS)
+    positive = dict(lr=tc.lr, batch_size=tc.batch_size, accum_steps=tc.accum_steps,
+                    epochs=tc.epochs, num_bins=cfg.num_bins, num_queries=cfg.num_queries,
+                    grid_size=cfg.grid_size, caption_len=cfg.caption_len, clip=tc.clip,
+                    image_size=cfg.image_size, log_every=tc.log_every, spm_vocab=tc.spm_vocab)
+    not_negative = dict(backbone_lr=tc.backbone_lr, weight_decay=tc.weight_decay,
+                        warmup=tc.warmup, hold=tc.hold, lr_drop=tc.lr_drop,
+                        max_steps=tc.max_steps, workers=tc.workers, save_every=tc.save_every,
+                        eval_every=tc.eval_every, eval_images=tc.eval_images, show=tc.show)
+    ratios = dict(mask_ratio=(cfg.mask_ratio,), kpt_ratios=cfg.kpt_ratios,
+                  cap_ratios=cfg.cap_ratios)
+    bad = [f"{flag(k)} {v}: must be > 0" for k, v in positive.items() if not v > 0]
+    bad += [f"{flag(k)} {v}: must be >= 0" for k, v in not_negative.items() if not v >= 0]
+    bad += [f"{flag(k)} {','.join(map(str, v))}: ratios must be in (0, 1]"
+            for k, v in ratios.items() if not v or not all(0 < r <= 1 for r in v)]
+    if len(cfg.task_weights) != len(mad.TASKS):
+        bad.append(f"--task-weights: one weight per task ({', '.join(mad.TASKS)})")
+    if tc.batch_size > 0 and tc.accum_steps > 0 and tc.batch_size % tc.accum_steps:
+        bad.append(f"--batch-size {tc.batch_size} is not divisible by --accum-steps "
+                   f"{tc.accum_steps}")
+    if tc.caption_spm and not os.path.isfile(tc.caption_spm):
+        bad.append(f"--caption-spm {tc.caption_spm}: no such file")
+    if bad:
+        raise SystemExit("bad settings: " + "; ".join(bad))
+    runtime.check_device(tc.device)
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise SystemExit(f"{flag(name)} {value}: choose one of {', '.join(map(str, choices))}")
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
 
 
 # -----------------------------------------------------------------------------
@@ -135,7 +184,8 @@ def main(argv=None):
     if ckpt is not None:
         cfg, tc = runtime.continue_run(ckpt, cfg, tc, given, path)
     tc.data = runtime.prepare_data(tc.data)              # the checkpoint names the real root
-    tokenizer = runtime.caption_tokenizer(tc.data, tc.out, tc.spm_vocab, ckpt)
+    tokenizer = runtime.caption_tokenizer(tc.data, tc.out, tc.spm_vocab, tc.caption_spm,
+                                          cfg.tasks, ckpt)
     dataset = training_set(cfg, tc, tokenizer, ckpt, path)
     model, optimizer, weights = start_model(cfg, tc, dataset, device, ckpt)
 
