@@ -1320,6 +1320,32 @@ def test_matcher_finds_the_known_best_assignment():
         assert (weight[slot, :4] == 0).all() and weight[slot, 4] == 1
 
 
+def test_matching_cost_counts_the_class_token_as_well_as_the_box():
+    """3.2: the class token is one of the 5 in the matching cost. Two objects whose boxes differ
+    in one coordinate: by the boxes alone slot 0 would take object 0, but slot 0 is certain of
+    object 1's class and slot 1 of object 0's, which outweighs it (cost 1.03 each against 5.12)."""
+    v = Vocab(5, 50, 10)
+    Q, lo = 2, v.task_range("det")[0]
+    c = v.coord
+    gt = torch.tensor([[c + 1, c + 2, c + 3, c + 4, v.cls + 1],
+                       [c + 1, c + 2, c + 3, c + 5, v.cls + 3]])
+    logp = det_logp(v, Q)
+    for slot, (near, far, own_class, other_class) in enumerate(
+            [(c + 4, c + 5, v.cls + 3, v.cls + 1), (c + 5, c + 4, v.cls + 1, v.cls + 3)]):
+        row = logp[0, 0, 0, slot * 5: slot * 5 + 5]
+        row[:3] = -30.0
+        row[0, c + 1 - lo] = row[1, c + 2 - lo] = row[2, c + 3 - lo] = 0.0
+        row[3] = -30.0
+        row[3, near - lo], row[3, far - lo] = math.log(0.6), math.log(0.4)
+        row[4] = -30.0
+        row[4, own_class - lo], row[4, other_class - lo] = math.log(0.9), math.log(0.01)
+    masked = torch.ones(1, 1, 5 * Q, dtype=torch.bool)
+    inputs = torch.full((1, 1, 5 * Q), v.mask_token)
+    target, _ = mad.match_detections(logp, inputs, masked, [gt], v)
+    target = target.view(Q, 5)
+    assert (target[0] == gt[1] - lo).all() and (target[1] == gt[0] - lo).all()
+
+
 def test_matcher_visible_tokens_force_the_match_batched_equals_per_image_and_empty_targets():
     """3.2: visible tokens force the match; batched matching equals per image; no objects: all
     <noise>."""
@@ -2641,12 +2667,14 @@ def test_the_demo_is_one_fixed_run_on_every_machine_and_repeats_exactly(synth, t
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
 
 
-def test_gradient_clipping_limits_the_update_to_the_clip_norm(synth, tokenizer):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_gradient_clipping_limits_the_update_to_the_clip_norm(synth, tokenizer, precision):
     """Training: gradients are clipped to a total norm of `clip`: the SGD update's norm is the clip.
 
     Training: gradients are clipped to a total norm of `clip` (0.1 in the paper presets) over all
     parameters: with SGD at lr 1 the update is the clipped gradient, whose norm is exactly the
-    clip."""
+    clip. With fp16 the GradScaler's scale (here 2^10) is taken off the gradients before they
+    are clipped: clipping the scaled ones would leave an update of clip / 2^10."""
     cfg = tiny_cfg()
     ds = data.CocoMultiTask(synth, "val2017", cfg, tokenizer, train=False)
     batch = data.collate([ds[i] for i in range(2)])
@@ -2654,9 +2682,10 @@ def test_gradient_clipping_limits_the_update_to_the_clip_norm(synth, tokenizer):
     model = MAD(cfg, ds.vocab)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    train.train_step(model, model, [batch], ds.tasks, opt,
-                     torch.amp.GradScaler("cpu", enabled=False),
-                     contextlib.nullcontext(), clip=0.01)
+    fp16 = precision == "fp16"
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=fp16)
+    autocast = torch.autocast("cpu", dtype=torch.float16) if fp16 else contextlib.nullcontext()
+    train.train_step(model, model, [batch], ds.tasks, opt, scaler, autocast, clip=0.01)
     update = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
     assert update.norm().item() == pytest.approx(0.01, rel=1e-3)
 

@@ -122,7 +122,6 @@ def parse_args(argv=None):
     settings = {**mad.PRESETS[backbone], **SCHEDULES[backbone], **settings, **given}
     cfg = mad.Config(**{k: v for k, v in settings.items() if k in mad.Config.__dataclass_fields__})
     tc = TrainConfig(**{k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__})
-    check_settings(cfg, tc)
     return cfg, tc, given
 
 
@@ -177,6 +176,7 @@ def flag(name):
 
 def main(argv=None):
     cfg, tc, given = parse_args(argv)
+    check_settings(cfg, tc)
     rank, world, device = runtime.init_processes(tc.device, tc.pg_timeout)
     if device.startswith("cuda"):
         runtime.cuda_settings()                          # TF32; no per-shape cuDNN attention plans
