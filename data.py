@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+from functools import partial
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -106,7 +107,7 @@ class CocoAnnotations:
         text, rles, images, cats = bytearray(), [], {}, {}
         self.bad_masks, self.bad_mask_example = 0, None     # masks dropped (polygons, RLEs)
 
-        def add_object(a):
+        def add_object(a, path):
             add_box(obj, a, path)
             seg = a.get("segmentation")
             polygons = [p for p in seg if usable_polygon(p, a, path)] if is_list(seg) else []
@@ -123,14 +124,14 @@ class CocoAnnotations:
             elif seg is not None and not is_list(seg):
                 raise field_error(path, a, "segmentation", "polygons (a list) or an RLE (a dict)")
 
-        def add_person(a):
+        def add_person(a, path):
             add_box(per, a, path)
             kp = a.get("keypoints", [0] * KPT_LEN)
             if not is_list(kp) or len(kp) != KPT_LEN:
                 raise field_error(path, a, "keypoints", f"{NUM_KEYPOINTS} x 3 numbers")
             add_numbers(per.kpts, kp, a, "keypoints", path)
 
-        def add_caption(a):
+        def add_caption(a, path):
             add_id(cap.ann, a, "id", path, missing=-1)
             add_id(cap.image, a, "image_id", path)
             if not isinstance(a["caption"], str):
@@ -148,7 +149,7 @@ class CocoAnnotations:
             if kind == "captions" and not captions:
                 print(f"no caption tokenizer: cap disabled for {split}")
                 continue
-            ims, file_cats = read_coco_json(path, kind, add[kind])
+            ims, file_cats = read_coco_json(path, kind, partial(add[kind], path=path))
             for im in ims:
                 images.setdefault(im[0], im)
             cats.setdefault("instances" if kind == "instances" else kind, file_cats)

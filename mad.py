@@ -1,22 +1,23 @@
 """Masked AutoDecoder (MAD): one network for detection, segmentation, keypoints and captions.
 
 Paper: "Masked AutoDecoder is Effective Multi-Task Vision Generalist" (Qiu et al., CVPR 2024).
-This file is the method, in the order the paper explains it:
+This file is the method, section by section (the network before the training that uses it):
   3.1  the shared vocabulary and the caption tokenizer   (data.py builds the task sequences)
   3.3  the network: backbone -> transformer encoder -> bi-directional decoder -> token head
-  3.2  masked training: fully and partly masked copies, Hungarian matching, the losses (eq. 1)
+  3.2  masked training: fully and partly masked copies, Hungarian matching, the losses
+       (3.4's eq. 1 weighs them)
   3.2  masked inference: detection -> segmentation and keypoints -> captions, post-processing
   B    the autoregressive baseline of Table 2 (same network, causal decoder)
 Nothing else: processes, devices and checkpoints are runtime.py's; train.py and evaluate.py use
 both.
 """
+import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
-import numpy as np
 import sentencepiece as spm
 import torch
 import torch.nn as nn
@@ -407,13 +408,16 @@ class MAD(nn.Module):
                 self.embed.weight[vocab.coord:vocab.vis] = coordinate_embeddings(vocab.num_bins, d)
         body = max(BOX_LEN * cfg.num_queries, cfg.grid_size ** 2, KPT_LEN, cfg.caption_len)
         # learned positions, shared by all tasks, on the scale of the token embeddings (N(0, 1), as
-        # DETR's query embeddings): in a fully masked sequence they are all that tells slots apart
+        # DETR's query embeddings): in a fully masked sequence they are all that tells slots apart.
+        # One more than the longest sequence: the AR baseline's <start> token takes a position.
         self.seq_pos = nn.Parameter(torch.randn(PROMPT_LEN + body + 1, d))
         self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, d))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
-        # the variants, chosen once (each dict lists the choices)
+        # the ablation variants, chosen once here (each dict lists the choices; the defaults:
+        # one partly masked copy at mask_ratio, one random word in the fully masked caption,
+        # a running mean over caption stages, p(class) over every detection token)
         self.partial_masks = partial(PARTIAL_MASKS[cfg.mask_strategy], ratio=cfg.mask_ratio)
         self.fully_masked_caption = FULL_CAPTION_COPIES[cfg.cap_full_word]
         self.ensemble_weight = ENSEMBLE_WEIGHTS[cfg.remask_average]
@@ -452,6 +456,7 @@ class MAD(nn.Module):
         return self.dec_norm(torch.stack(outs)).view(len(outs), B, n, L, -1)
 
     def run_layer(self, layer, x, pos, memory):
+        """One decoder layer (a hook: the AR baseline overrides it with a causal one)."""
         return layer(x, pos, memory)
 
     def logits(self, h, task):
@@ -469,9 +474,9 @@ class MAD(nn.Module):
         return self.logits(h[..., PROMPT_LEN:, :], task).log_softmax(-1)
 
     def forward(self, batch, tasks=TASKS):
-        """3.2 masked training. batch: data.collate's dict (keys in data.py). Returns
-        (sums, counts), {task: (layers,)}: each decoder layer's summed cross-entropy over its
-        masked targets, and their number; weighted_loss turns them into eq. 1 (train.py counts
+        """3.2 masked training. batch: data.collate's dict (keys in data.py). Returns two dicts
+        {task: (layers,) tensor}, sums and counts: each decoder layer's summed cross-entropy over
+        its masked targets, and their number; weighted_loss turns them into eq. 1 (train.py counts
         over all processes)."""
         memory = self.encode(batch["images"], batch["padding"])   # the image is encoded once (3.4)
         # detection last: its matching waits for the device, best with the other tasks' work queued
@@ -520,7 +525,8 @@ class MAD(nn.Module):
         return out
 
     def decode_sequences(self, prompt, L, memory, task, ratios, remask_order=None):
-        """prompt (B, n, PROMPT_LEN) -> logits (B, n, L, V) of the sequences: masked inference."""
+        """prompt (B, n, PROMPT_LEN) -> logits (B, n, L, V) of the sequences: masked inference
+        (a hook: the AR baseline overrides it with greedy left-to-right decoding)."""
         return refine(self, prompt, L, memory, task, ratios, remask_order or random_order)
 
     def param_groups(self, lr, backbone_lr, weight_decay):
@@ -629,13 +635,9 @@ def caption_loss(model, batch, memory):
     with one random visible token of each replaced by a random text token (3.1 sequence
     augmentation)."""
     v, refs, weight = model.vocab, batch["cap_seq"], batch["cap_weight"]   # (B, R, L)
-    lo, hi = v.task_range("cap")
+    lo = v.task_range("cap")[0]
     masked, src = model.partial_masks(refs.shape, device=refs.device)      # (B, P, L)
-    noisy = torch.where(masked, v.mask_token, refs[:, src])
-    visible = torch.rand(masked.shape, device=refs.device) * ~masked
-    pick = visible.argmax(-1, keepdim=True)                                # a visible slot
-    word = torch.randint(lo, hi, (*masked.shape[:2], 1), device=refs.device)
-    noisy = noisy.scatter(-1, pick, torch.where(masked.gather(-1, pick), v.mask_token, word))
+    noisy = replace_one_visible_word(torch.where(masked, v.mask_token, refs[:, src]), masked, v)
     full = model.fully_masked_caption(refs, v)                              # (B, 1, L)
     inputs = torch.cat([full, noisy], 1)                                    # (B, 1+P, L)
     prompt = v.cap_prompt.to(refs.device).expand(*inputs.shape[:2], PROMPT_LEN)
@@ -651,7 +653,19 @@ def caption_loss(model, batch, memory):
     return masked_nll(logp, target, weight)
 
 
+def replace_one_visible_word(copies, masked, vocab):
+    """3.1 sequence augmentation: in each partly masked caption copy (B, P, L), one visible
+    position, drawn at random, shows a random text token instead of its own."""
+    lo, hi = vocab.task_range("cap")
+    visible = torch.rand(masked.shape, device=masked.device) * ~masked
+    pick = visible.argmax(-1, keepdim=True)                # a visible position (any if none)
+    word = torch.randint(lo, hi, (*masked.shape[:2], 1), device=masked.device)
+    word = torch.where(masked.gather(-1, pick), vocab.mask_token, word)   # none visible: keep
+    return copies.scatter(-1, pick, word)
+
+
 def all_masked_caption(refs, vocab):
+
     """The fully masked caption copy (B, 1, L): every position <mask>."""
     return torch.full_like(refs[:, :1], vocab.mask_token)
 
@@ -693,33 +707,31 @@ def match_detections(logp, inputs, masked, gt, vocab, forced_cost=1e4):
     logp (layers, B, C, 5Q, V); inputs and masked (B, C, 5Q); gt: B tensors (n_b, 5) of tokens.
     -> target (layers, B, C, 5Q) indices within the detection range, and weight: matched slots
     learn their object's 5 tokens, the others class <noise> (coordinates weight 0)."""
-    (n_layers, B, c, T, V), lo = logp.shape, vocab.task_range("det")[0]
+    (n_layers, B, copies, T, V), lo = logp.shape, vocab.task_range("det")[0]
     Q, sizes = T // BOX_LEN, [len(g) for g in gt]
     gt_pad = torch.zeros(B, max(sizes + [1]), BOX_LEN, dtype=torch.long, device=logp.device)
     for b, g in enumerate(gt):
         gt_pad[b, : len(g)] = g.to(logp.device) - lo                  # (B, G, 5) local ids
-    idx = gt_pad.transpose(1, 2)[None, :, None, None].expand(n_layers, B, c, Q, BOX_LEN, -1)
-    nll = -logp.view(n_layers, B, c, Q, BOX_LEN, V).gather(-1, idx)   # (layers, B, C, Q, 5, G)
-    slots = inputs.view(B, c, Q, BOX_LEN, 1) - lo
+    idx = gt_pad.transpose(1, 2)[None, :, None, None].expand(n_layers, B, copies, Q, BOX_LEN, -1)
+    nll = -logp.view(n_layers, B, copies, Q, BOX_LEN, V).gather(-1, idx)   # (layers, B, C, Q, 5, G)
+    slots = inputs.view(B, copies, Q, BOX_LEN, 1) - lo
     shown = slots == gt_pad.transpose(1, 2)[:, None, None]            # (B, C, Q, 5, G)
-    visible = ~masked.view(B, c, Q, BOX_LEN, 1)
+    visible = ~masked.view(B, copies, Q, BOX_LEN, 1)
     nll = torch.where(visible, (~shown).to(nll.dtype) * forced_cost, nll)
     cost = nll.mean(4).float().cpu()                                  # (layers, B, C, Q, G)
     # for scipy; the loss check stops a run on NaN
     cost = cost.nan_to_num(nan=1e9, posinf=1e9, neginf=-1e9)
-    target = torch.zeros(n_layers, B, c, Q, BOX_LEN, dtype=torch.long)
-    target[..., 4] = vocab.noise - lo
-    weight = torch.zeros(n_layers, B, c, Q, BOX_LEN)
+    target = torch.zeros(n_layers, B, copies, Q, BOX_LEN, dtype=torch.long)
+    target[..., 4] = vocab.noise - lo                                 # unmatched: <noise>
+    weight = torch.zeros(n_layers, B, copies, Q, BOX_LEN)
     weight[..., 4] = 1
-    rows = [(l, b, k, *linear_sum_assignment(cost[l, b, k, :, : sizes[b]]))
-            for l in range(n_layers) for b in range(B) for k in range(c) if sizes[b]]
-    if rows:
-        # each pair (q, g) matched, with its (layer, image, copy)
-        columns = [np.concatenate([np.broadcast_to(r[i], r[3].shape) for r in rows])
-                   for i in range(5)]
-        l, b, k, q, g = (torch.as_tensor(c) for c in columns)
-        target[l, b, k, q] = gt_pad.cpu()[b, g]
-        weight[l, b, k, q] = 1
+    gt_pad = gt_pad.cpu()
+    for layer, b, k in itertools.product(range(n_layers), range(B), range(copies)):
+        if sizes[b]:
+            slot, obj = linear_sum_assignment(cost[layer, b, k, :, : sizes[b]])
+            slot, obj = torch.as_tensor(slot), torch.as_tensor(obj)
+            target[layer, b, k, slot] = gt_pad[b, obj]
+            weight[layer, b, k, slot] = 1
     return target.flatten(3).to(logp.device), weight.flatten(3).to(logp.device)
 
 
@@ -852,8 +864,9 @@ def segment(model, det, memory, boxes, sizes):
 
 
 def person_keypoints(model, det, memory, orig_sizes):
-    """Keypoints of the top-K detections, persons first by score; kpt_is_person marks the
-    persons."""
+    """Keypoints of K detections (K = seg_topk), persons first by score; kpt_is_person marks
+    the persons, the only ones predict keeps. Decoding a fixed K keeps every batch's shapes
+    equal, whatever its number of persons."""
     v, K = model.vocab, min(model.cfg.seg_topk, det["scores"].shape[1])
     is_person = det["labels"] == v.person                             # (B, Q), sorted by score
     index = (~is_person).float().argsort(dim=-1, stable=True)[:, :K]  # persons first, by score

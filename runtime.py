@@ -307,7 +307,7 @@ def continue_run(ckpt, cfg, tc, given, path):
     if changed:
         diff = "; ".join(f"{flag(k)} {then[k]} there, {asked[k]} here" for k in changed)
         if tc.resume:
-            free = ", ".join(flag(k) for k in CHANGEABLE_AT_RESUME[:-2])
+            free = ", ".join(flag(k) for k in CHANGEABLE_AT_RESUME if k not in ("resume", "out"))
             raise SystemExit(f"{path}: {diff}: that would change the run. At resume only "
                              f"{free} may change, and --epochs / --max-steps grow; start a new "
                              f"run with another --out")

@@ -2,7 +2,7 @@
 
     python train.py --demo                               # synthetic set, tiny model: CPU is enough
     torchrun --nproc_per_node 8 train.py --backbone r50  # COCO in data/coco ($COCO_ROOT)
-    torchrun --nnodes 2 --node-rank N --nproc-per-node 8 --rdzv-endpoint HOST:29500 \\
+    torchrun --nnodes 2 --node_rank N --master_addr HOST0 --nproc_per_node 8 \\
         train.py --backbone swin_b --out /shared/swin      # two nodes
     python train.py --backbone r50 --accum-steps 8       # the paper's batch 16 on one GPU
     python train.py --out runs/mad --resume              # continue runs/mad, its own settings
@@ -80,8 +80,9 @@ SCHEDULES = {
 }
 
 # The demo: the tiny model at 128 px with a 2-layer decoder (more images in its minutes:
-# RESULTS.md), no augmentation, a fixed number of steps. The same run on every machine: it
-# takes about 13 minutes on 2 CPU cores, and the log prints the time left as it goes.
+# RESULTS.md), no augmentation, a fixed number of steps (max_steps ends it; epochs is no
+# limit). The same run on every machine: it takes about 11 minutes on 2 CPU cores, and the log
+# prints the time left as it goes.
 DEMO = dict(data="synthetic", out="runs/demo", backbone="tiny", dec_layers=2, eval_every=0, show=4,
             augment=False, lr=1e-3, backbone_lr=1e-3, warmup=100, hold=200, lr_schedule="cosine",
             pretrained=False, epochs=10 ** 6, batch_size=8, max_steps=1800)
@@ -146,9 +147,9 @@ def check_settings(cfg, tc):
                         eval_every=tc.eval_every, eval_images=tc.eval_images, show=tc.show)
     ratios = dict(mask_ratio=(cfg.mask_ratio,), kpt_ratios=cfg.kpt_ratios,
                   cap_ratios=cfg.cap_ratios)
-    bad = [f"{flag(k)} {v}: must be > 0" for k, v in positive.items() if not v > 0]
-    bad += [f"{flag(k)} {v}: must be >= 0" for k, v in not_negative.items() if not v >= 0]
-    bad += [f"{flag(k)} {','.join(map(str, v))}: ratios must be in (0, 1]"
+    bad = [f"{runtime.flag(k)} {v}: must be > 0" for k, v in positive.items() if not v > 0]
+    bad += [f"{runtime.flag(k)} {v}: must be >= 0" for k, v in not_negative.items() if not v >= 0]
+    bad += [f"{runtime.flag(k)} {','.join(map(str, v))}: ratios must be in (0, 1]"
             for k, v in ratios.items() if not v or not all(0 < r <= 1 for r in v)]
     if len(cfg.task_weights) != len(mad.TASKS):
         bad.append(f"--task-weights: one weight per task ({', '.join(mad.TASKS)})")
@@ -164,11 +165,9 @@ def check_settings(cfg, tc):
 
 def check_choice(name, value, choices):
     if value not in choices:
-        raise SystemExit(f"{flag(name)} {value}: choose one of {', '.join(map(str, choices))}")
+        allowed = ", ".join(map(str, choices))
+        raise SystemExit(f"{runtime.flag(name)} {value}: choose one of {allowed}")
 
-
-def flag(name):
-    return "--" + name.replace("_", "-")
 
 
 # -----------------------------------------------------------------------------
@@ -357,41 +356,49 @@ def lr_factor(step, total, steps_per_epoch, tc):
 
 
 def train_step(ddp_model, model, micro_batches, tasks, optimizer, scaler, autocast, clip):
-    """One optimizer step over K micro-batches (K = 1 without accumulation). Returns the mean total
-    and per-task losses (CPU, averaged over ranks); when any is non-finite the update is skipped.
-    Eq. 1's normalizers are the counted positions of each (task, layer) over all ranks (their mean:
-    DDP averages the gradients) and, with accumulation, over all K micro-batches, as one batch K
-    times the size would be: those are counted first, in a no-grad pass whose random masks are
-    replayed for the real one (one extra forward per micro-batch). With fp16, the GradScaler skips
-    a step whose gradients overflow and lowers its scale."""
-    K, device, normalizers = len(micro_batches), micro_batches[0]["images"].device, None
+    """One optimizer step over K micro-batches (K = 1 without accumulation): forward, eq. 1,
+    backward, unscale, clip, step. Returns the mean total and per-task losses (CPU, averaged
+    over ranks); when any is non-finite the update is skipped. With fp16, the GradScaler skips a
+    step whose gradients overflow and lowers its scale."""
+    K, device = len(micro_batches), micro_batches[0]["images"].device
+    normalizers, rng = None, None
     if K > 1:
-        rng, counts = [], []
-        for b in micro_batches:
-            rng.append(runtime.rng_state(device))        # the RNG state this batch's masks use
-            with torch.no_grad(), autocast:
-                counts.append(model(b, tasks)[1])
-        normalizers = {t: runtime.all_reduce_mean(sum(c[t] for c in counts)) / K for t in tasks}
+        normalizers, rng = count_normalizers(model, micro_batches, tasks, autocast)
     sums = torch.zeros(1 + len(tasks), device=device)
     for k, batch in enumerate(micro_batches):
         if K > 1:
-            runtime.set_rng_state(rng[k], device)
-        last = k == K - 1
-        hold_gradients = ddp_model is not model and not last    # DDP: reduce once, at the last
+            runtime.set_rng_state(rng[k], device)        # the masks the counting pass drew
+        hold_gradients = ddp_model is not model and k < K - 1    # DDP: reduce once, at the last
         with (ddp_model.no_sync() if hold_gradients else nullcontext()), autocast:
             nll, counts = ddp_model(batch, tasks)
+            # eq. 1's normalizers: each (task, layer)'s counted positions over all ranks (their
+            # mean, as DDP averages the gradients)
             counted = normalizers or {t: runtime.all_reduce_mean(c) for t, c in counts.items()}
             loss, parts = mad.weighted_loss(nll, counted, model.cfg.task_weights)
         scaler.scale(loss / K).backward()
         sums += torch.stack([loss.detach(), *(parts[t] for t in tasks)]).float() / K
     sums = runtime.all_reduce_mean(sums).cpu()           # the same on every rank: all stop together
     if torch.isfinite(sums).all():
-        scaler.unscale_(optimizer)
+        scaler.unscale_(optimizer)                       # before clipping: clip the true gradients
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         scaler.step(optimizer)
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return sums
+
+
+def count_normalizers(model, micro_batches, tasks, autocast):
+    """With accumulation, eq. 1 normalizes over all K micro-batches, as one batch K times the
+    size would: the positions each (task, layer) counts (which depend on the random masks) are
+    counted first, in a no-grad pass. -> (normalizers, the RNG state before each micro-batch, so
+    that the real pass draws the same masks)."""
+    device, rng, counts = micro_batches[0]["images"].device, [], []
+    for batch in micro_batches:
+        rng.append(runtime.rng_state(device))
+        with torch.no_grad(), autocast:
+            counts.append(model(batch, tasks)[1])
+    K = len(micro_batches)
+    return {t: runtime.all_reduce_mean(sum(c[t] for c in counts)) / K for t in tasks}, rng
 
 
 def stop_on_non_finite(losses, tasks, step, epoch, path):
