@@ -501,7 +501,8 @@ class CocoMultiTask(torch.utils.data.Dataset):
         target.update(keypoint_targets(person_boxes, kpts, w, h, generator, vocab, cfg,
                                        enabled="kpt" in self.tasks))
         captions = self.ann.captions(i) if "cap" in self.tasks else []
-        target.update(caption_targets(captions, rng, self.tokenizer, vocab, cfg, sample=self.train))
+        target.update(caption_targets(captions, rng, self.tokenizer, vocab, cfg,
+                                      sample=self.train and cfg.sample_captions))
         return pixels, target
 
 
@@ -521,10 +522,10 @@ def sample_transform(W, H, rng, cfg, augment):
         cw, ch = min(W, cfg.image_size / s), min(H, cfg.image_size / s)
         crop = (rng.uniform(0, W - cw), rng.uniform(0, H - ch), cw, ch)
         return affine(W, H, crop, (max(1, round(cw * s)), max(1, round(ch * s))), flip)
-    if rng.random() < 0.5:                                    # resize to 400/500/600, crop 384..600
+    if rng.random() < 0.5:         # DETR's crop: resize to 400/500/600, a side U(384, min(it, 600))
         s = rng.choice([400, 500, 600]) * f / min(W, H)
-        cw = min(W, rng.uniform(384 * f, 600 * f) / s)
-        ch = min(H, rng.uniform(384 * f, 600 * f) / s)
+        cw = rng.uniform(384 * f, min(W * s, 600 * f)) / s
+        ch = rng.uniform(384 * f, min(H * s, 600 * f)) / s
         crop = (rng.uniform(0, W - cw), rng.uniform(0, H - ch), cw, ch)
     short = rng.choice(range(480, 801, 32)) * f
     return affine(W, H, crop, resize_size(crop[2], crop[3], short, cfg.max_size), flip)
@@ -598,8 +599,8 @@ def keypoint_targets(boxes, kpts, w, h, generator, vocab, cfg, enabled=True):
 
 
 def caption_targets(captions, rng, tokenizer, vocab, cfg, sample):
-    """3.1: up to R captions (sampled at random in training, the first R otherwise), lower-cased
-    SentencePiece pieces + eos, padded to L (pad = 0)."""
+    """3.1: up to R captions (the first R, as the authors; drawn at random when `sample`),
+    lower-cased SentencePiece pieces + eos, padded to L (pad = 0)."""
     R, L = cfg.max_captions, cfg.caption_len
     seq = torch.full((R, L), vocab.text, dtype=torch.long)
     weight = torch.zeros(R, L)
@@ -650,10 +651,13 @@ def transform_boxes(boxes, transform):
 
 def transform_keypoints(kpts, transform):
     """(P, 17, 3) -> augmented; keypoints that leave the image become unlabelled (v = 0);
-    a flip swaps left and right."""
+    a flip swaps left and right. COCO keypoints are pixel indices, whose centres lie at +0.5
+    (detectron2's convention): index -> continuous (+0.5) -> affine map -> index (-0.5), so that
+    a flip maps x to w - 1 - x."""
     (ax, ay), (bx, by) = transform["a"], transform["b"]
     w, h = transform["out_size"]
-    x, y = kpts[..., 0] * ax + bx, kpts[..., 1] * ay + by
+    x = kpts[..., 0] * ax + (bx + 0.5 * ax - 0.5)
+    y = kpts[..., 1] * ay + (by + 0.5 * ay - 0.5)
     inside = (x >= 0) & (x <= w) & (y >= 0) & (y <= h)
     v = torch.where(inside, kpts[..., 2], torch.zeros_like(kpts[..., 2]))
     out = torch.stack([x.clamp(0, w), y.clamp(0, h), v], -1)

@@ -45,6 +45,7 @@ class Config:
     max_instances: int = 10          # segmentation / keypoint instances per image in training
     caption_len: int = 20            # caption tokens, eos and padding included
     max_captions: int = 5            # reference captions per image
+    sample_captions: bool = False    # training: the first max_captions (authors') | a random draw
     mask_ratio: float = 0.7          # share of tokens masked in the partly masked copy (Table 4)
     mask_strategy: str = "fixed"     # Table 3: fixed | random (a ratio per sequence in 0.6..0.8)
                                      #   | multiple (two copies, at 0.6 and 0.8)
@@ -54,12 +55,13 @@ class Config:
     decoder: str = "mad"             # mad (bi-directional, parallel) | ar (autoregressive baseline)
     kpt_ratios: tuple = (1.0,)       # masked inference: each stage's mask ratio (4.1: 1.0, 0.7)
     cap_ratios: tuple = (1.0, 0.8, 0.6, 0.4)
-    remask_average: str = "running"  # re-masked logits join a running mean
-                                     #   | halve: (ensemble + new) / 2 (authors')
+    remask_average: str = "halve"    # re-masked logits: (ensemble + new) / 2 (the authors',
+                                     #   Table 7's) | running: a running mean of the stages
     det_score: str = "all"           # p(class): softmax over every detection token
                                      #   | classes: over the classes and <noise> only
     seg_topk: int = 100              # detections that prompt segmentation / keypoints
-    sine_coords: bool = True         # coordinate token embeddings start as sine codes of their bin
+    sine_coords: bool = False        # coordinate token embeddings start as sine codes of their bin
+                                     #   (not in the paper or the authors' code: N(0, 1) rows)
     image_size: int = 800            # shorter side at test time (longer side <= max_size)
     max_size: int = 1333
     scale_jitter: str = "multiscale" # training resize: multiscale (short side 480..800, DETR crop)
@@ -73,10 +75,13 @@ PRESETS = {
     "vit_b": dict(backbone="vit_b", image_size=1024, max_size=1024, scale_jitter="lsj"),
     # sized to train on 2 CPU cores in minutes (train.py --demo, the tests): no dropout (the CPU's
     # attention kernel has none), 8 x 8 masks, 10 slots for the synthetic images' 1-4 objects, and
-    # 2 segmentation / keypoint instances and 3 captions sampled per image and step
+    # 2 segmentation / keypoint instances and 3 captions (of up to 5, drawn) per image and step.
+    # It keeps the sine coordinate embeddings and the running mean its demo and ablations were
+    # measured with.
     "tiny": dict(backbone="tiny", d_model=128, enc_layers=2, dec_layers=3, heads=4, ffn=512,
                  dropout=0.0, num_queries=10, num_bins=128, grid_size=8, max_instances=2,
-                 max_captions=3, image_size=128, max_size=128),
+                 max_captions=3, image_size=128, max_size=128, sine_coords=True,
+                 remask_average="running", sample_captions=True),
 }
 
 TASKS = ("det", "seg", "kpt", "cap")
@@ -746,8 +751,8 @@ LOSSES = dict(det=detection_loss, seg=partial(prompted_loss, task="seg"),
 def refine(model, prompt, L, memory, task, ratios, remask_order):
     """Masked inference (3.2). Stage 1 decodes from all-<mask>; each later stage re-masks a share
     `ratio` of the positions of the current argmax tokens, first in `remask_order` (random_order,
-    or confidence_order: the least confident), and decodes again; at re-masked positions the new
-    logits join the ensemble (model.ensemble_weight). The random positions come from a fixed seed
+    or visibility_order for keypoints), and decodes again; at re-masked positions the new logits
+    join the ensemble (model.ensemble_weight). The random positions come from a fixed seed
     and are the same for every image, so a prediction does not depend on the batch or the number
     of processes it was made in. prompt (B, n, PROMPT_LEN) -> logits (B, n, L, V) over the task's
     tokens."""
@@ -775,9 +780,14 @@ def random_order(conf, generator):
     return torch.rand(conf.shape[-1], generator=generator).to(conf.device).expand_as(conf)
 
 
-def confidence_order(conf, generator):
-    """Positions from the least to the most confident."""
-    return conf
+def visibility_order(conf, generator):
+    """Keypoint positions (conf (B, n, 51)), as the authors re-mask them: each keypoint's x and y
+    by the confidence of its visibility token, least confident first; the visibility tokens
+    last (confidence 1)."""
+    per_point = conf.unflatten(-1, (NUM_KEYPOINTS, 3))                # (B, n, 17, 3)
+    order = per_point[..., 2:].expand_as(per_point).clone()
+    order[..., 2] = 1.0
+    return order.flatten(-2)
 
 
 # The weight of a re-masked position's new logits, given how often it was decoded before
@@ -871,7 +881,7 @@ def person_keypoints(model, det, memory, orig_sizes):
     is_person = det["labels"] == v.person                             # (B, Q), sorted by score
     index = (~is_person).float().argsort(dim=-1, stable=True)[:, :K]  # persons first, by score
     logits = model.decode_sequences(box_prompts(det, v.kpt, index, v), KPT_LEN, memory, "kpt",
-                                    model.cfg.kpt_ratios, confidence_order)
+                                    model.cfg.kpt_ratios, visibility_order)
     prob = allowed(logits, "kpt", v).softmax(-1)
     xy, vis = keypoints_from_probs(prob, v)             # (B, K, 17, 2) tokens, (B, K, 17)
     xy = to_pixels(xy.flatten(2), orig_sizes, v).unflatten(2, (NUM_KEYPOINTS, 2))

@@ -18,6 +18,7 @@ Claim -> test, section by section, in the order of the file.
       test_detection_sequence_puts_each_object_in_one_random_slot_and_noise_objects_elsewhere,
       test_keypoint_targets_put_labelled_persons_first_and_unlabelled_points_in_the_box_at_weight_0,
       test_caption_targets_sample_references_in_training_take_the_first_in_evaluation,
+      test_training_takes_the_first_captions_as_the_authors_unless_the_preset_samples_them,
       test_mask_target_of_a_filled_box_is_all_fg_and_of_a_left_half_mask_left_half
   geometry: flip, resize, crop: test_flip_twice_is_identity_and_resize_scales_boxes,
       test_resize_size_fits_the_shorter_side_unless_the_longer_exceeds_the_maximum,
@@ -25,6 +26,8 @@ Claim -> test, section by section, in the order of the file.
       test_mask_targets_through_a_crop_away_from_the_origin_and_a_flip_by_hand,
       test_a_box_cut_by_a_crop_is_clipped_to_the_crop_and_keeps_every_visible_pixel
   augmentation: test_augmentation_is_deterministic_per_epoch_and_index,
+      test_the_crop_draws_each_side_as_detr_does_up_to_the_images_own_side,
+      test_keypoints_are_pixel_indices_so_a_flip_maps_x_to_w_minus_1_minus_x,
       test_multiscale_augmentation_draws_every_shorter_side_flips_and_crops_half_the_time,
       test_lsj_augmentation_scales_by_0_3_to_2_into_a_fixed_canvas
   every task's targets through augmentation: test_every_task_target_follows_each_augmentation
@@ -43,6 +46,8 @@ Claim -> test, section by section, in the order of the file.
       test_vit_b_attends_within_windows_except_in_its_global_blocks_and_loads_torchvision_weights,
       test_torchvision_resnet50_state_dict_loads_every_r50_backbone_tensor,
       test_training_step_with_each_backbone
+  parameter count against the authors':
+      test_r50_has_the_authors_parameter_count_but_for_three_special_tokens_and_one_position
 
 3.2 Masked training
   masking, copies, strategies: test_masking_hides_exactly_round_ratio_n,
@@ -50,7 +55,8 @@ Claim -> test, section by section, in the order of the file.
   Hungarian matching: test_matcher_finds_the_known_best_assignment,
       test_matcher_visible_tokens_force_the_match_batched_equals_per_image_and_empty_targets,
       test_matching_cost_is_the_mean_nll_of_five_tokens_per_layer_and_visible_tokens_force_it,
-      test_matcher_survives_nan_and_inf_log_probs
+      test_matcher_survives_nan_and_inf_log_probs,
+      test_matching_cost_counts_the_class_token_as_well_as_the_box
   losses per task and layer:
       test_masked_nll_sums_the_weighted_cross_entropy_per_layer_and_counts_the_weights,
       test_loss_ignores_logits_of_unmasked_positions,
@@ -63,7 +69,7 @@ Claim -> test, section by section, in the order of the file.
 3.2 / 4.1 Masked inference and post-processing
   one stage = one pass: test_one_stage_of_masked_inference_is_one_decoder_pass
   keypoint re-masking:
-      test_keypoint_stage_2_remasks_the_36_least_confident_positions_and_keeps_the_others
+      test_keypoint_stage_2_remasks_coordinates_by_their_keypoints_visibility_confidence
   running mean, halving:
       test_masked_inference_averages_the_logits_of_the_stages_that_re_masked_a_position,
       test_halving_rule_weighs_later_stages_more
@@ -153,7 +159,23 @@ Bad input
   captions: test_empty_unicode_and_long_captions
   checkpoints: test_truncated_foreign_and_missing_checkpoints_give_clear_errors
   other categories: test_evaluating_on_a_dataset_with_other_categories_is_refused
-  missing data: test_missing_coco_root_says_how_to_get_coco_or_use_demo"""
+  missing data: test_missing_coco_root_says_how_to_get_coco_or_use_demo
+  annotations checked when read:
+      test_annotations_of_the_wrong_type_are_refused_when_read_naming_file_id_and_field,
+      test_unusable_masks_are_dropped_and_counted_when_read_and_uncompressed_rle_is_read,
+      test_non_finite_keypoints_are_refused_when_read,
+      test_evaluation_refuses_repeated_annotation_ids_before_predicting
+  weights-only checkpoints:
+      test_a_checkpoint_holding_a_pickled_object_is_refused_and_runs_nothing,
+      test_numpy_rng_state_round_trips_through_a_weights_only_checkpoint
+  flags: test_impossible_flags_stop_at_once_naming_the_flag_and_its_range_or_choices,
+      test_evaluate_py_checks_out_and_its_flags_before_predicting
+  evaluate.py's inputs:
+      test_evaluate_py_skips_an_unreadable_val_image_when_asked_and_scores_the_rest,
+      test_own_images_are_turned_upright_by_exif_and_found_in_sub_folders
+  faults: test_a_failed_save_removes_its_temporary_file_and_says_how_much_space_it_needs,
+      test_an_unusable_tokenizer_file_stops_a_run_that_trains_captions,
+      test_caption_spm_trains_with_the_given_model_and_checks_its_special_ids"""
 import contextlib
 import json
 import math
@@ -564,6 +586,28 @@ def test_keypoint_targets_put_labelled_persons_first_and_unlabelled_points_in_th
             assert ((seq[r, ~lab, 1] >= b[1]) & (seq[r, ~lab, 1] <= b[3])).all()
 
 
+def test_training_takes_the_first_captions_as_the_authors_unless_the_preset_samples_them(
+        synth, tokenizer):
+    """3.1: the paper presets train on an image's first max_captions references, as the authors'
+    code; the tiny preset (sample_captions) draws them at random from its 1-5."""
+    assert not Config(**PRESETS["r50"]).sample_captions and PRESETS["tiny"]["sample_captions"]
+    ann = data.CocoAnnotations(synth, "train2017")
+    row = max(range(len(ann)), key=lambda i: len(ann.captions(i)))
+    captions = ann.captions(row)
+    assert len(captions) >= 3
+    first = tiny_cfg(sample_captions=False, max_captions=2)
+    ds = data.CocoMultiTask(synth, "train2017", first, tokenizer, train=True)
+    seq = ds.build(row, ds.load_image(row))[1]["cap_seq"].tolist()
+    assert seq == (tokenizer.encode(captions[:2], first.caption_len) + ds.vocab.text).tolist()
+    drawn = tiny_cfg(max_captions=2)
+    ds = data.CocoMultiTask(synth, "train2017", drawn, tokenizer, train=True)
+    seen = set()
+    for epoch in range(12):
+        ds.set_epoch(epoch)
+        seen |= {tuple(r) for r in ds.build(row, ds.load_image(row))[1]["cap_seq"].tolist()}
+    assert len(seen) > 2
+
+
 def test_caption_targets_sample_references_in_training_take_the_first_in_evaluation(tokenizer):
     """3.1: training samples R caption references, evaluation takes the first R; a missing one
     weighs 0.
@@ -613,12 +657,13 @@ def test_flip_twice_is_identity_and_resize_scales_boxes():
     boxes."""
     W, H = 100, 60
     boxes = torch.tensor([[10., 5., 40., 50.], [0., 0., 100., 60.]])
-    kpts = torch.rand(2, 17, 3) * torch.tensor([W, H, 0]) + torch.tensor([0, 0, 2.0])
+    # pixel indices 0 .. W - 1
+    kpts = torch.rand(2, 17, 3) * torch.tensor([W - 1, H - 1, 0]) + torch.tensor([0, 0, 2.0])
     t = flip_t(W, H)
     b2, _ = data.transform_boxes(data.transform_boxes(boxes, t)[0], t)
     assert torch.allclose(b2, boxes)
     once = data.transform_keypoints(kpts, t)
-    assert torch.allclose(once[:, 1, 0], W - kpts[:, 2, 0])     # left eye <- right eye
+    assert torch.allclose(once[:, 1, 0], W - 1 - kpts[:, 2, 0])  # left eye <- right eye
     assert torch.allclose(data.transform_keypoints(once, t), kpts, atol=1e-5)
     mask = np.zeros((H, W), np.uint8)
     mask[10:40, 20:26] = mask[34:40, 20:35] = 1                 # an L in box (20, 10, 35, 40)
@@ -657,6 +702,12 @@ def reference_map(t, x, y):
     return (ow - x if flip else x), y
 
 
+def reference_map_pixel(t, x, y):
+    """A keypoint's pixel index -> its index after t: the pixel's centre (+0.5) is mapped."""
+    ex, ey = reference_map(t, x + 0.5, y + 0.5)
+    return ex - 0.5, ey - 0.5
+
+
 @pytest.mark.parametrize("flip", [False, True])
 def test_boxes_and_keypoints_through_a_crop_away_from_the_origin_a_resize_and_a_flip(flip):
     """Supplementary A: boxes and keypoints follow a crop away from the origin, a resize and a flip.
@@ -683,7 +734,7 @@ def test_boxes_and_keypoints_through_a_crop_away_from_the_origin_a_resize_and_a_
     src = keypoint_flip_by_name() if flip else list(range(17))
     for j in range(17):
         x, y, vis = kpts[0, src[j]].tolist()
-        ex, ey = reference_map(t, x, y)
+        ex, ey = reference_map_pixel(t, x, y)
         inside = 0 <= ex <= 50 and 0 <= ey <= 30
         assert got[j, 2] == (vis if inside else 0), j
         if inside:
@@ -790,6 +841,40 @@ def test_multiscale_augmentation_draws_every_shorter_side_flips_and_crops_half_t
     # image_size 400: every length / 2
     half = sampled_transforms(tiny_cfg(image_size=400, max_size=1333), 200)
     assert {min(t["out_size"]) for t in half} == set(range(240, 401, 16))
+
+
+def test_the_crop_draws_each_side_as_detr_does_up_to_the_images_own_side():
+    """Supplementary A: the DETR crop draws each side uniformly in [384, min(side, 600)] of the
+    image resized to a shorter side of 400, 500 or 600, as DETR's and detectron2's absolute-range
+    crop: on a 640 x 480 image a side is never kept whole by a crop, so the full height stays in
+    half of the draws (the uncropped half); drawing in [384, 600] and clipping to the side would
+    keep it in 72%. Every crop side lies within those bounds at its scale."""
+    cfg = Config(**PRESETS["r50"])
+    rng = random.Random(0)
+    ts = [data.sample_transform(640, 480, rng, cfg, augment=True) for _ in range(4000)]
+    full_height = sum(t["crop"][3] == 480 for t in ts) / len(ts)
+    assert 0.47 < full_height < 0.53
+    crops = [t["crop"] for t in ts if t["crop"] != (0.0, 0.0, 640.0, 480.0)]
+    # the resized shorter side 400..600 is 480 * s: a crop side is 384 / s .. min(side, 600 / s)
+    assert all(384 * 480 / 600 - 1e-6 <= h < 480 and 384 * 480 / 600 - 1e-6 <= w < 640
+               for _, _, w, h in crops)
+    heights = [h for _, _, _, h in crops]
+    # at s = 400 / 480 the height is drawn in [460.8, 480): a tenth of the crops or so, none above
+    assert any(460.8 <= h < 480 for h in heights) and max(heights) < 480
+
+
+def test_keypoints_are_pixel_indices_so_a_flip_maps_x_to_w_minus_1_minus_x():
+    """COCO keypoints are pixel indices (centres at +0.5, as detectron2 reads them): a flip of a
+    100-pixel-wide image maps x = 10 to 89 (not 90), and doubling the size maps pixel 10 to
+    20.5, the centre of the pixels 20 and 21 it became."""
+    kpts = torch.zeros(1, 17, 3)
+    kpts[0, :, 0], kpts[0, :, 1], kpts[0, :, 2] = 10.0, 5.0, 2.0
+    flip = data.affine(100, 50, (0.0, 0.0, 100.0, 50.0), (100, 50), flip=True)
+    out = data.transform_keypoints(kpts, flip)
+    assert out[0, :, 0].tolist() == [89.0] * 17 and out[0, :, 1].tolist() == [5.0] * 17
+    double = data.affine(100, 50, (0.0, 0.0, 100.0, 50.0), (200, 100), flip=False)
+    out = data.transform_keypoints(kpts, double)
+    assert out[0, 0, :2].tolist() == [20.5, 10.5]
 
 
 def test_lsj_augmentation_scales_by_0_3_to_2_into_a_fixed_canvas():
@@ -949,7 +1034,7 @@ def test_every_task_target_follows_each_augmentation(tmp_path, tokenizer, mode, 
             seq, weight = tg["kpt_seq"].view(-1, 17, 3)[0], tg["kpt_weight"].view(-1, 17, 3)[0]
             for j in range(17):
                 x, y, vis = kp[src[j]].tolist()
-                ex, ey = reference_map(t, x, y)
+                ex, ey = reference_map_pixel(t, x, y)
                 labelled = vis > 0 and 0 <= ex <= ow and 0 <= ey <= oh
                 assert weight[j].tolist() == ([1, 1, 1] if labelled else [0, 0, 1]), (epoch, j)
                 assert seq[j, 2] == (v.vis if labelled else v.invis)
@@ -1202,6 +1287,23 @@ def test_vit_b_attends_within_windows_except_in_its_global_blocks_and_loads_torc
     swin, ours = torchvision.models.swin_b().state_dict(), mad.SwinB().state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in swin.items()
                                                      if not k.startswith("head.")}
+
+
+def test_r50_has_the_authors_parameter_count_but_for_three_special_tokens_and_one_position():
+    """At the authors' vocabulary (80 classes, 500 bins, 11,421 caption pieces) the r50 model has
+    44,682,433 parameters; the authors' config gives 44,682,945. The 512 between them, token by
+    token: their vocabulary reserves 20 ids before the classes where this one has 17 specials
+    (3 embedding rows of 256 more), and their 506 sequence positions are one fewer than these
+    507 (the last is the AR baseline's <start>): 3 x 256 - 256 = 512."""
+    v = Vocab(80, 500, 11421, person=0)
+    model = mad.build(Config(**PRESETS["r50"]), v)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == 44_682_433
+    assert v.cls == 17 and v.size == 17 + 80 + 1 + 501 + 4 + 11421
+    assert model.seq_pos.shape == (507, 256)
+    authors_vocab, authors_positions = 20 + 80 + 501 + 4 + 11421 + 1, 506
+    assert authors_vocab - v.size == 3
+    assert count + 256 * (authors_vocab - v.size) - 256 * (507 - authors_positions) == 44_682_945
 
 
 def test_torchvision_resnet50_state_dict_loads_every_r50_backbone_tensor(tmp_path):
@@ -1693,7 +1795,8 @@ def test_one_stage_of_masked_inference_is_one_decoder_pass(monkeypatch):
                                 ("cap", model.cfg.caption_len, v.cap_prompt.expand(2, 1, 6))]:
             h = decode(torch.cat([prompt, torch.full((*prompt.shape[:2], L), v.mask_token)], -1),
                        enc)[..., 6:, :]
-            for order in (mad.random_order, mad.confidence_order):
+            orders = [mad.random_order] + ([mad.visibility_order] if task == "kpt" else [])
+            for order in orders:
                 passes.clear()
                 logits = mad.refine(model, prompt, L, enc, task, (1.0,), order)
                 assert len(passes) == 1 and (passes[0][..., 6:] == v.mask_token).all(), task
@@ -1708,14 +1811,18 @@ def test_one_stage_of_masked_inference_is_one_decoder_pass(monkeypatch):
                                              6 + model.cfg.caption_len]
 
 
-def test_keypoint_stage_2_remasks_the_36_least_confident_positions_and_keeps_the_others(
+def test_keypoint_stage_2_remasks_coordinates_by_their_keypoints_visibility_confidence(
         monkeypatch):
-    """4.1: keypoint stage 2 re-masks the 36 least confident positions and feeds back the other 15.
+    """4.1: keypoint stage 2 re-masks the coordinates of the keypoints least sure of their
+    visibility and feeds back the rest.
 
-    3.2 / 4.1: keypoints in the paper's 2 stages (--kpt-ratios 1.0,0.7; the default is one, as the
-    authors' configs): stage 2 re-masks round(0.7 * 51) = 36 positions of each sequence, the least
-    confident ones (stage 1's maximum probability), and feeds stage 1's tokens at the other 15 back
-    into the decoder."""
+    3.2 / 4.1: keypoints in 2 stages (--kpt-ratios 1.0,0.7; the default is one, as the authors'
+    configs): stage 2 re-masks round(0.7 * 51) = 36 positions of each sequence. As the authors'
+    code, a keypoint's x and y rank by the confidence of its visibility token in stage 1 (its
+    maximum probability), least confident first, and visibility tokens come last: the 34
+    coordinates of all 17 keypoints and 2 visibility tokens are re-masked. Stage 1's tokens at
+    the other positions are fed back. Checked on a hand-made confidence too: the keypoint with
+    the least sure visibility loses its coordinates first."""
     model = tiny_model(kpt_ratios=(1.0, 0.7))
     batch = random_batch(model)
     v, lo = model.vocab, model.vocab.task_range("kpt")[0]
@@ -1725,18 +1832,22 @@ def test_keypoint_stage_2_remasks_the_36_least_confident_positions_and_keeps_the
     prompt = batch["kpt_prompt"]                                                # (2, 4, 6)
     with torch.no_grad():
         enc = model.encode(batch["images"], batch["padding"])
-        mad.refine(model, prompt, 51, enc, "kpt", model.cfg.kpt_ratios, mad.confidence_order)
+        mad.refine(model, prompt, 51, enc, "kpt", model.cfg.kpt_ratios, mad.visibility_order)
         assert len(calls) == 2
         (first, h1), (second, _) = calls
-        conf, tokens = (mad.allowed(model.logits(h1[..., 6:, :], "kpt"), "kpt", v)
-                        .softmax(-1).max(-1))
+        _, tokens = mad.allowed(model.logits(h1[..., 6:, :], "kpt"), "kpt", v).softmax(-1).max(-1)
     assert (first[..., 6:] == v.mask_token).all() and torch.equal(second[..., :6], prompt)
-    remasked = second[..., 6:] == v.mask_token
-    assert (remasked.sum(-1) == 36).all()
-    most_confident_remasked = conf.masked_fill(~remasked, -1.0).max(-1).values
-    least_confident_kept = conf.masked_fill(remasked, 2.0).min(-1).values
-    assert (most_confident_remasked < least_confident_kept).all()
-    assert torch.equal(second[..., 6:][~remasked], (tokens + lo)[~remasked])
+    remasked = (second[..., 6:] == v.mask_token).unflatten(-1, (17, 3))
+    assert (remasked.flatten(-2).sum(-1) == 36).all()
+    assert remasked[..., :2].all() and (remasked[..., 2].sum(-1) == 2).all()
+    kept = ~remasked.flatten(-2)
+    assert torch.equal(second[..., 6:][kept], (tokens + lo)[kept])
+    conf = torch.full((1, 1, 51), 0.9)
+    conf[0, 0, 3 * 4 + 2] = 0.2                       # keypoint 4 least sure it is visible
+    conf[0, 0, 3 * 9 + 2] = 0.5                       # keypoint 9 next
+    conf[0, 0, 3 * 4] = 0.99                          # its own x: confident, but ranked by vis
+    first_four = mad.visibility_order(conf, None).argsort(-1)[0, 0, :4].sort().values.tolist()
+    assert first_four == [12, 13, 27, 28]
 
 
 def test_masked_inference_averages_the_logits_of_the_stages_that_re_masked_a_position(monkeypatch):
@@ -2627,9 +2738,13 @@ def test_learning_rate_schedule_at_chosen_steps():
 
     Schedules: linear warm-up (step + 1) / warmup; the paper's x0.1 from epoch lr_drop on; or a
     cosine from the end of the warm-up (and of a hold at the full rate) to 0 at the last step."""
-    step = train.TrainConfig(warmup=4, lr_drop=2, lr_schedule="step")
+    step = train.TrainConfig(warmup=4, lr_drop=(2,), lr_schedule="step")
     assert ([train.lr_factor(s, 20, 5, step) for s in (0, 1, 2, 3, 4, 9, 10, 19)]
             == [0.25, 0.5, 0.75, 1, 1, 1, 0.1, 0.1])
+    # the authors' Swin-B schedule: x0.1, then x0.01
+    two = train.TrainConfig(warmup=0, lr_drop=(2, 3), lr_schedule="step")
+    assert ([train.lr_factor(s, 20, 5, two) for s in (0, 9, 10, 14, 15, 19)]
+            == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01]))
     cos = train.TrainConfig(warmup=4, lr_schedule="cosine")
     got = [train.lr_factor(s, 14, 5, cos) for s in (3, 4, 6, 9, 14)]
     assert np.allclose(got, [1.0, 1.0, 0.5 * (1 + math.cos(math.pi * 2 / 10)), 0.5, 0.0])
@@ -2637,7 +2752,7 @@ def test_learning_rate_schedule_at_chosen_steps():
     got = [train.lr_factor(s, 17, 5, held) for s in (3, 4, 6, 7, 12, 17)]
     assert np.allclose(got, [1.0, 1.0, 1.0, 1.0, 0.5, 0.0])
     # a drop at epoch 0
-    assert train.lr_factor(0, 10, 5, train.TrainConfig(warmup=0, lr_drop=0)) == 0.1
+    assert train.lr_factor(0, 10, 5, train.TrainConfig(warmup=0, lr_drop=(0,))) == 0.1
 
 
 def test_the_demo_is_one_fixed_run_on_every_machine_and_repeats_exactly(synth, tmp_path):
@@ -3290,7 +3405,12 @@ def test_parse_args_presets_schedules_and_explicit_flags():
     augmentation."""
     cfg, tc, _ = train.parse_args(["--backbone", "r50"])
     assert ((cfg.d_model, cfg.num_bins, tc.epochs, tc.lr_drop, tc.batch_size, tc.backbone_lr)
-            == (256, 500, 50, 40, 16, 1e-5))
+            == (256, 500, 50, (40,), 16, 1e-5))
+    # the authors' recipe: plain coordinate embeddings, captions' (ensemble + new) / 2
+    assert not cfg.sine_coords and cfg.remask_average == "halve" and not cfg.sample_captions
+    cfg, tc, _ = train.parse_args(["--backbone", "swin_b"])
+    assert (tc.epochs, tc.lr_drop, tc.warmup, tc.batch_size) == (304, (203, 264), 250, 32)
+    assert train.parse_args(["--lr-drop", "3,7"])[1].lr_drop == (3, 7)
     cfg, tc, _ = train.parse_args(["--backbone", "vit_b"])
     assert (cfg.image_size, tc.epochs, tc.batch_size) == (1024, 100, 32)
     cfg, tc, _ = train.parse_args(["--demo", "--epochs", "3", "--cap-ratios", "1,0.5", "--no-amp"])
