@@ -28,11 +28,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import coco
 import data
 import evaluate
 import mad
 import runtime
-import synthetic
 from mad import MAD, PRESETS, TASKS, Config, Vocab
 
 
@@ -187,7 +187,7 @@ def flops_of(fn):
 
 
 def random_train_batch(model, B, H, W):
-    return synthetic.random_batch(model.cfg, model.vocab, B, H, W)
+    return coco.random_batch(model.cfg, model.vocab, B, H, W)
 
 
 def model_flop_utilization(preset, peak, reps):
@@ -258,7 +258,7 @@ def target_building_vs_jpeg(reps):
     import tempfile
     from PIL import Image
     with tempfile.TemporaryDirectory() as root:
-        synthetic.make_synthetic_coco(root, 4, 0, image_size=800, seed=0, aspect=1333 / 800)
+        coco.make_synthetic_coco(root, 4, 0, image_size=800, seed=0, aspect=1333 / 800)
         cfg = Config(**PRESETS["r50"])
         # quiet: keeps --json clean
         ds = evaluate.quiet(data.CocoMultiTask, root, "train2017", cfg, None, True)
@@ -446,13 +446,13 @@ def write_coco_scale(root, empty=False, counts=COCO_SCALE, files=8, size=640):
     os.makedirs(os.path.join(root, "train2017"), exist_ok=True)
     rng = random.Random(0)
     for k in range(files):
-        synthetic.draw_scene(rng, size, size)[0].save(
+        coco.draw_scene(rng, size, size)[0].save(
             os.path.join(root, "train2017", f"{k:03d}.jpg"), quality=90)
     n = counts["images"]
     images = [dict(id=i + 1, file_name=f"{i % files:03d}.jpg", width=size, height=size)
               for i in range(n)]
     source = {kind: json.load(open(os.path.join(EXCERPT, f"{kind}_val2017.json")))
-              for kind in data.FILES}
+              for kind in coco.FILES}
     for kind, count in (("instances", counts["instances"]), ("person_keypoints", counts["persons"]),
                         ("captions", counts["captions"])):
         anns = source[kind]["annotations"]

@@ -26,6 +26,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
+import coco
 import data
 import mad
 import runtime
@@ -293,7 +294,7 @@ def draw(picture, pred, categories, score_thresh, out_png, min_side=384):
         if "keypoints" in pred:
             k = pred["keypoints"][keep[pred["kpt_index"]]]
             if len(k):
-                edges = [(a - 1, b - 1) for a, b in data.SKELETON]
+                edges = [(a - 1, b - 1) for a, b in coco.SKELETON]
                 image = draw_keypoints(image, k[..., :2], connectivity=edges, colors="cyan",
                                        radius=2, width=1)
     picture = Image.fromarray(image.permute(1, 2, 0).numpy())

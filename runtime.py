@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 import torchvision
 
+import coco
 import data
 import mad
-import synthetic
 
 # -----------------------------------------------------------------------------
 # Processes. torchrun sets RANK; without it there is one process and every helper is a no-op.
@@ -391,7 +391,7 @@ def prepare_data(root):
     if root == "synthetic":
         root = SYNTHETIC["root"]
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            synthetic.ensure_synthetic_coco(root, SYNTHETIC["train"], SYNTHETIC["val"])
+            coco.ensure_synthetic_coco(root, SYNTHETIC["train"], SYNTHETIC["val"])
         barrier()
     data.check_root(root, "train2017")
     return root

@@ -193,11 +193,11 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+import coco
 import data
 import evaluate
 import mad
 import runtime
-import synthetic
 import train
 from mad import MAD, PRESETS, Config, Vocab
 
@@ -215,7 +215,7 @@ EXCERPT = os.path.join(HERE, "testdata", "coco_val2017_excerpt")
 def synth(tmp_path_factory):
     """A small synthetic COCO set: 24 train and 8 val images of 128 px."""
     root = str(tmp_path_factory.mktemp("synthetic"))
-    synthetic.make_synthetic_coco(root, 24, 8)
+    coco.make_synthetic_coco(root, 24, 8)
     return root
 
 
@@ -242,7 +242,7 @@ def tiny_model(decoder="mad", **over):
 
 def random_batch(model, B=2, size=128, n_gt=3):
     """A random, well-formed batch shaped like collate's, for model (seed 1)."""
-    return synthetic.random_batch(model.cfg, model.vocab, B, size, size, seed=1, n_gt=n_gt)
+    return coco.random_batch(model.cfg, model.vocab, B, size, size, seed=1, n_gt=n_gt)
 
 
 def spy(monkeypatch, owner, name, record, with_result=False):
@@ -445,7 +445,7 @@ def test_the_demo_vocabulary_keeps_every_synthetic_caption_whole(tmp_path):
     synthetic caption must fit whole (eos included), in about one piece per word. (sentencepiece
     0.2.3's unigram trainer made 51 nearly single-letter pieces here: 31% of the captions were
     cut.)"""
-    synthetic.make_synthetic_coco(str(tmp_path), 400, 0)
+    coco.make_synthetic_coco(str(tmp_path), 400, 0)
     path = str(tmp_path / "annotations/captions_train2017.json")
     tok = mad.CaptionTokenizer(data.train_caption_tokenizer(path, str(tmp_path / "spm"),
                                                             train.SCHEDULES["tiny"]["spm_vocab"]))
@@ -591,7 +591,7 @@ def test_training_takes_the_first_captions_as_the_authors_unless_the_preset_samp
     """3.1: the paper presets train on an image's first max_captions references, as the authors'
     code; the tiny preset (sample_captions) draws them at random from its 1-5."""
     assert not Config(**PRESETS["r50"]).sample_captions and PRESETS["tiny"]["sample_captions"]
-    ann = data.CocoAnnotations(synth, "train2017")
+    ann = coco.CocoAnnotations(synth, "train2017")
     row = max(range(len(ann)), key=lambda i: len(ann.captions(i)))
     captions = ann.captions(row)
     assert len(captions) >= 3
@@ -689,7 +689,7 @@ def test_resize_size_fits_the_shorter_side_unless_the_longer_exceeds_the_maximum
 
 def keypoint_flip_by_name():
     """Index each keypoint takes after a horizontal flip, from the COCO names (left <-> right)."""
-    names = data.KEYPOINTS
+    names = coco.KEYPOINTS
     swap = lambda n: n.replace("left", "@").replace("right", "left").replace("@", "right")
     return [names.index(swap(n)) for n in names]
 
@@ -904,7 +904,7 @@ def test_lsj_augmentation_scales_by_0_3_to_2_into_a_fixed_canvas():
 def write_coco(root, images, split="val2017"):
     """A COCO-layout set written from a hand-made description: images = list of dict(W, H,
     objects=[(category_id, polygon)], persons=[(polygon, keypoints (17, 3))], captions=[str])."""
-    cats = [dict(id=1, name="person", keypoints=data.KEYPOINTS, skeleton=data.SKELETON),
+    cats = [dict(id=1, name="person", keypoints=coco.KEYPOINTS, skeleton=coco.SKELETON),
             dict(id=3, name="circle"), dict(id=5, name="square")]
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     os.makedirs(os.path.join(root, split), exist_ok=True)
@@ -1053,12 +1053,12 @@ def test_non_square_images_keep_x_and_y_apart_in_targets_and_post_processing(tmp
     non-square image every box and keypoint target decodes to within one bin of its annotation,
     in the resized image (dataset) and in the original one (mad.to_pixels)."""
     root = tmp_path / "set"
-    synthetic.make_synthetic_coco(str(root), 1, 6, aspect=aspect)
+    coco.make_synthetic_coco(str(root), 1, 6, aspect=aspect)
     cfg = tiny_cfg()
     # the fixed evaluation resize
     ds = data.CocoMultiTask(str(root), "val2017", cfg, None, train=False)
     v = ds.vocab
-    coco = {k: load_json(root / f"annotations/{k}_val2017.json")
+    files = {k: load_json(root / f"annotations/{k}_val2017.json")
             for k in ("instances", "person_keypoints")}
     n_boxes = n_keypoints = 0
     for i in range(len(ds)):
@@ -1071,7 +1071,7 @@ def test_non_square_images_keep_x_and_y_apart_in_targets_and_post_processing(tmp
         assert ((xy - t["boxes"].view(-1, 2, 2)).abs() <= resized_bin).all()
         # ... and through post-processing to original pixels, against the annotated boxes
         px = mad.to_pixels(t["det_gt"][None, :, :4], t["orig_size"][None], v)[0].view(-1, 2, 2)
-        annotated = torch.tensor([[x, y, x + bw, y + bh] for a in coco["instances"]["annotations"]
+        annotated = torch.tensor([[x, y, x + bw, y + bh] for a in files["instances"]["annotations"]
                                   if a["image_id"] == t["image_id"]
                                   for x, y, bw, bh in [a["bbox"]]]).view(-1, 2, 2)
         assert len(px) == len(annotated) > 0
@@ -1079,7 +1079,7 @@ def test_non_square_images_keep_x_and_y_apart_in_targets_and_post_processing(tmp
             assert ((box - annotated).abs() <= orig_bin).all(-1).all(-1).any(), (box, annotated)
         n_boxes += len(px)
         # keypoints: labelled x, y tokens against the annotation of the person their prompt names
-        persons = [a for a in coco["person_keypoints"]["annotations"]
+        persons = [a for a in files["person_keypoints"]["annotations"]
                    if a["image_id"] == t["image_id"]]
         seq, weight = t["kpt_seq"].view(-1, 17, 3), t["kpt_weight"].view(-1, 17, 3)
         for p in range(len(seq)):
@@ -2379,8 +2379,8 @@ def test_synthetic_set_is_valid_coco_and_its_ground_truth_scores_ap_1(synth):
     scores AP 1."""
     for split in ("train2017", "val2017"):
         for kind in ("instances", "person_keypoints", "captions"):
-            coco = evaluate.quiet(COCO, f"{synth}/annotations/{kind}_{split}.json")
-            assert coco.getImgIds() and coco.getAnnIds(), (kind, split)
+            gt = evaluate.quiet(COCO, f"{synth}/annotations/{kind}_{split}.json")
+            assert gt.getImgIds() and gt.getAnnIds(), (kind, split)
     for kind, iou_type in (("instances", "bbox"), ("instances", "segm"),
                            ("person_keypoints", "keypoints")):
         gt = evaluate.quiet(COCO, f"{synth}/annotations/{kind}_val2017.json")
@@ -2394,7 +2394,7 @@ def test_synthetic_set_is_deterministic_and_drawn_where_annotated(tmp_path):
     """The synthetic set is the same for the same seed, and each object is drawn where it is
     annotated."""
     for name in ("a", "b"):
-        synthetic.make_synthetic_coco(str(tmp_path / name), 4, 2, seed=7)
+        coco.make_synthetic_coco(str(tmp_path / name), 4, 2, seed=7)
     for f in ("annotations/instances_train2017.json", "annotations/captions_val2017.json",
               "train2017/000000000003.jpg"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
@@ -2446,7 +2446,7 @@ def test_annotations_are_held_as_arrays_not_one_python_object_per_annotation(tmp
     import gc
     def annotated(name, copies):
         root = tmp_path / name
-        synthetic.make_synthetic_coco(str(root), 0, 6)
+        coco.make_synthetic_coco(str(root), 0, 6)
         for kind in ("instances", "captions"):
             d = load_json(root / f"annotations/{kind}_val2017.json")
             d["annotations"] = [dict(a, id=10 ** 6 * k + a["id"])
@@ -2494,8 +2494,8 @@ def test_coco_ap_equals_cocoeval_on_a_hand_built_case_restricted_to_the_evaluate
     (an annotated image that was not evaluated does not count as missed), for boxes and keypoints;
     no results give 0."""
     gt = dict(images=[dict(id=i, width=100, height=80) for i in (1, 2, 3)],
-              categories=[dict(id=1, name="person", keypoints=data.KEYPOINTS,
-                               skeleton=data.SKELETON), dict(id=7, name="box")],
+              categories=[dict(id=1, name="person", keypoints=coco.KEYPOINTS,
+                               skeleton=coco.SKELETON), dict(id=7, name="box")],
               annotations=[])
     def add(image_id, cat, box, kp=None):
         a = dict(id=len(gt["annotations"]) + 1, image_id=image_id, category_id=cat, bbox=box,
@@ -2518,8 +2518,8 @@ def test_coco_ap_equals_cocoeval_on_a_hand_built_case_restricted_to_the_evaluate
               dict(image_id=2, category_id=7, bbox=[8, 8, 40, 40], score=0.6)],   # IoU 0.52
         keypoints=[dict(image_id=1, category_id=1, keypoints=kp(56, 21), score=0.7)])
     for iou_type, file in (("bbox", path), ("keypoints", kp_path)):
-        coco = evaluate.quiet(COCO, str(file))
-        ev = COCOeval(coco, evaluate.quiet(coco.loadRes, results[iou_type]), iou_type)
+        gt = evaluate.quiet(COCO, str(file))
+        ev = COCOeval(gt, evaluate.quiet(gt.loadRes, results[iou_type]), iou_type)
         ev.params.imgIds = [1, 2]
         for step in (ev.evaluate, ev.accumulate, ev.summarize):
             evaluate.quiet(step)
@@ -3309,7 +3309,7 @@ def test_two_nodes_generate_their_data_share_out_or_say_which_path_is_not_shared
     def copy_code(name):
         d = tmp_path / name
         d.mkdir()
-        for f in ("mad.py", "data.py", "train.py", "evaluate.py", "runtime.py", "synthetic.py"):
+        for f in ("mad.py", "data.py", "train.py", "evaluate.py", "runtime.py", "coco.py"):
             shutil.copy(os.path.join(HERE, f), d / f)
         (d / "small.py").write_text(SMALL_SYNTHETIC.format(here=str(d)))
         return d
@@ -3463,7 +3463,7 @@ def test_readme_quick_start_then_evaluation_commands_work_in_a_fresh_copy(tmp_pa
     assert "python train.py --demo" in readme and "python evaluate.py runs/demo/last.pt" in readme
     clone = tmp_path / "clone"
     clone.mkdir()
-    for f in ("mad.py", "data.py", "train.py", "evaluate.py", "runtime.py", "synthetic.py"):
+    for f in ("mad.py", "data.py", "train.py", "evaluate.py", "runtime.py", "coco.py"):
         shutil.copy(os.path.join(HERE, f), clone / f)
     run([sys.executable, "train.py", "--demo", "--max-steps", "2", "--device", "cpu"], cwd=clone)
     assert (clone / "data/synthetic/annotations/captions_val2017.json").exists()
@@ -3485,7 +3485,7 @@ def test_tiny_model_learns_all_four_tasks_on_eight_images(tmp_path):
     The whole method end to end: train.py overfits 8 synthetic images (no augmentation) and
     evaluate.py scores them. Catches what shape tests cannot: a model that ignores the image."""
     root = str(tmp_path / "eight")
-    synthetic.make_synthetic_coco(root, 8, 1, seed=5)
+    coco.make_synthetic_coco(root, 8, 1, seed=5)
     train.main(run_args(root, tmp_path / "run", "--no-augment", "--max-steps", "170",
                         "--epochs", "170", "--lr-drop", "170",
                         "--lr", "1e-3", "--backbone-lr", "1e-3"))
@@ -3950,7 +3950,7 @@ def test_grayscale_rgba_palette_and_tiny_images_become_rgb_samples(tmp_path, tok
     """Grayscale, RGBA, palette and tiny images become RGB samples; a tiny image is upscaled like
     any."""
     root = tmp_path / "modes"
-    synthetic.make_synthetic_coco(str(root), 1, 4)
+    coco.make_synthetic_coco(str(root), 1, 4)
     d = load_json(root / "annotations/instances_val2017.json")
     src = Image.open(root / "val2017/000000000001.jpg")
     src.convert("L").save(root / "val2017/000000000001.jpg")
