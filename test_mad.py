@@ -1,4 +1,4 @@
-"""Tests of MAD, all on CPU:  python -m pytest -q test_mad.py   (about 5 minutes on 2 cores)
+"""Tests of MAD, all on CPU:  python -m pytest -q test_mad.py   (about 8 minutes on 2 cores)
 
 Claim -> test, section by section, in the order of the file.
 
