@@ -24,6 +24,7 @@ Claim -> test, section by section, in the order of the file.
       test_resize_size_fits_the_shorter_side_unless_the_longer_exceeds_the_maximum,
       test_boxes_and_keypoints_through_a_crop_away_from_the_origin_a_resize_and_a_flip,
       test_mask_targets_through_a_crop_away_from_the_origin_and_a_flip_by_hand,
+      test_mask_targets_sample_the_original_mask_at_sub_pixel_positions,
       test_a_box_cut_by_a_crop_is_clipped_to_the_crop_and_keeps_every_visible_pixel
   augmentation: test_augmentation_is_deterministic_per_epoch_and_index,
       test_the_crop_draws_each_side_as_detr_does_up_to_the_images_own_side,
@@ -64,7 +65,8 @@ Claim -> test, section by section, in the order of the file.
   caption loss, best reference, cap_full_word:
       test_caption_loss_picks_each_layers_best_reference_by_mean_nll_and_perturbs_one_visible_token,
       test_cap_full_word_shows_one_random_word_in_the_fully_masked_copy_and_trains_the_rest
-  AdamW groups: test_adamw_groups_lower_the_backbone_lr_and_spare_normalization_from_weight_decay
+  AdamW groups: test_adamw_groups_lower_the_backbone_lr_and_spare_normalization_from_weight_decay,
+      test_a_run_at_the_paper_presets_learning_rates_keeps_the_backbone_ten_times_lower
 
 3.2 / 4.1 Masked inference and post-processing
   one stage = one pass: test_one_stage_of_masked_inference_is_one_decoder_pass
@@ -777,6 +779,57 @@ def test_mask_targets_through_a_crop_away_from_the_origin_and_a_flip_by_hand(fli
     expected = torch.zeros(6, 6, dtype=torch.bool)
     expected[:, 3:] = True
     assert keep.all() and torch.equal(grid, expected.flip(-1) if flip else expected)
+
+
+def grid_by_bilinear_samples(mask, box, M):
+    """A reference for mask_in_boxes: each of the M x M cells of `box` (original pixels; pixel i
+    covers [i, i + 1)) averages 2 x 2 bilinear samples of the mask at the cell's quarter points,
+    and is fg from 0.5 on. Returns (grid, cells within 1e-4 of the threshold)."""
+    H, W = mask.shape
+    x0, y0, x1, y1 = box
+    quarter = (np.arange(2 * M) + 0.5) / (2 * M)
+    xs = x0 + quarter * (x1 - x0) - 0.5                    # in pixel-centre coordinates
+    ys = y0 + quarter * (y1 - y0) - 0.5
+
+    def weights(v, n):                                     # (len(v), n) bilinear weights
+        v = np.clip(v, 0, n - 1)
+        lo = np.minimum(np.floor(v).astype(int), n - 2)
+        w = np.zeros((len(v), n))
+        w[np.arange(len(v)), lo] = 1 - (v - lo)
+        w[np.arange(len(v)), lo + 1] = v - lo
+        return w
+    samples = weights(ys, H) @ mask.astype(np.float64) @ weights(xs, W).T
+    cells = samples.reshape(M, 2, M, 2).mean((1, 3))
+    return cells >= 0.5, np.abs(cells - 0.5) < 1e-4
+
+
+@pytest.mark.parametrize("flip", [False, True], ids=["plain", "flipped"])
+def test_mask_targets_sample_the_original_mask_at_sub_pixel_positions(flip):
+    """3.1: a mask target samples the original-resolution mask at the cell centres of its box.
+
+    A slanted polygon in a box with fractional corners on a non-square image, through a crop
+    and a resize by 0.7 (and a flip): the 12 x 12 target equals bilinear samples of the original
+    mask, 2 x 2 per cell, at the box's own sub-pixel positions (a half-pixel shift, a box
+    rounded to whole pixels or a cell read from the wrong side differs in many cells)."""
+    H, W = 60, 90
+    polygons = [[[21.3, 12.7, 47.9, 15.2, 40.6, 41.4, 24.8, 33.1]],
+                [[30.2, 40.1, 38.0, 40.4, 37.5, 47.9, 30.6, 46.0]],    # 0.65 px cells
+                [[27.29, 11.74, 30.99, 13.08, 30.83, 15.03, 28.04, 14.58]],  # tiny ones
+                [[24.03, 28.38, 40.9, 29.68, 32.74, 31.42, 28.13, 30.17]],
+                [[34.93, 27.02, 42.32, 26.53, 38.65, 31.89, 36.52, 31.14]]]
+    boxes = [(20.6, 11.9, 48.7, 42.3), (30.2, 40.1, 38.0, 47.9), (27.29, 11.74, 30.99, 15.03),
+             (24.03, 28.38, 40.9, 31.42), (34.93, 26.53, 42.32, 31.89)]
+    t = data.affine(W, H, (5.0, 3.0, 70.0, 50.0), (49, 35), flip)
+    augmented, keep = data.transform_boxes(torch.tensor(boxes), t)
+    got = data.mask_in_boxes(polygons, augmented, H, W, t, 12).numpy()
+    assert keep.all()
+    for polygon, box, grid in zip(polygons, boxes, got):
+        mask = data.decode_segmentation(polygon, H, W)
+        expected, near = grid_by_bilinear_samples(mask, box, 12)
+        expected = expected[:, ::-1] if flip else expected
+        near = near[:, ::-1] if flip else near
+        assert 10 < expected.sum() < 144 and near.sum() <= 2
+        assert (grid == expected)[~near].all()
 
 
 def test_a_box_cut_by_a_crop_is_clipped_to_the_crop_and_keeps_every_visible_pixel():
@@ -1773,6 +1826,29 @@ def test_adamw_groups_lower_the_backbone_lr_and_spare_normalization_from_weight_
             elif p.dim() > 1:
                 assert g["weight_decay"] == 0.05
     assert norms and any(g["weight_decay"] == 0.0 for g in groups)
+
+
+def test_a_run_at_the_paper_presets_learning_rates_keeps_the_backbone_ten_times_lower(
+        synth, tmp_path):
+    """Supplementary A: at r50's rates (1e-4, backbone 1e-5) every step schedules each group.
+
+    The tiny preset trains both at one rate, which would hide a schedule that sets one rate for
+    all groups. A run with the r50 preset's two rates, through the warm-up (2 steps) and the x0.1
+    drop at epoch 1 (step 3): after step 4 the backbone's groups are at 1e-6 and the others at
+    1e-5, and after step 1 (half the warm-up) at 5e-6 and 5e-5."""
+    _, r50, _ = train.parse_args(["--backbone", "r50"])
+    assert (r50.lr, r50.backbone_lr) == (1e-4, 1e-5)
+    rates = ["--lr", str(r50.lr), "--backbone-lr", str(r50.backbone_lr), "--warmup", "2"]
+    model = tiny_model()
+    in_backbone = {id(p) for p in model.backbone.parameters()}
+    kinds = [id(g["params"][0]) in in_backbone for g in model.param_groups(1, 1, 0)]
+    assert True in kinds and False in kinds
+    for steps, factor in ((1, 0.5), (4, 0.1)):
+        out = tmp_path / str(steps)
+        train.main(run_args(synth, out, "--max-steps", str(steps), *rates))
+        ckpt = torch.load(out / "last.pt", weights_only=True)
+        expected = [(1e-5 if backbone else 1e-4) * factor for backbone in kinds]
+        assert lrs(ckpt) == pytest.approx(expected, rel=1e-9)
 
 
 # =============================================================================
