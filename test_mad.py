@@ -165,6 +165,7 @@ Bad input
   annotations checked when read:
       test_annotations_of_the_wrong_type_are_refused_when_read_naming_file_id_and_field,
       test_unusable_masks_are_dropped_and_counted_when_read_and_uncompressed_rle_is_read,
+      test_an_rle_is_kept_at_its_non_square_images_size_when_its_runs_cover_the_image,
       test_non_finite_keypoints_are_refused_when_read,
       test_evaluation_refuses_repeated_annotation_ids_before_predicting
   weights-only checkpoints:
@@ -183,6 +184,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -3628,6 +3630,8 @@ def test_missing_annotation_file_disables_its_task_with_one_line(
     ("not_coco", r"instances_val2017.json: not a COCO instances file: no list 'annotations'"),
     ("no_bbox", r"instances_val2017.json: annotation \d+ has no field 'bbox'"),
     ("unknown_image", r"captions_val2017.json: annotation \d+ refers to image_id 4242"),
+    ("zero_height", r"instances_val2017.json: image entry .* lacks an integer id, a positive width "
+                    r"and height"),
 ])
 def test_bad_annotation_files_name_the_file_and_field(synth, tokenizer, tmp_path, case, match):
     """Bad annotation files (not JSON, not COCO, a missing field, an unknown id) raise errors naming
@@ -3644,6 +3648,9 @@ def test_bad_annotation_files_name_the_file_and_field(synth, tokenizer, tmp_path
         path.write_text(json.dumps({"images": []}))
     elif case == "no_bbox":
         del d["annotations"][0]["bbox"]
+        path.write_text(json.dumps(d))
+    elif case == "zero_height":
+        d["images"][0]["height"] = 0
         path.write_text(json.dumps(d))
     else:
         path = root / "annotations/captions_val2017.json"
@@ -3730,12 +3737,16 @@ def test_unusable_masks_are_dropped_and_counted_when_read_and_uncompressed_rle_i
             value = pixel
         runs[-1] += 1
     anns[4]["segmentation"] = dict(size=[H, W], counts=runs)
+    anns[5]["segmentation"] = [[10, 10, 30, 10, 30, 30, 10]]   # an odd number of values
+    anns[6]["segmentation"] = [[10, 10, 30, 10, float("nan"), 30]]   # JSON's NaN
+    kept = anns[7]["segmentation"][0]
+    anns[7]["segmentation"] = [kept, [1, 2, 3, 4]]           # one polygon of two usable
     path.write_text(json.dumps(d))
     ds = data.CocoMultiTask(str(root), "val2017", tiny_cfg(), tokenizer, train=True)
     out = capsys.readouterr().out
-    assert "val2017: 4 objects lost a mask or part of one" in out
-    assert f"annotation {anns[3]['id']}" in out and ds.ann.bad_masks == 4
-    for a in anns[:5]:
+    assert "val2017: 7 objects lost a mask or part of one" in out
+    assert f"annotation {anns[3]['id']}" in out and ds.ann.bad_masks == 7
+    for a in anns[:8]:
         row = ds.ann.row(a["image_id"])
         boxes, _, segs = ds.ann.objects(row)
         k = [b.tolist() for b in boxes].index(
@@ -3744,6 +3755,8 @@ def test_unusable_masks_are_dropped_and_counted_when_read_and_uncompressed_rle_i
             assert segs[k] == anns[4]["segmentation"]
             decoded = data.decode_segmentation(segs[k], H, W)
             assert np.array_equal(decoded, mask)
+        elif a is anns[7]:
+            assert len(segs[k]) == 1 and segs[k][0].tolist() == kept
         else:
             assert segs[k] is None                           # the box stays, without a mask
     for i in range(len(ds)):
@@ -3753,8 +3766,35 @@ def test_unusable_masks_are_dropped_and_counted_when_read_and_uncompressed_rle_i
     evaluate.check_ground_truth(ds.ann, ("det",))            # boxes alone are scored
 
 
+def test_an_rle_is_kept_at_its_non_square_images_size_when_its_runs_cover_the_image(
+        tmp_path, tokenizer, capsys):
+    """An RLE mask is kept when its size is its image's [height, width] and its runs cover
+    height x width pixels (compressed counts decoded as pycocotools does); on a 200 x 120 image
+    an RLE of size [200, 120] is dropped and counted, and one that fits is read unchanged."""
+    H, W = 120, 200
+    root = write_coco(str(tmp_path / "set"), [dict(W=W, H=H, objects=[
+        (3, rect(20, 30, 90, 100)), (5, rect(110, 10, 180, 60))])])
+    path = Path(root) / "annotations/instances_val2017.json"
+    d = load_json(path)
+    fits = np.zeros((H, W), np.uint8)
+    fits[30:100, 20:90] = np.random.default_rng(0).random((70, 70)) < 0.5   # many runs
+    d["annotations"][0]["segmentation"] = rle_of(fits)
+    d["annotations"][1]["segmentation"] = rle_of(np.ones((W, H)))          # [width, height]
+    path.write_text(json.dumps(d))
+    ds = data.CocoMultiTask(root, "val2017", tiny_cfg(), tokenizer, train=False)
+    assert "1 objects lost a mask" in capsys.readouterr().out and ds.ann.bad_masks == 1
+    _, labels, segs = ds.ann.objects(0)
+    first, second = segs[list(labels).index(1)], segs[list(labels).index(2)]
+    assert np.array_equal(data.decode_segmentation(first, H, W), fits) and second is None
+    # the runs' total, by hand for run lengths; a cut string covers fewer pixels
+    rle = rle_of(fits)
+    assert coco.rle_pixels(rle) == H * W == coco.rle_pixels(dict(counts=[5, H * W - 5]))
+    assert coco.rle_pixels(dict(rle, counts=rle["counts"][:-4])) not in (H * W,)
+
+
 @pytest.mark.parametrize("field,value,expected", [
     ("bbox", ["10", 20, 30, 40], "numbers"),
+    ("bbox", [10, None, 30, 40], "numbers"),
     ("bbox", None, r"\[x, y, width, height\]"),
     ("bbox", [1, 2, 3], r"\[x, y, width, height\]"),
     ("image_id", "3", "an integer"),
@@ -3768,6 +3808,7 @@ def test_unusable_masks_are_dropped_and_counted_when_read_and_uncompressed_rle_i
     ("segmentation", "a string", "polygons"),
     ("keypoints", None, "17 x 3 numbers"),
     ("keypoints", [0] * 50 + ["2"], "numbers"),
+    ("keypoints", [0] * 50 + [None], "numbers"),
     ("caption", None, "a string"),
 ])
 def test_annotations_of_the_wrong_type_are_refused_when_read_naming_file_id_and_field(
@@ -3838,12 +3879,17 @@ def test_evaluation_refuses_repeated_annotation_ids_before_predicting(synth, tmp
     (["--cap-ratios", "1,0"], r"--cap-ratios 1.0,0.0: ratios must be in \(0, 1\]"),
     (["--device", "cuda:99"], "--device cuda:99: "),
     (["--device", "tpu"], "--device tpu: "),
+    (["--device", "cuda"], "--device cuda: no CUDA GPU is visible here; use --device cpu"),
+    (["--batch-size", "6", "--accum-steps", "4"],
+     "--batch-size 6 is not divisible by --accum-steps 4"),
 ])
 def test_impossible_flags_stop_at_once_naming_the_flag_and_its_range_or_choices(
         tmp_path, flags, message, monkeypatch):
     """Every flag is checked before any data is read or generated: a COCO root that does not
-    exist is never looked at, and nothing is written."""
+    exist is never looked at, and nothing is written (on a host seen as without GPUs)."""
     read = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setattr(runtime, "prepare_data", lambda root: read.append(root))
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match=message):
@@ -3852,13 +3898,14 @@ def test_impossible_flags_stop_at_once_naming_the_flag_and_its_range_or_choices(
 
 
 def test_evaluate_py_checks_out_and_its_flags_before_predicting(trained, tmp_path):
-    """--out that is a file, or a folder that cannot be written, and impossible flags stop
-    evaluate.py before it predicts anything."""
+    """--out that is a file, or a folder that cannot be written (Linux's /proc), and impossible
+    flags stop evaluate.py before it predicts anything."""
     ckpt = str(trained)
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     cases = [(["--out", str(a_file)], f"--out {a_file}: cannot write there"),
              (["--out", str(a_file / "sub")], f"--out {a_file / 'sub'}: cannot write there"),
+             (["--out", "/proc"], "--out /proc: cannot write there"),      # even as root
              (["--batch-size", "0"], "--batch-size must be >= 1"),
              (["--score-thresh", "2"], "--score-thresh must be in [0, 1]")]
     for flags, message in cases:
@@ -3907,20 +3954,25 @@ def test_own_images_are_turned_upright_by_exif_and_found_in_sub_folders(trained,
         assert picture.size[1] > picture.size[0]
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("PytorchStreamWriter failed writing file")],
+                         ids=["OSError", "RuntimeError"])
 def test_a_failed_save_removes_its_temporary_file_and_says_how_much_space_it_needs(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, error):
     """A save that fails (a full disk) removes its partial temporary file, which would keep the
-    disk full, and says how much space a save needs; the previous checkpoint stays."""
+    disk full, and says how much space a save needs; the previous checkpoint stays. torch.save
+    reports a full disk as an OSError or, from its zip writer, as a RuntimeError."""
     path = str(tmp_path / "last.pt")
     runtime.save_checkpoint(path, dict(step=1, w=torch.ones(3)))
 
     def disk_full(obj, f):
         f.write(b"x" * 1000)
-        raise OSError(28, "No space left on device")
+        raise error
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(SystemExit, match=r"could not save .*last.pt \(OSError: \[Errno 28\] No "
-                                         r"space left on device\); a save needs about 4 MB free "
-                                         r"in .*; .*last.pt still holds the previous save"):
+    said = re.escape(f"{type(error).__name__}: {error}")
+    with pytest.raises(SystemExit, match=rf"could not save .*last.pt \({said}\); a save needs "
+                                         rf"about 4 MB free in .*; .*last.pt still holds the "
+                                         rf"previous save"):
         runtime.save_checkpoint(path, dict(step=2, w=torch.ones(2 ** 20)))
     assert not os.path.exists(path + ".tmp")
     assert torch.load(path, weights_only=True)["step"] == 1
