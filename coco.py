@@ -100,12 +100,38 @@ class CocoAnnotations:
 
     def __init__(self, root, split, captions=True, categories=None):
         self.root, self.split, self.files = root, split, {}
+        self.bad_masks, self.bad_mask_example = 0, None     # masks dropped (polygons, RLEs)
+        self.dropped = 0                                     # crowd, empty, out-of-image boxes
+        obj, per, cap, text, images, cats = self.read_files(captions)
+        self.categories = self.read_categories(cats, categories)
+        self.person = next((i for i, c in enumerate(self.categories) if c["name"] == "person"), -1)
+        order = sorted(images)                                    # the images, by id
+        self.image_ids = np.array(order, dtype=np.int64)
+        self.width = np.array([images[i][2] for i in order], dtype=np.int64)
+        self.height = np.array([images[i][3] for i in order], dtype=np.int64)
+        self.file_names = np.array([images[i][1].encode() for i in order], dtype=bytes)
+        self.index_objects(obj.numpy())
+        self.index_persons(per)
+        self.duplicate_ids = {kind: repeated(c.numpy()["ann"]) for kind, c in
+                              (("instances", obj), ("person_keypoints", per)) if kind in self.files}
+        if self.dropped:
+            print(f"{split}: {self.dropped} crowd, empty or out-of-image boxes dropped")
+        if self.bad_masks:
+            print(f"{split}: {self.bad_masks} objects lost a mask or part of one (polygons of "
+                  f"fewer than 3 points, RLEs that do not fit their image), e.g. annotation "
+                  f"{self.bad_mask_example}; their boxes stay")
+        self.index_captions(cap.numpy(), text)
+        self.tasks = tuple(t for kind in self.files for t in FILES[kind])
+
+    def read_files(self, captions):
+        """Read the split's annotation files, checking each annotation as it comes: -> columns of
+        objects, persons and captions, the caption text, the images {id: (id, file_name, width,
+        height)} and each file's categories. The RLEs go to self.rles."""
         obj = Columns(ann="q", image="q", cat="q", crowd="b", box="d", polys="i", poly_len="i",
                       coords="d", rle="i")
         per = Columns(ann="q", image="q", cat="q", crowd="b", box="d", kpts="f")
         cap = Columns(ann="q", image="q", start="q")
-        text, rles, images, cats = bytearray(), [], {}, {}
-        self.bad_masks, self.bad_mask_example = 0, None     # masks dropped (polygons, RLEs)
+        text, images, cats, self.rles = bytearray(), {}, {}, []
 
         def add_object(a, path):
             add_box(obj, a, path)
@@ -118,9 +144,9 @@ class CocoAnnotations:
             for p in polygons:
                 obj.coords.extend(p)
                 obj.poly_len.append(len(p))
-            obj.rle.append(len(rles) if isinstance(seg, dict) else -1)
+            obj.rle.append(len(self.rles) if isinstance(seg, dict) else -1)
             if isinstance(seg, dict):
-                rles.append(check_rle(seg, a, path))
+                self.rles.append(check_rle(seg, a, path))
             elif seg is not None and not is_list(seg):
                 raise field_error(path, a, "segmentation", "polygons (a list) or an RLE (a dict)")
 
@@ -139,15 +165,14 @@ class CocoAnnotations:
             cap.start.append(len(text))
             text.extend(a["caption"].encode())
 
-
         add = dict(instances=add_object, person_keypoints=add_person, captions=add_caption)
         for kind, tasks in FILES.items():
-            path = os.path.join(root, "annotations", f"{kind}_{split}.json")
+            path = os.path.join(self.root, "annotations", f"{kind}_{self.split}.json")
             if not os.path.exists(path):
-                print(f"{path} not found: {'/'.join(tasks)} disabled for {split}")
+                print(f"{path} not found: {'/'.join(tasks)} disabled for {self.split}")
                 continue
             if kind == "captions" and not captions:
-                print(f"no caption tokenizer: cap disabled for {split}")
+                print(f"no caption tokenizer: cap disabled for {self.split}")
                 continue
             ims, file_cats = read_coco_json(path, kind, partial(add[kind], path=path))
             for im in ims:
@@ -155,27 +180,23 @@ class CocoAnnotations:
             cats.setdefault("instances" if kind == "instances" else kind, file_cats)
             self.files[kind] = path
         if not self.files:
-            raise FileNotFoundError(f"no annotation files for split '{split}' under "
-                                    f"{root}/annotations")
-        self.categories = self.read_categories(cats, categories)
-        self.person = next((i for i, c in enumerate(self.categories) if c["name"] == "person"), -1)
+            raise FileNotFoundError(f"no annotation files for split '{self.split}' under "
+                                    f"{self.root}/annotations")
+        return obj, per, cap, text, images, cats
 
-        order = sorted(images)                                    # the images, by id
-        self.image_ids = np.array(order, dtype=np.int64)
-        self.width = np.array([images[i][2] for i in order], dtype=np.int64)
-        self.height = np.array([images[i][3] for i in order], dtype=np.int64)
-        self.file_names = np.array([images[i][1].encode() for i in order], dtype=bytes)
-        del images
-        self.dropped = 0
-        cols = obj.numpy()
-        cols["rle"] = self.usable_rles(cols, rles)
+    def index_objects(self, cols):
+        """Objects grouped by image: boxes, labels, and where each one's polygons or RLE are."""
+        cols["rle"] = self.usable_rles(cols, self.rles)
         o = self.merge("instances", cols)
         self.obj_start, self.obj_box, self.obj_label = o["start"], o["box"], o["label"]
         first = np.concatenate([[0], np.cumsum(cols["polys"])])
         # object n's polygons: obj_poly[n] = (first, end); polygon k: coords[poly_start[k]:..]
         self.obj_poly = np.stack([first[:-1], first[1:]], 1)[o["keep"]]
         self.poly_start = np.concatenate([[0], np.cumsum(cols["poly_len"])])
-        self.coords, self.obj_rle, self.rles = cols["coords"], cols["rle"][o["keep"]], rles
+        self.coords, self.obj_rle = cols["coords"], cols["rle"][o["keep"]]
+
+    def index_persons(self, per):
+        """Persons grouped by image: boxes and keypoints (p, 17, 3), which must be finite."""
         p = self.merge("person_keypoints", per.numpy(), keypoints=True)
         self.person_start, self.person_box = p["start"], p["box"]
         kpts = per.numpy()["kpts"].reshape(-1, NUM_KEYPOINTS, 3)
@@ -184,22 +205,15 @@ class CocoAnnotations:
             raise ValueError(f"{self.files['person_keypoints']}: annotation {per.ann[k]}: "
                              f"'keypoints' holds a value that is not a finite number")
         self.person_kpts = kpts[p["keep"]]
-        self.duplicate_ids = {kind: repeated(c.numpy()["ann"]) for kind, c in
-                              (("instances", obj), ("person_keypoints", per)) if kind in self.files}
-        if self.dropped:
-            print(f"{split}: {self.dropped} crowd, empty or out-of-image boxes dropped")
-        if self.bad_masks:
-            print(f"{split}: {self.bad_masks} objects lost a mask or part of one (polygons of "
-                  f"fewer than 3 points, RLEs that do not fit their image), e.g. annotation "
-                  f"{self.bad_mask_example}; their boxes stay")
-        c = cap.numpy()
+
+    def index_captions(self, c, text):
+        """Captions grouped by image: spans of their UTF-8 bytes in one array."""
         rows = self.rows(c["image"], c["ann"], "captions")
         order = np.argsort(rows, kind="stable")
         ends = np.append(c["start"][1:], len(text))[: len(c["start"])].astype(np.int64)
         self.cap_start = np.searchsorted(rows[order], np.arange(len(self.image_ids) + 1))
         self.cap_span = np.stack([c["start"], ends], 1)[order]
         self.text = np.frombuffer(bytes(text), dtype=np.uint8)
-        self.tasks = tuple(t for kind in self.files for t in FILES[kind])
 
     def usable_rles(self, cols, rles):
         """The RLE index column, -1 where an RLE does not fit its image (its size is not the
@@ -216,7 +230,8 @@ class CocoAnnotations:
         return rle
 
     def read_categories(self, cats, categories):
-
+        """The categories sorted by COCO id (instances', else person_keypoints'); a checkpoint's
+        must equal the dataset's own."""
         src = cats.get("instances") or cats.get("person_keypoints") or []
         own = sorted(({"id": c["id"], "name": c["name"]} for c in src), key=lambda c: c["id"])
         if categories is None:

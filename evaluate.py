@@ -290,7 +290,9 @@ def draw(picture, pred, categories, score_thresh, out_png, min_side=384):
                 image = draw_segmentation_masks(image, m, alpha=0.4)
         kept = zip(pred["labels"][keep].tolist(), pred["scores"][keep].tolist())
         names = [f"{categories[l]['name']} {s:.2f}" for l, s in kept]
-        image = draw_bounding_boxes(image, pred["boxes"][keep], names, colors="yellow", width=2)
+        if names:
+            image = draw_bounding_boxes(image, pred["boxes"][keep], names, colors="yellow",
+                                        width=2)
         if "keypoints" in pred:
             k = pred["keypoints"][keep[pred["kpt_index"]]]
             if len(k):
@@ -390,7 +392,6 @@ def check_ground_truth(ann, tasks):
                          f"'segmentation' has a polygon of fewer than 3 points or an RLE that "
                          f"does not fit its image ({ann.bad_masks} such objects); COCOeval "
                          f"cannot score masks against them: fix or remove them")
-
 
 
 def main():

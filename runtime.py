@@ -344,7 +344,6 @@ def set_rng_state(state, device):
     n = state["numpy"]
     np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["gauss"]))
-
     random.setstate(state["python"])
 
 
@@ -437,7 +436,6 @@ def read_tokenizer(path):
         raise SystemExit(f"{path}: its special ids are {ids}; MAD's caption rows need "
                          f"{expected} (as T5's and the authors' tokenizer)")
     return tokenizer
-
 
 
 IMAGENET_WEIGHTS = {"r50": "ResNet50_Weights", "swin_b": "Swin_B_Weights",

@@ -171,7 +171,6 @@ def check_choice(name, value, choices):
         raise SystemExit(f"{runtime.flag(name)} {value}: choose one of {allowed}")
 
 
-
 # -----------------------------------------------------------------------------
 # Training: 3.4 task-mixed sampling, every image trains all the tasks it has
 
