@@ -101,7 +101,7 @@ class CocoAnnotations:
     def __init__(self, root, split, captions=True, categories=None):
         self.root, self.split, self.files = root, split, {}
         self.bad_masks, self.bad_mask_example = 0, None     # masks dropped (polygons, RLEs)
-        self.dropped = 0                                     # crowd, empty, out-of-image boxes
+        self.dropped = 0                    # crowd, empty, out-of-image boxes of both box files
         obj, per, cap, text, images, cats = self.read_files(captions)
         self.categories = self.read_categories(cats, categories)
         self.person = next((i for i, c in enumerate(self.categories) if c["name"] == "person"), -1)
@@ -115,7 +115,8 @@ class CocoAnnotations:
         self.duplicate_ids = {kind: repeated(c.numpy()["ann"]) for kind, c in
                               (("instances", obj), ("person_keypoints", per)) if kind in self.files}
         if self.dropped:
-            print(f"{split}: {self.dropped} crowd, empty or out-of-image boxes dropped")
+            print(f"{split}: {self.dropped} crowd, empty or out-of-image boxes dropped "
+                  f"(instances and person_keypoints files counted apart)")
         if self.bad_masks:
             print(f"{split}: {self.bad_masks} objects lost a mask or part of one (polygons of "
                   f"fewer than 3 points, RLEs that do not fit their image), e.g. annotation "

@@ -5,7 +5,8 @@ all four tasks that its split has (instances -> detection + segmentation, person
 keypoints, captions -> captioning), built after augmentation as tokens of mad.Vocab:
   COCO's annotations (coco.py reads the three files, checked and merged per image)  ->
   augmentation (flip, multi-scale, crop, LSJ)  ->  the task sequences  ->  collate (pad to a
-  multiple of 32, True at padding). Images stay uint8 up to the model, which normalizes them.
+  multiple of the stride or more, True at padding). Images stay uint8 up to the model, which
+  normalizes them.
 Also: training the SentencePiece caption model.
 """
 import io
@@ -328,7 +329,7 @@ def decode_segmentation(segm, H, W):
 # Batching
 
 def collate(samples, multiple=32):
-    """Pad the uint8 images to a multiple of 32 (the stride; padding True at padding), stack the
+    """Pad the uint8 images to a `multiple` (of the stride 32; padding True at padding), stack the
     targets, and trim the segmentation/keypoint rows that are padding in every image of the
     batch."""
     images, targets = zip(*samples)

@@ -422,7 +422,7 @@ class MAD(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
         # the ablation variants, chosen once here (each dict lists the choices; the defaults:
         # one partly masked copy at mask_ratio, one random word in the fully masked caption,
-        # a running mean over caption stages, p(class) over every detection token)
+        # halving over caption stages (tiny: a running mean), p(class) over every detection token)
         self.partial_masks = partial(PARTIAL_MASKS[cfg.mask_strategy], ratio=cfg.mask_ratio)
         self.fully_masked_caption = FULL_CAPTION_COPIES[cfg.cap_full_word]
         self.ensemble_weight = ENSEMBLE_WEIGHTS[cfg.remask_average]
@@ -874,9 +874,9 @@ def segment(model, det, memory, boxes, sizes):
 
 
 def person_keypoints(model, det, memory, orig_sizes):
-    """Keypoints of K detections (K = seg_topk), persons first by score; kpt_is_person marks
-    the persons, the only ones predict keeps. Decoding a fixed K keeps every batch's shapes
-    equal, whatever its number of persons."""
+    """Keypoints of K detections (K = seg_topk, at most Q), persons first by score;
+    kpt_is_person marks the persons, the only ones predict keeps. Decoding a fixed K keeps every
+    batch's shapes equal, whatever its number of persons."""
     v, K = model.vocab, min(model.cfg.seg_topk, det["scores"].shape[1])
     is_person = det["labels"] == v.person                             # (B, Q), sorted by score
     index = (~is_person).float().argsort(dim=-1, stable=True)[:, :K]  # persons first, by score

@@ -101,7 +101,7 @@ def broadcast(obj):
 
 
 def all_reduce_mean(x):
-    """A tensor averaged over the ranks (itself without DDP): the loss normalizers."""
+    """A tensor averaged over the ranks (itself without DDP): the loss normalizers and logs."""
     if dist.is_initialized():
         x = x.clone()
         dist.all_reduce(x)

@@ -183,13 +183,13 @@ def main(argv=None):
     ckpt, path = runtime.find_run(tc.out, tc.resume, rank)
     if ckpt is not None:
         cfg, tc = runtime.continue_run(ckpt, cfg, tc, given, path)
-    tc.data = runtime.prepare_data(tc.data)              # the checkpoint names the real root
+    tc.data = runtime.prepare_data(tc.data)              # "synthetic" becomes its directory
     tokenizer = runtime.caption_tokenizer(tc.data, tc.out, tc.spm_vocab, tc.caption_spm,
                                           cfg.tasks, ckpt)
     dataset = training_set(cfg, tc, tokenizer, ckpt, path)
     model, optimizer, weights = start_model(cfg, tc, dataset, device, ckpt)
 
-    # DDP and AMP. Autocast: bf16, or fp16 whose loss a GradScaler scales; none on a CPU
+    # DDP and AMP. Autocast: bf16, or fp16 whose loss a GradScaler scales; on a CPU only with --amp
     amp = runtime.autocast_dtype(device, tc.amp)
     autocast = torch.autocast(device.split(":")[0], dtype=amp) if amp else nullcontext()
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=amp == torch.float16)
