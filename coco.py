@@ -609,11 +609,11 @@ def random_batch(cfg, vocab, B, H, W, seed=0, n_gt=3):
         seg_prompt=prompt(vocab.seg), seg_seq=seg_seq, seg_weight=torch.ones(B, S, M * M),
         kpt_prompt=prompt(vocab.kpt), kpt_seq=coords(B, S, KPT_LEN),
         kpt_weight=torch.ones(B, S, KPT_LEN),
-
         cap_seq=torch.randint(vocab.text, vocab.size, (B, R, L), generator=g),
         cap_weight=torch.ones(B, R, L),
         size=torch.tensor([[H, W]] * B), orig_size=torch.tensor([[2 * H, 3 * W]] * B),
         image_id=torch.arange(B))
+
 
 def main():
     p = argparse.ArgumentParser(description="write the synthetic COCO-format set")

@@ -414,8 +414,8 @@ class MAD(nn.Module):
         body = max(BOX_LEN * cfg.num_queries, cfg.grid_size ** 2, KPT_LEN, cfg.caption_len)
         # learned positions, shared by all tasks, on the scale of the token embeddings (N(0, 1), as
         # DETR's query embeddings): in a fully masked sequence they are all that tells slots apart.
-        # One more than the longest sequence: the AR baseline's <start> token takes a position.
-        self.seq_pos = nn.Parameter(torch.randn(PROMPT_LEN + body + 1, d))
+        # The AR baseline's input (prompt, <start>, the target but its last token) is as long.
+        self.seq_pos = nn.Parameter(torch.randn(PROMPT_LEN + body, d))
         self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, d))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)

@@ -48,7 +48,7 @@ Claim -> test, section by section, in the order of the file.
       test_torchvision_resnet50_state_dict_loads_every_r50_backbone_tensor,
       test_training_step_with_each_backbone
   parameter count against the authors':
-      test_r50_has_the_authors_parameter_count_but_for_three_special_tokens_and_one_position
+      test_r50_has_the_authors_parameter_count_but_for_three_special_tokens
 
 3.2 Masked training
   masking, copies, strategies: test_masking_hides_exactly_round_ratio_n,
@@ -1344,21 +1344,20 @@ def test_vit_b_attends_within_windows_except_in_its_global_blocks_and_loads_torc
                                                      if not k.startswith("head.")}
 
 
-def test_r50_has_the_authors_parameter_count_but_for_three_special_tokens_and_one_position():
+def test_r50_has_the_authors_parameter_count_but_for_three_special_tokens():
     """At the authors' vocabulary (80 classes, 500 bins, 11,421 caption pieces) the r50 model has
-    44,682,433 parameters; the authors' config gives 44,682,945. The 512 between them, token by
-    token: their vocabulary reserves 20 ids before the classes where this one has 17 specials
-    (3 embedding rows of 256 more), and their 506 sequence positions are one fewer than these
-    507 (the last is the AR baseline's <start>): 3 x 256 - 256 = 512."""
+    44,682,177 parameters; the authors' config gives 44,682,945. The 768 between them, token by
+    token: their vocabulary reserves 20 ids before the classes where this one has 17 specials,
+    3 embedding rows of 256 more. Both have 6 + 500 = 506 sequence positions."""
     v = Vocab(80, 500, 11421, person=0)
     model = mad.build(Config(**PRESETS["r50"]), v)
     count = sum(p.numel() for p in model.parameters())
-    assert count == 44_682_433
+    assert count == 44_682_177
     assert v.cls == 17 and v.size == 17 + 80 + 1 + 501 + 4 + 11421
-    assert model.seq_pos.shape == (507, 256)
-    authors_vocab, authors_positions = 20 + 80 + 501 + 4 + 11421 + 1, 506
+    assert model.seq_pos.shape == (506, 256)
+    authors_vocab = 20 + 80 + 501 + 4 + 11421 + 1
     assert authors_vocab - v.size == 3
-    assert count + 256 * (authors_vocab - v.size) - 256 * (507 - authors_positions) == 44_682_945
+    assert count + 256 * (authors_vocab - v.size) == 44_682_945
 
 
 def test_torchvision_resnet50_state_dict_loads_every_r50_backbone_tensor(tmp_path):
