@@ -83,7 +83,7 @@ SCHEDULES = {
 
 # The demo: the tiny model at 128 px with a 2-layer decoder (more images in its minutes:
 # RESULTS.md), no augmentation, a fixed number of steps (max_steps ends it; epochs is no
-# limit). The same run on every machine: it takes 9 to 11 minutes on 2 CPU cores, and the log
+# limit). The same run on every machine: it takes 7 to 11 minutes on 2 CPU cores, and the log
 # prints the time left as it goes.
 DEMO = dict(data="synthetic", out="runs/demo", backbone="tiny", dec_layers=2, eval_every=0, show=4,
             augment=False, lr=1e-3, backbone_lr=1e-3, warmup=100, hold=200, lr_schedule="cosine",
